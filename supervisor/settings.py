@@ -1,0 +1,82 @@
+"""The validated, frozen configuration of one run (built once in the parent by supervisor/config.py).
+
+Plain dataclasses with no Hydra objects: the parts a worker needs are the types from worker/spec.py, the rest is
+supervisor-only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from worker.spec import TransportSettings, WorkerSettings, WorkloadSettings
+
+
+@dataclass(frozen=True)
+class ParallelSettings:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+
+    @property
+    def group_world(self) -> int:
+        """Ranks in one dp group (one torch.distributed world)."""
+        return self.tp * self.pp
+
+    @property
+    def total(self) -> int:
+        return self.tp * self.pp * self.dp
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    start_method: str = "auto"  # auto | spawn | forkserver | fork
+    preload: tuple[str, ...] = ("torch",)  # modules the forkserver imports once, before forking workers
+    omp_num_threads: int = 0  # 0 = 1 unless OMP_NUM_THREADS is already set in the environment
+    env: tuple[tuple[str, str], ...] = ()  # extra environment for the workers
+    startup_timeout_s: float = 60.0  # spawn -> READY for a whole group
+
+
+@dataclass(frozen=True)
+class ShutdownSettings:
+    grace_s: float = 3.0  # SIGTERM -> SIGKILL
+    reap_s: float = 1.0  # after SIGKILL, how long to wait for the kernel to reap
+
+
+@dataclass(frozen=True)
+class RestartSettings:
+    strategy: str = "never"  # never | one_for_one | one_for_all | rest_for_one (between dp groups)
+    restart_type: str = "permanent"  # permanent | transient | temporary
+    intensity: int = 3  # at most this many run-time restarts ...
+    period_s: float = 10.0  # ... within this many seconds
+    startup_intensity: int = 3  # start-up failures are counted apart
+    startup_period_s: float = 60.0
+    backoff_initial_s: float = 0.0
+    backoff_factor: float = 2.0
+    backoff_max_s: float = 5.0
+    calls_during_restart: str = "wait"  # wait (bounded by the call's timeout) | fail
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    level: str = "INFO"
+    events: bool = True  # write events.jsonl in the run directory
+    run_dir: str = ""  # filled in by the CLI (Hydra-style outputs/DATE/TIME); "" = no files
+
+
+@dataclass(frozen=True)
+class RaySettings:
+    address: str = ""  # "" = start a local Ray instance; "auto" or host:port = join a cluster
+
+
+@dataclass(frozen=True)
+class Config:
+    parallel: ParallelSettings = field(default_factory=ParallelSettings)
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
+    device: str = "auto"  # auto | cpu | cuda
+    transport: TransportSettings = field(default_factory=TransportSettings)
+    shutdown: ShutdownSettings = field(default_factory=ShutdownSettings)
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
+    workload: WorkloadSettings = field(default_factory=WorkloadSettings)
+    restart: RestartSettings = field(default_factory=RestartSettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+    backend: str = "local"  # local | ray
+    ray: RaySettings = field(default_factory=RaySettings)

@@ -1,0 +1,83 @@
+"""The Worker interface: what a user subclasses to run code in a supervised rank.
+
+Lifecycle, called by worker/main.py in this order inside the child process:
+
+    __init__(spec) -> init_device() -> load_model() -> [READY] -> execute_model / check_health / any RPC ...
+                                                              -> shutdown()
+
+Any public method (and any callable sent through ``collective_rpc``, which receives the worker as its first
+argument) may be called between READY and shutdown. The base class owns torch.distributed: ``init_device``
+selects the device and joins the group's world through a private rendezvous (gloo on CPU, NCCL on CUDA), and
+builds the TP and PP sub-groups. torch is imported lazily so that a worker class that does not need it stays light.
+"""
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from worker.spec import WorkerSpec
+
+
+class Worker:
+    """Base worker: device + torch.distributed set-up and tear-down. Subclasses add the model."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.topology = spec.topology
+        self.rank = spec.topology.rank
+        self.device: Any = None
+        self.tp_group: Any = None  # this rank's tensor-parallel process group
+        self.pp_ranks: list[int] = []  # the global ranks of this rank's pipeline (same tp_rank, every stage)
+        self._dist_ready = False
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    def init_device(self) -> None:
+        import torch
+        import torch.distributed as dist
+
+        topo = self.topology
+        if self.spec.device == "cuda":
+            torch.cuda.set_device(self.spec.local_rank)
+            self.device = torch.device("cuda", self.spec.local_rank)
+            backend = "nccl"
+        else:
+            self.device = torch.device("cpu")
+            backend = "gloo"
+        kwargs: dict[str, Any] = {}
+        if backend == "nccl":
+            kwargs["device_id"] = self.device  # eager NCCL init: a bad GPU fails here, not in the first call
+        dist.init_process_group(
+            backend=backend,
+            init_method=self.spec.rendezvous,
+            rank=topo.rank,
+            world_size=topo.world_size,
+            timeout=timedelta(seconds=max(30.0, self.spec.worker.heartbeat_timeout_s * 4)),
+            **kwargs,
+        )
+        self._dist_ready = True
+        tp_lists = [[pp * topo.tp + t for t in range(topo.tp)] for pp in range(topo.pp)]
+        if topo.world_size == 1:
+            self.tp_group = None
+        else:
+            # new_subgroups_by_enumeration is collective over the world: every rank builds every sub-group.
+            self.tp_group, _ = dist.new_subgroups_by_enumeration(tp_lists, backend=backend)
+        self.pp_ranks = [pp * topo.tp + topo.tp_rank for pp in range(topo.pp)]
+
+    def load_model(self) -> None:
+        """Build the model. The base worker has none."""
+
+    def execute_model(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} has no execute_model")
+
+    def check_health(self) -> dict[str, Any]:
+        """Raise if this rank is unhealthy; return a small report otherwise."""
+        return {"rank": self.rank, "device": str(self.device)}
+
+    def shutdown(self) -> None:
+        """Release the process group. Only called on a graceful stop: never on a broken collective."""
+        if self._dist_ready:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            self._dist_ready = False

@@ -1,0 +1,98 @@
+"""Frozen specs that travel from the supervisor to a worker process.
+
+The supervisor resolves and validates the Hydra configuration once, in the parent, into these plain frozen
+dataclasses; a worker never sees Hydra or OmegaConf objects (``${hydra:}`` resolvers do not exist in a child).
+Only what a worker needs lives here; supervisor-only settings live in ``supervisor/settings.py``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class TransportSettings:
+    """Sizes of the shared-memory rings (see transport/ring.py for the layout)."""
+
+    slot_bytes: int = 1 << 20  # payload bytes per slot; larger messages span consecutive slots
+    slots: int = 8  # slots per ring
+    spin_us: float = 50.0  # busy-poll window before blocking in the kernel (futex)
+    max_message_bytes: int = 1 << 31  # a header announcing more is treated as corrupt
+
+
+@dataclass(frozen=True)
+class WorkloadSettings:
+    """The built-in workload (tensor-parallel MLP) and the driver loop around it."""
+
+    name: str = "tp_mlp"  # tp_mlp | echo | serve | bench
+    hidden: int = 256
+    layers: int = 4
+    batch: int = 8
+    steps: int = 50
+    seed: int = 0
+    status_interval_s: float = 5.0  # serve mode: seconds between status lines
+    check_tolerance: float = 1e-4  # max abs error allowed against the single-process reference
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """How a worker process runs: which class, how it proves liveness, when it is recycled."""
+
+    cls: str = "worker.tp_mlp:TPMLPWorker"  # "module:Class", a subclass of worker.base.Worker
+    heartbeat_interval_s: float = 0.5
+    heartbeat_timeout_s: float = 5.0  # no heartbeat for this long => declared hung
+    orphan_grace_s: float = 0.5  # after the supervisor vanished: time to stop before os._exit
+    max_rss_mb: int = 0  # 0 = no cap; above it the worker is recycled between calls
+    max_calls: int = 0  # 0 = no cap
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Where one rank sits in the dp × pp × tp layout. Ranks are numbered within their dp group's world."""
+
+    dp_rank: int
+    pp_rank: int
+    tp_rank: int
+    tp: int
+    pp: int
+    dp: int
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp
+
+    @property
+    def rank(self) -> int:
+        """Rank inside the group's torch.distributed world (pp-major, tp-minor)."""
+        return self.pp_rank * self.tp + self.tp_rank
+
+    @property
+    def name(self) -> str:
+        """Role name used for the process title and the log prefix: Worker_TP3, Worker_PP1_TP0, Worker_DP1_TP0."""
+        parts = []
+        if self.dp > 1:
+            parts.append(f"DP{self.dp_rank}")
+        if self.pp > 1:
+            parts.append(f"PP{self.pp_rank}")
+        parts.append(f"TP{self.tp_rank}")
+        return "Worker_" + "_".join(parts)
+
+    @property
+    def is_output_rank(self) -> bool:
+        """execute_model's result comes from the first TP rank of the last PP stage."""
+        return self.pp_rank == self.pp - 1 and self.tp_rank == 0
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything one worker process needs to start. Picklable; no Hydra objects."""
+
+    topology: Topology
+    device: str  # "cpu" or "cuda" (already resolved from "auto" by the supervisor)
+    local_rank: int  # index of the GPU on this host when device == "cuda"
+    rendezvous: str  # torch.distributed init_method (file://... private to this group attempt)
+    transport: TransportSettings = field(default_factory=TransportSettings)
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
+    workload: WorkloadSettings = field(default_factory=WorkloadSettings)
+    env: tuple[tuple[str, str], ...] = ()  # extra environment, set before torch is imported
+    attempt: int = 0  # restart attempt of the group, for logs and events
+    log_level: str = "INFO"
