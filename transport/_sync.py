@@ -1,0 +1,121 @@
+"""Kernel waits and memory fences for words that live in a shared-memory segment.
+
+Python has no atomics, so the two things a lock-free ring needs come from the C runtime through ctypes:
+
+* ``futex_wait`` / ``futex_wake`` (the Linux ``futex(2)`` system call on a 32-bit word of a MAP_SHARED
+  mapping, so it works across processes). A waiter passes the value it last saw; the kernel compares it
+  atomically with the word and only sleeps if they are equal, so a wake that happens between the user-space
+  check and the system call is never lost.
+* ``full_fence`` (``atomic_thread_fence(memory_order_seq_cst)`` from libatomic) for the one place where
+  store->load order matters: "publish, then look whether anyone sleeps" on one side and "announce that I
+  sleep, then look whether there is news" on the other (Dekker's pattern). Without it both sides could miss
+  each other and a waiter would sleep through a message.
+
+``release_fence`` / ``acquire_fence`` order payload bytes against the flag byte that publishes them. On x86-64
+(TSO: stores are not reordered with stores, loads not with loads) they are compiler barriers only, and every
+ctypes/C call from the interpreter already is one, so they cost nothing; on weakly ordered CPUs (ARM) they are
+real fences. Where libatomic is missing, ``HAVE_FENCE`` is False and the ring falls back to waking waiters
+unconditionally (a system call per message: slower, still correct, because the futex call is itself a full
+barrier in the kernel).
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import platform
+
+_SYS_FUTEX = {"x86_64": 202, "aarch64": 98, "arm64": 98, "ppc64le": 221, "s390x": 238}
+_FUTEX_WAIT = 0  # not FUTEX_PRIVATE: the word is shared between processes
+_FUTEX_WAKE = 1
+WAKE_ALL = 0x7FFFFFFF
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+_SYSNO = _SYS_FUTEX.get(platform.machine())
+if _SYSNO is None:  # pragma: no cover - only on exotic architectures
+    raise ImportError(f"transport: no futex syscall number known for {platform.machine()}")
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+def futex_wait(addr: int, expected: int, timeout_s: float | None) -> bool:
+    """Sleep while the u32 at ``addr`` equals ``expected``, at most ``timeout_s``. False on timeout.
+
+    Returns True on a wake-up, a value mismatch or EINTR (the caller re-checks its condition in every case;
+    returning on EINTR lets Python run signal handlers, e.g. the worker's SIGTERM handler).
+    """
+    ts = None
+    if timeout_s is not None:
+        timeout_s = max(timeout_s, 0.0)
+        sec = int(timeout_s)
+        ts = ctypes.byref(_Timespec(sec, int((timeout_s - sec) * 1e9)))
+    rc = _syscall(_SYSNO, ctypes.c_void_p(addr), _FUTEX_WAIT, ctypes.c_uint32(expected), ts, None, 0)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err == errno.ETIMEDOUT:
+        return False
+    if err in (errno.EAGAIN, errno.EINTR):
+        return True
+    raise OSError(err, f"futex wait failed: {os.strerror(err)}")
+
+
+def futex_wake(addr: int, count: int = WAKE_ALL) -> None:
+    """Wake up to ``count`` waiters sleeping on the u32 at ``addr`` (in any process)."""
+    _syscall(_SYSNO, ctypes.c_void_p(addr), _FUTEX_WAKE, count, None, None, 0)
+
+
+def _load_libatomic():
+    name = ctypes.util.find_library("atomic") or "libatomic.so.1"
+    try:
+        lib = ctypes.CDLL(name)
+        fence = lib.atomic_thread_fence
+        fence.restype = None
+        add = lib.__atomic_fetch_add_4
+        add.restype = ctypes.c_uint32
+        return fence, add
+    except (OSError, AttributeError):
+        return None, None
+
+
+_fence_fn, _fetch_add_fn = _load_libatomic()
+HAVE_FENCE = _fence_fn is not None
+_SEQ_CST = 5
+_STRONG_MODEL = platform.machine() in ("x86_64", "AMD64", "i686")
+
+
+def full_fence() -> None:
+    """Sequentially consistent fence (store->load ordering). A no-op only where libatomic is missing,
+    in which case callers never rely on it (see HAVE_FENCE)."""
+    if _fence_fn is not None:
+        _fence_fn(_SEQ_CST)
+
+
+if _STRONG_MODEL:
+
+    def release_fence() -> None:
+        """x86-64 TSO: stores stay in program order; the ctypes call boundary stops compiler reordering."""
+
+    def acquire_fence() -> None:
+        """x86-64 TSO: loads stay in program order."""
+
+else:  # pragma: no cover - exercised on ARM only
+    release_fence = full_fence
+    acquire_fence = full_fence
+
+
+def fetch_add(addr: int, value: int = 1) -> int:
+    """Atomically add to the u32 at ``addr``; return the previous value."""
+    if _fetch_add_fn is not None:
+        return _fetch_add_fn(ctypes.c_void_p(addr), ctypes.c_uint32(value), _SEQ_CST)
+    # Without libatomic: a racy add. Only used for counters whose exact value does not matter to correctness
+    # (a futex word that must merely change, an attach count re-checked against the reader table).
+    word = ctypes.c_uint32.from_address(addr)
+    old = word.value
+    word.value = (old + value) & 0xFFFFFFFF
+    return old
