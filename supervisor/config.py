@@ -1,0 +1,492 @@
+"""Hydra configuration -> one validated, frozen ``supervisor.settings.Config``.
+
+This module and ``supervisor/__main__.py`` are the only places that import Hydra or OmegaConf. Everything after
+``load_config`` sees plain frozen dataclasses, which is what travels to the workers (DESIGN §2).
+
+::
+
+    conf/config.yaml     ┐                   ConfigStore "base_config": mutable twins of the frozen settings
+    conf/<group>/*.yaml  ├─ Hydra compose ─▶  dataclasses (one per group), so OmegaConf checks key names and
+    CLI overrides        ┘        │           types while composing
+                                  ▼
+            DictConfig ─ to_container ─▶ dict ─ _from_plain ─▶ frozen Config ─ validate ─▶ caller
+                                  │
+            any Hydra/OmegaConf error ─ _translate ─▶ ConfigError("parallel.tp: must be ...")  (one line)
+
+The schema is derived from the frozen dataclasses instead of written twice: OmegaConf cannot assign into frozen
+dataclasses, so each gets a non-frozen twin with the same fields; tuples become YAML lists, and tuples of
+(key, value) pairs become YAML mappings. Hydra and OmegaConf are imported lazily so that importing
+``ConfigError`` or ``validate`` costs nothing.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import itertools
+import os
+import re
+from dataclasses import MISSING, Field, field, fields, is_dataclass, make_dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Sequence, get_args, get_origin, get_type_hints
+
+from supervisor.settings import Config
+
+DEFAULT_CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+DEVICES = ("auto", "cpu", "cuda")
+START_METHODS = ("auto", "spawn", "forkserver", "fork")
+STRATEGIES = ("never", "one_for_one", "one_for_all", "rest_for_one")
+RESTART_TYPES = ("permanent", "transient", "temporary")
+CALLS_DURING_RESTART = ("wait", "fail")
+LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")  # loguru's built-in levels
+BACKENDS = ("local", "ray")
+WORKLOADS = ("tp_mlp", "echo", "serve", "bench")
+MIN_SLOT_BYTES = 4096  # one page: smaller slots make every message span many slots
+SLOT_ALIGN = 64  # cache line: slot payloads stay aligned so readers and the writer never share a line
+
+
+class ConfigError(Exception):
+    """A bad configuration. ``str()`` is one line: ``<key>: <problem>``."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        self.key = key
+        self.problem = " ".join(problem.split())  # one line, whatever Hydra's message looked like
+        super().__init__(f"{key}: {self.problem}")
+
+
+# -- schema: mutable twins of the frozen settings ------------------------------------------------------------------
+
+
+def _is_pairs(hint: Any) -> bool:
+    """tuple[tuple[K, V], ...]: stored frozen as sorted pairs, written in YAML as a mapping."""
+    return get_origin(hint) is tuple and get_origin(get_args(hint)[0]) is tuple
+
+
+def _schema_type(hint: Any) -> Any:
+    if is_dataclass(hint):
+        return _schema_of(hint)
+    if _is_pairs(hint):
+        key_type, value_type = get_args(get_args(hint)[0])
+        return Dict[key_type, value_type]  # type: ignore[valid-type]
+    if get_origin(hint) is tuple:
+        return List[get_args(hint)[0]]  # type: ignore[misc]
+    return hint
+
+
+def _schema_field(hint: Any, f: Field) -> Field:
+    if is_dataclass(hint):
+        return field(default_factory=_schema_of(hint))
+    default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+    if get_origin(hint) is tuple:
+        return field(default_factory=functools.partial(_to_plain_value, hint, default))
+    return field(default=default)
+
+
+@functools.cache
+def _schema_of(cls: type) -> type:
+    """The non-frozen twin of a frozen settings dataclass, with YAML-friendly container types."""
+    hints = get_type_hints(cls)
+    specs = [(f.name, _schema_type(hints[f.name]), _schema_field(hints[f.name], f)) for f in fields(cls)]
+    return make_dataclass(f"{cls.__name__}Schema", specs)
+
+
+@functools.cache
+def _register_schema() -> None:
+    """Store the root schema once; config.yaml lists it first in its defaults, so every group is typed."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="base_config", node=_schema_of(Config))
+
+
+# -- frozen <-> plain containers -----------------------------------------------------------------------------------
+
+
+def _from_plain(cls: type, data: dict, path: str = "") -> Any:
+    names = [f.name for f in fields(cls)]
+    unknown = sorted(set(data) - set(names))  # '+parallel.foo=1' gets past Hydra's struct check; not past this
+    _require(not unknown, path + (unknown or [""])[0], "no such key")
+    missing = [name for name in names if name not in data]  # possible in a config dir without the schema
+    _require(not missing, path + (missing or [""])[0], "missing")
+    hints = get_type_hints(cls)
+    return cls(**{name: _from_plain_value(hints[name], data[name], f"{path}{name}.") for name in names})
+
+
+def _from_plain_value(hint: Any, value: Any, path: str) -> Any:
+    if is_dataclass(hint):
+        return _from_plain(hint, value, path)
+    if _is_pairs(hint):
+        return tuple(sorted((str(k), str(v)) for k, v in value.items()))
+    if get_origin(hint) is tuple:
+        return tuple(value)
+    return value
+
+
+def _to_plain_value(hint: Any, value: Any) -> Any:
+    if is_dataclass(hint):
+        return to_dict(value)
+    if _is_pairs(hint):
+        return dict(value)
+    if get_origin(hint) is tuple:
+        return list(value)
+    return value
+
+
+def to_dict(cfg: Any) -> dict:
+    """A frozen settings dataclass as plain dicts/lists, shaped like the YAML (env as a mapping)."""
+    hints = get_type_hints(type(cfg))
+    return {f.name: _to_plain_value(hints[f.name], getattr(cfg, f.name)) for f in fields(cfg)}
+
+
+# -- load ----------------------------------------------------------------------------------------------------------
+
+
+def load_config(overrides: list[str], config_dir: str | None = None) -> Config:
+    """Compose conf/config.yaml with Hydra-style ``overrides``, validate (without GPU facts) and freeze."""
+    config_dir = os.path.abspath(config_dir or DEFAULT_CONFIG_DIR)
+    _require(os.path.isfile(os.path.join(config_dir, "config.yaml")), "config_dir", f"no config.yaml in {config_dir}")
+    keys = _check_overrides(list(overrides), config_dir)
+    data = _compose(list(overrides), config_dir, keys)
+    cfg = _from_plain(Config, _normalise(data))
+    validate(cfg)
+    return cfg
+
+
+def _check_overrides(overrides: list[str], config_dir: str) -> list[str]:
+    """Catch what compose() reports late or without a key (``=3`` even passes Hydra's parser); return the keys."""
+    keys = []
+    for override in _parse_overrides(overrides):
+        key = override.key_or_group
+        _require(bool(key), override.input_line, "malformed override: no key before '='")
+        _require(not override.is_sweep_override(), key,
+                 f"{override.input_line!r} is a sweep; run with -m to expand it into one run per value")
+        options = _group_options(config_dir, key)
+        if options and not override.is_delete():
+            choices = ", ".join(options)
+            _require(isinstance(override.value(), str), key, f"must name one option (choose from: {choices})")
+        keys.append(key)
+    return keys
+
+
+def _group_options(config_dir: str, key: str) -> list[str]:
+    """The options of config group ``key`` (its YAML files), or [] when ``key`` is not a group."""
+    group_dir = os.path.join(config_dir, key)
+    if "." in key or not os.path.isdir(group_dir):
+        return []
+    return sorted(name[: -len(".yaml")] for name in os.listdir(group_dir) if name.endswith(".yaml"))
+
+
+def _compose(overrides: list[str], config_dir: str, keys: list[str]) -> dict:
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    _register_schema()
+    try:
+        with initialize_config_dir(config_dir=config_dir, version_base=None, job_name="supervisor"):
+            node = compose(config_name="config", overrides=overrides)
+        return OmegaConf.to_container(node, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
+    except (HydraException, OmegaConfBaseException, ValueError) as exc:  # Hydra raises ValueError for some input
+        raise _translate(exc, keys) from exc
+
+
+def _normalise(data: dict) -> dict:
+    """Forgiving spellings that are still unambiguous: ``logging.level=debug``."""
+    data["logging"]["level"] = str(data["logging"]["level"]).upper()
+    return data
+
+
+# -- Hydra / OmegaConf errors -> ConfigError -----------------------------------------------------------------------
+
+
+def _translate(exc: BaseException, keys: Sequence[str] = ()) -> ConfigError:
+    """Find the most specific error in the chain and name its key; Hydra wraps OmegaConf's errors."""
+    for err in _chain(exc):
+        translated = _translate_one(err)
+        if translated is not None:
+            return translated
+    message = str(exc)
+    mentioned = [key for key in keys if re.search(rf"(?<![\w.]){re.escape(key)}(?![\w.])", message)]
+    return ConfigError((mentioned or ["config"])[0], _first_line(message))
+
+
+def _chain(exc: BaseException | None) -> Iterator[BaseException]:
+    while exc is not None:
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _translate_one(err: BaseException) -> ConfigError | None:
+    from hydra.errors import MissingConfigException, OverrideParseException
+    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+    if isinstance(err, MissingConfigException):
+        return _missing_option(err)
+    if isinstance(err, OverrideParseException):
+        key = err.override.split("=", 1)[0].lstrip("+~") or err.override
+        return ConfigError(key, f"malformed override: {_parse_detail(err)}")
+    if isinstance(err, OmegaConfBaseException) and getattr(err, "full_key", None):
+        if isinstance(err, (ConfigKeyError, AttributeError)):
+            return ConfigError(err.full_key, _no_such_key(err.full_key))
+        return ConfigError(err.full_key, _first_line(getattr(err, "msg", "") or str(err)))
+    return None
+
+
+def _no_such_key(key: str) -> str:
+    """Mappings (runtime.env) take new keys, but Hydra only adds a key when asked to with '+'."""
+    if _is_pairs(_field_hint(key.rpartition(".")[0])):
+        return f"no such key; add it with '+{key}=...'"
+    return "no such key"
+
+
+def _field_hint(path: str) -> Any:
+    hint: Any = Config
+    for part in path.split("."):
+        hint = get_type_hints(hint).get(part) if is_dataclass(hint) else None
+    return hint
+
+
+def _missing_option(err: Any) -> ConfigError:
+    """``restart=bogus`` -> ``restart: no such option 'bogus' (choose from: never, ...)``."""
+    path = err.missing_cfg_file or ""
+    group, _, option = path.rpartition("/")
+    if not group or err.options is None:
+        return ConfigError(path or "config", _first_line(str(err)))
+    choices = ", ".join(sorted(err.options))
+    return ConfigError(group, f"no such option '{option}' (choose from: {choices})")
+
+
+def _parse_detail(err: Any) -> str:
+    """The parser's complaint without its echo of the input, the caret line and the link to the grammar docs."""
+    lines = [ln.strip() for ln in err.message.splitlines()]
+    useful = [ln for ln in lines if ln.strip("^ ") and not ln.startswith(("See https", "Error parsing override"))]
+    return "; ".join(useful) or "cannot parse"
+
+
+def _first_line(message: str) -> str:
+    return next((line.strip() for line in message.splitlines() if line.strip()), "invalid")
+
+
+# -- validation ----------------------------------------------------------------------------------------------------
+
+
+def _int_at_least(low: int) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
+        what = "a positive integer" if low == 1 else f"an integer >= {low}"
+        return None if ok else f"must be {what}, got {value!r}"
+
+    return check
+
+
+def _number(low: float, strict: bool) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        is_num = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = is_num and (value > low if strict else value >= low)
+        return None if ok else f"must be a number {'>' if strict else '>='} {low:g}, got {value!r}"
+
+    return check
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        return None if value in choices else f"must be one of {'|'.join(choices)}, got {value!r}"
+
+    return check
+
+
+_POSITIVE_INT, _NON_NEG_INT = _int_at_least(1), _int_at_least(0)
+_POSITIVE, _NON_NEG = _number(0, strict=True), _number(0, strict=False)
+
+# One rule per key whose value can be judged alone; checks that relate keys come after, in validate().
+_RULES: tuple[tuple[str, Callable[[Any], str | None]], ...] = (
+    ("parallel.tp", _POSITIVE_INT),
+    ("parallel.pp", _POSITIVE_INT),
+    ("parallel.dp", _POSITIVE_INT),
+    ("device", _one_of(DEVICES)),
+    ("backend", _one_of(BACKENDS)),
+    ("runtime.start_method", _one_of(START_METHODS)),
+    ("runtime.omp_num_threads", _NON_NEG_INT),
+    ("runtime.startup_timeout_s", _POSITIVE),
+    ("transport.slot_bytes", _int_at_least(MIN_SLOT_BYTES)),
+    ("transport.slots", _int_at_least(2)),
+    ("transport.spin_us", _NON_NEG),
+    ("transport.max_message_bytes", _POSITIVE_INT),
+    ("shutdown.grace_s", _NON_NEG),
+    ("shutdown.reap_s", _POSITIVE),
+    ("worker.heartbeat_interval_s", _POSITIVE),
+    ("worker.heartbeat_timeout_s", _POSITIVE),
+    ("worker.orphan_grace_s", _NON_NEG),
+    ("worker.max_rss_mb", _NON_NEG_INT),
+    ("worker.max_calls", _NON_NEG_INT),
+    ("workload.name", _one_of(WORKLOADS)),
+    ("workload.hidden", _POSITIVE_INT),
+    ("workload.layers", _POSITIVE_INT),
+    ("workload.batch", _POSITIVE_INT),
+    ("workload.steps", _NON_NEG_INT),
+    ("workload.status_interval_s", _POSITIVE),
+    ("workload.check_tolerance", _NON_NEG),
+    ("restart.strategy", _one_of(STRATEGIES)),
+    ("restart.restart_type", _one_of(RESTART_TYPES)),
+    ("restart.intensity", _NON_NEG_INT),
+    ("restart.period_s", _POSITIVE),
+    ("restart.startup_intensity", _NON_NEG_INT),
+    ("restart.startup_period_s", _POSITIVE),
+    ("restart.backoff_initial_s", _NON_NEG),
+    ("restart.backoff_factor", _number(1, strict=False)),
+    ("restart.backoff_max_s", _NON_NEG),
+    ("restart.calls_during_restart", _one_of(CALLS_DURING_RESTART)),
+    ("logging.level", _one_of(LOG_LEVELS)),
+)
+
+
+def _get(cfg: Config, key: str) -> Any:
+    value: Any = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _require(ok: bool, key: str, problem: str) -> None:
+    if not ok:
+        raise ConfigError(key, problem)
+
+
+def validate(cfg: Config, visible_gpus: int | None = None, cuda_initialized: bool = False) -> None:
+    """Raise ConfigError for the first bad value. GPU facts are checked only when the caller knows them."""
+    for key, check in _RULES:
+        problem = check(_get(cfg, key))
+        _require(problem is None, key, problem or "")
+    _check_relations(cfg)
+    _check_runtime(cfg, cuda_initialized)
+    _check_gpus(cfg, visible_gpus)
+    _check_worker_cls(cfg.worker.cls)
+
+
+def _check_relations(cfg: Config) -> None:
+    par, load, tr, rs = cfg.parallel, cfg.workload, cfg.transport, cfg.restart
+    _require(load.layers % par.pp == 0, "workload.layers",
+             f"{load.layers} layers cannot be split evenly over parallel.pp={par.pp} stages")
+    _require(load.hidden % par.tp == 0, "workload.hidden",
+             f"{load.hidden} is not divisible by parallel.tp={par.tp}")
+    _require(tr.slot_bytes % SLOT_ALIGN == 0, "transport.slot_bytes",
+             f"must be a multiple of {SLOT_ALIGN}, got {tr.slot_bytes}")
+    _require(rs.backoff_max_s >= rs.backoff_initial_s, "restart.backoff_max_s",
+             f"must be >= restart.backoff_initial_s={rs.backoff_initial_s:g}, got {rs.backoff_max_s:g}")
+    hb = cfg.worker
+    _require(hb.heartbeat_timeout_s > hb.heartbeat_interval_s, "worker.heartbeat_timeout_s",
+             f"must exceed worker.heartbeat_interval_s={hb.heartbeat_interval_s:g}, got {hb.heartbeat_timeout_s:g}")
+
+
+_MODULE_NAME = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _check_runtime(cfg: Config, cuda_initialized: bool) -> None:
+    rt = cfg.runtime
+    _require(not (rt.start_method == "fork" and cuda_initialized), "runtime.start_method",
+             "fork is unsafe once CUDA is initialised in the parent; use spawn, forkserver or auto")
+    for name in rt.preload:
+        _require(bool(_MODULE_NAME.match(name)), "runtime.preload", f"{name!r} is not a module name")
+    for name, _ in rt.env:
+        _require(bool(_ENV_NAME.match(name)), f"runtime.env.{name}", "is not a valid environment variable name")
+
+
+def _check_gpus(cfg: Config, visible_gpus: int | None) -> None:
+    if cfg.device != "cuda" or visible_gpus is None:
+        return
+    _require(visible_gpus > 0, "device", "cuda requested but no GPU is visible")
+    total = cfg.parallel.total
+    _require(total <= visible_gpus, "parallel",
+             f"tp*pp*dp = {total} ranks need {total} GPUs with device=cuda, but {visible_gpus} are visible")
+
+
+def _check_worker_cls(spec: str) -> None:
+    """Import the class now, so a typo fails before anything is spawned (exit 2, not a crash loop)."""
+    module_name, _, cls_name = spec.partition(":")
+    _require(bool(_MODULE_NAME.match(module_name)) and cls_name.isidentifier(), "worker.cls",
+             f"must look like 'package.module:Class', got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # any error while importing user code means "cannot use this class"
+        raise ConfigError("worker.cls", f"cannot import {module_name!r}: {type(exc).__name__}: {exc}") from exc
+    cls = getattr(module, cls_name, None)
+    from worker.base import Worker  # light: worker.base imports torch lazily
+
+    _require(isinstance(cls, type), "worker.cls", f"no class {cls_name!r} in module {module_name!r}")
+    _require(issubclass(cls, Worker), "worker.cls", f"{spec} is not a subclass of worker.base.Worker")
+
+
+# -- sweeps (-m) ---------------------------------------------------------------------------------------------------
+
+
+def expand_sweep(overrides: list[str], config_dir: str | None = None) -> list[list[str]]:
+    """``["parallel.tp=1,2", "device=cpu"]`` -> ``[["parallel.tp=1", "device=cpu"], ["parallel.tp=2", "device=cpu"]]``.
+
+    Same semantics as Hydra's BasicSweeper: choice (``a,b``), ``range(...)`` and, for config groups, ``glob(...)``
+    sweeps; the cartesian product in the order given, first key slowest; a key given twice keeps its first position
+    and its last value. ``config_dir`` is only needed to list a group's options for ``glob``.
+    """
+    per_key: dict[str, list[str]] = {}
+    for override in _parse_overrides(overrides):
+        key = override.get_key_element()
+        if not override.is_sweep_override():
+            per_key[key] = [override.input_line]
+        elif override.is_discrete_sweep():
+            per_key[key] = [f"{key}={value}" for value in _sweep_values(override, config_dir)]
+        else:
+            raise ConfigError(override.key_or_group, "only choice (a,b,c), range(...) and glob(...) sweeps expand")
+    return [list(run) for run in itertools.product(*per_key.values())]
+
+
+def _sweep_values(override: Any, config_dir: str | None) -> list[str]:
+    from hydra.core.override_parser.types import Glob
+
+    if not isinstance(override.value(), Glob):
+        return list(override.sweep_string_iterator())
+    options = _group_options(os.path.abspath(config_dir or DEFAULT_CONFIG_DIR), override.key_or_group)
+    _require(bool(options), override.key_or_group, "glob(...) sweeps only work on a config group")
+    return override.value().filter(options)
+
+
+def _parse_overrides(overrides: list[str]) -> list[Any]:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        return OverridesParser.create().parse_overrides(overrides=list(overrides))
+    except HydraException as exc:
+        raise _translate(exc) from exc
+
+
+# -- run directory -------------------------------------------------------------------------------------------------
+
+
+def make_run_dir(base: str = "outputs") -> str:
+    """Create ``base/YYYY-MM-DD/HH-MM-SS`` (``-1``, ``-2``… when taken, e.g. two runs in one second)."""
+    now = datetime.now()
+    stem = os.path.join(base, now.strftime("%Y-%m-%d"), now.strftime("%H-%M-%S"))
+    os.makedirs(os.path.dirname(stem), exist_ok=True)
+    for n in itertools.count():
+        path = stem if n == 0 else f"{stem}-{n}"
+        try:
+            os.mkdir(path)  # atomic: a concurrent run that lost the race moves on to the next suffix
+            return path
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")
+
+
+def save_config(cfg: Config, run_dir: str) -> str:
+    """Write the resolved config to ``run_dir/config.yaml`` (loadable as a config again); return the path."""
+    path = os.path.join(run_dir, "config.yaml")
+    with open(path, "w", encoding="utf-8") as out:
+        out.write(to_yaml(cfg))
+    return path
+
+
+def to_yaml(cfg: Config) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))

@@ -1,0 +1,304 @@
+"""Configuration layer: Hydra composition, validation and error messages (pure: no processes)."""
+from __future__ import annotations
+
+import dataclasses
+import re
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from supervisor import config as config_module
+from supervisor.config import ConfigError, expand_sweep, load_config, make_run_dir, save_config, validate
+from supervisor.settings import Config
+
+CONF_DIR = Path(config_module.DEFAULT_CONFIG_DIR)
+
+
+def error_for(overrides: list[str]) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides)
+    return info.value
+
+
+def assert_names_key(err: ConfigError, key: str) -> None:
+    message = str(err)
+    assert "\n" not in message, message
+    assert message.startswith(f"{key}: "), message
+    assert err.key == key
+
+
+# -- defaults and overrides ------------------------------------------------------------------------------------------
+
+
+def test_defaults_equal_the_settings_dataclass_defaults():
+    # The YAML files and supervisor/settings.py state the defaults twice; this keeps them in step.
+    assert load_config([]) == Config()
+
+
+def test_result_is_frozen():
+    cfg = load_config([])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.parallel.tp = 2  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "overrides, read, expected",
+    [
+        (["parallel.tp=8"], lambda c: c.parallel.tp, 8),
+        (["parallel.dp=2", "parallel.tp=4"], lambda c: (c.parallel.dp, c.parallel.tp, c.parallel.total), (2, 4, 8)),
+        (["parallel.pp=2"], lambda c: c.parallel.pp, 2),
+        (["restart=one_for_all"], lambda c: c.restart.strategy, "one_for_all"),
+        (["restart=one_for_one"], lambda c: c.restart.strategy, "one_for_one"),
+        (["restart=rest_for_one"], lambda c: c.restart.strategy, "rest_for_one"),
+        (["restart.intensity=0"], lambda c: c.restart.intensity, 0),
+        (["workload=serve"], lambda c: c.workload.name, "serve"),
+        (["workload=bench"], lambda c: (c.workload.name, c.workload.steps), ("bench", 1000)),
+        (["workload=bench", "workload.steps=7"], lambda c: c.workload.steps, 7),
+        (["workload=echo"], lambda c: (c.workload.name, c.worker.cls), ("echo", "worker.tp_mlp:EchoWorker")),
+        (["workload=echo", "worker=default"], lambda c: c.worker.cls, "worker.tp_mlp:TPMLPWorker"),
+        (["device=cpu"], lambda c: c.device, "cpu"),
+        (["device=cuda"], lambda c: c.device, "cuda"),
+        (["+runtime.env.FOO=bar"], lambda c: c.runtime.env, (("FOO", "bar"),)),
+        (["++runtime.env.FOO=1"], lambda c: c.runtime.env, (("FOO", "1"),)),
+        (["+runtime.env.B=2", "+runtime.env.A=1"], lambda c: c.runtime.env, (("A", "1"), ("B", "2"))),
+        (["runtime.preload=[]"], lambda c: c.runtime.preload, ()),
+        (["runtime.preload=[torch,numpy]"], lambda c: c.runtime.preload, ("torch", "numpy")),
+        (["runtime.start_method=forkserver"], lambda c: c.runtime.start_method, "forkserver"),
+        (["runtime.startup_timeout_s=5"], lambda c: c.runtime.startup_timeout_s, 5.0),
+        (["backend=ray", "ray.address=auto"], lambda c: (c.backend, c.ray.address), ("ray", "auto")),
+        (["logging.level=debug"], lambda c: c.logging.level, "DEBUG"),
+        (["transport.slots=2", "transport.slot_bytes=4096"], lambda c: (c.transport.slots, c.transport.slot_bytes),
+         (2, 4096)),
+        (["shutdown.grace_s=0"], lambda c: c.shutdown.grace_s, 0.0),
+    ],
+)
+def test_override(overrides, read, expected):
+    assert read(load_config(overrides)) == expected
+
+
+def test_restart_options_differ_only_in_strategy():
+    # restart/*.yaml each spell out the whole budget; a change to one must be made to all.
+    base = dataclasses.asdict(load_config([]).restart)
+    for option in ("one_for_one", "one_for_all", "rest_for_one"):
+        restart = dataclasses.asdict(load_config([f"restart={option}"]).restart)
+        assert restart == {**base, "strategy": option}
+
+
+def test_every_yaml_key_has_a_comment():
+    key_line = re.compile(r"^\s*[A-Za-z_]\w*:")
+    for path in sorted(CONF_DIR.rglob("*.yaml")):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if key_line.match(line) and not line.strip().startswith("defaults:"):
+                assert "#" in line, f"{path.relative_to(CONF_DIR)}:{number}: {line!r} has no comment"
+
+
+def test_config_dir_can_be_an_absolute_path(tmp_path):
+    copy = tmp_path / "conf"
+    copy.mkdir()
+    for path in CONF_DIR.rglob("*.yaml"):
+        target = copy / path.relative_to(CONF_DIR)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(path.read_text())
+    (copy / "parallel" / "default.yaml").write_text("tp: 2  # changed\npp: 1  # x\ndp: 1  # x\n")
+    assert load_config([], config_dir=str(copy)).parallel.tp == 2
+
+
+def test_missing_config_dir_names_config_dir(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config([], config_dir=str(tmp_path / "nowhere"))
+    assert_names_key(info.value, "config_dir")
+
+
+# -- bad input: one line, naming the key -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["parallel.tp=0"], "parallel.tp"),
+        (["parallel.tp=-3"], "parallel.tp"),
+        (["parallel.tp=abc"], "parallel.tp"),
+        (["parallel.tp=2.5"], "parallel.tp"),
+        (["parallel.tp=null"], "parallel.tp"),
+        (["parallel.dp=0"], "parallel.dp"),
+        (["parallel.pp=-1"], "parallel.pp"),
+        (["parallel.foo=1"], "parallel.foo"),
+        (["+parallel.foo=1"], "parallel.foo"),
+        (["foo=1"], "foo"),
+        (["restart=bogus"], "restart"),
+        (["restart=[never,one_for_all]"], "restart"),
+        (["backend=nope"], "backend"),
+        (["parallel.pp=3"], "workload.layers"),
+        (["parallel.tp=3"], "workload.hidden"),
+        (["workload.hidden=100", "parallel.tp=8"], "workload.hidden"),
+        (["device=gpu"], "device"),
+        (["runtime.start_method=thread"], "runtime.start_method"),
+        (["runtime.preload=torch"], "runtime.preload"),
+        (["+runtime.env.A-B=1"], "runtime.env.A-B"),
+        (["runtime.env.FOO=bar"], "runtime.env.FOO"),
+        (["runtime.startup_timeout_s=0"], "runtime.startup_timeout_s"),
+        (["runtime.omp_num_threads=-1"], "runtime.omp_num_threads"),
+        (["worker.cls=no_such_module_xyz:Worker"], "worker.cls"),
+        (["worker.cls=worker.tp_mlp:NoSuchClass"], "worker.cls"),
+        (["worker.cls=worker.spec:Topology"], "worker.cls"),
+        (["worker.cls=worker.tp_mlp"], "worker.cls"),
+        (["worker.heartbeat_timeout_s=0.1"], "worker.heartbeat_timeout_s"),
+        (["worker.max_calls=-1"], "worker.max_calls"),
+        (["transport.slot_bytes=1024"], "transport.slot_bytes"),
+        (["transport.slot_bytes=4100"], "transport.slot_bytes"),
+        (["transport.slots=1"], "transport.slots"),
+        (["transport.spin_us=-1"], "transport.spin_us"),
+        (["shutdown.grace_s=-1"], "shutdown.grace_s"),
+        (["shutdown.reap_s=0"], "shutdown.reap_s"),
+        (["restart.strategy=sometimes"], "restart.strategy"),
+        (["restart.restart_type=forever"], "restart.restart_type"),
+        (["restart.calls_during_restart=queue"], "restart.calls_during_restart"),
+        (["restart.intensity=-1"], "restart.intensity"),
+        (["restart.period_s=0"], "restart.period_s"),
+        (["restart.backoff_factor=0.5"], "restart.backoff_factor"),
+        (["restart.backoff_initial_s=2", "restart.backoff_max_s=1"], "restart.backoff_max_s"),
+        (["logging.level=LOUD"], "logging.level"),
+        (["logging.events=maybe"], "logging.events"),
+        (["workload.name=other"], "workload.name"),
+        (["workload.hidden=${nope}"], "workload.hidden"),
+        (["parallel.tp"], "parallel.tp"),  # malformed: no '='
+        (["=3"], "=3"),
+        (["parallel.tp=1,2"], "parallel.tp"),  # a sweep without -m
+    ],
+)
+def test_bad_input_names_the_key(overrides, key):
+    assert_names_key(error_for(overrides), key)
+
+
+def test_messages_say_what_is_wrong():
+    assert str(error_for(["parallel.tp=0"])) == "parallel.tp: must be a positive integer, got 0"
+    assert str(error_for(["parallel.foo=1"])) == "parallel.foo: no such key"
+    assert "choose from: never, one_for_all, one_for_one, rest_for_one" in str(error_for(["restart=bogus"]))
+    assert "'+runtime.env.FOO=...'" in str(error_for(["runtime.env.FOO=bar"]))
+    assert "-m" in str(error_for(["parallel.tp=1,2"]))
+
+
+def test_config_error_is_always_one_line():
+    assert str(ConfigError("a.b", "first\n  second\n")) == "a.b: first second"
+
+
+# -- validate(): facts only the caller knows -------------------------------------------------------------------------
+
+
+def test_more_ranks_than_visible_gpus_names_parallel():
+    cfg = load_config(["device=cuda", "parallel.tp=4", "parallel.dp=2"])
+    with pytest.raises(ConfigError) as info:
+        validate(cfg, visible_gpus=4)
+    assert_names_key(info.value, "parallel")
+    validate(cfg, visible_gpus=8)
+
+
+def test_cuda_without_gpus_names_device():
+    cfg = load_config(["device=cuda"])
+    with pytest.raises(ConfigError) as info:
+        validate(cfg, visible_gpus=0)
+    assert_names_key(info.value, "device")
+
+
+@pytest.mark.parametrize("device", ["cpu", "auto"])
+def test_gpu_count_only_binds_device_cuda(device):
+    validate(load_config([f"device={device}", "parallel.tp=8"]), visible_gpus=0)
+
+
+def test_fork_with_cuda_initialized_names_start_method():
+    cfg = load_config(["runtime.start_method=fork"])
+    validate(cfg, cuda_initialized=False)
+    with pytest.raises(ConfigError) as info:
+        validate(cfg, cuda_initialized=True)
+    assert_names_key(info.value, "runtime.start_method")
+
+
+@pytest.mark.parametrize("method", ["auto", "spawn", "forkserver"])
+def test_other_start_methods_are_fine_with_cuda_initialized(method):
+    validate(load_config([f"runtime.start_method={method}"]), cuda_initialized=True)
+
+
+def test_validate_checks_hand_built_configs():
+    # validate() must not rely on Hydra's type checks: configs can be built in code too.
+    parallel = dataclasses.replace(Config().parallel, tp="2")  # type: ignore[arg-type]
+    bad = dataclasses.replace(Config(), parallel=parallel)
+    with pytest.raises(ConfigError) as info:
+        validate(bad)
+    assert_names_key(info.value, "parallel.tp")
+
+
+# -- sweeps ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        ([], [[]]),
+        (["device=cpu"], [["device=cpu"]]),
+        (["parallel.tp=1,2,4,8"], [["parallel.tp=1"], ["parallel.tp=2"], ["parallel.tp=4"], ["parallel.tp=8"]]),
+        (["parallel.tp=range(1,3)"], [["parallel.tp=1"], ["parallel.tp=2"]]),
+        (
+            ["parallel.tp=1,2", "device=cpu", "workload=serve,bench"],
+            [
+                ["parallel.tp=1", "device=cpu", "workload=serve"],
+                ["parallel.tp=1", "device=cpu", "workload=bench"],
+                ["parallel.tp=2", "device=cpu", "workload=serve"],
+                ["parallel.tp=2", "device=cpu", "workload=bench"],
+            ],
+        ),
+        (["+runtime.env.FOO=a,b"], [["+runtime.env.FOO=a"], ["+runtime.env.FOO=b"]]),
+        (["restart=glob(one_*)"], [["restart=one_for_all"], ["restart=one_for_one"]]),
+        (["parallel.tp=1", "parallel.tp=2,4"], [["parallel.tp=2"], ["parallel.tp=4"]]),  # last value wins
+    ],
+)
+def test_expand_sweep(overrides, expected):
+    assert expand_sweep(overrides) == expected
+
+
+def test_every_expanded_run_loads():
+    runs = expand_sweep(["parallel.tp=1,2,4,8", "restart=never,one_for_all", "workload=bench"])
+    assert len(runs) == 8
+    assert sorted((c.parallel.tp, c.restart.strategy) for c in map(load_config, runs)) == sorted(
+        (tp, s) for tp in (1, 2, 4, 8) for s in ("never", "one_for_all")
+    )
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["parallel.tp=interval(1,2)"], "parallel.tp"),  # continuous: nothing to enumerate
+        (["parallel.tp=glob(*)"], "parallel.tp"),  # glob needs a config group's options
+        (["range(1,3)"], "range(1,3)"),  # malformed
+    ],
+)
+def test_expand_sweep_rejects(overrides, key):
+    with pytest.raises(ConfigError) as info:
+        expand_sweep(overrides)
+    assert_names_key(info.value, key)
+
+
+# -- run directory ---------------------------------------------------------------------------------------------------
+
+
+class _FrozenClock(datetime):
+    @classmethod
+    def now(cls, tz=None):  # noqa: ARG003 - same signature as datetime.now
+        return cls(2024, 5, 6, 7, 8, 9)
+
+
+def test_make_run_dir_is_dated_and_unique(tmp_path, monkeypatch):
+    monkeypatch.setattr(config_module, "datetime", _FrozenClock)
+    first = make_run_dir(str(tmp_path))
+    second = make_run_dir(str(tmp_path))
+    assert first == str(tmp_path / "2024-05-06" / "07-08-09")
+    assert second == first + "-1"
+    assert Path(first).is_dir() and Path(second).is_dir()
+
+
+def test_saved_config_loads_back_equal(tmp_path):
+    cfg = load_config(["parallel.tp=2", "+runtime.env.FOO=bar", "workload=echo", "restart=one_for_all"])
+    path = save_config(cfg, str(tmp_path))
+    assert path == str(tmp_path / "config.yaml")
+    assert "FOO: bar" in Path(path).read_text()
+    assert load_config([], config_dir=str(tmp_path)) == cfg
