@@ -96,3 +96,5 @@ class WorkerSpec:
     env: tuple[tuple[str, str], ...] = ()  # extra environment, set before torch is imported
     attempt: int = 0  # restart attempt of the group, for logs and events
     log_level: str = "INFO"
+    supervisor_pid: int = 0
+    stop_grace_s: float = 3.0  # the supervisor's shutdown grace: how long a deliberate stop may take

@@ -1,0 +1,223 @@
+"""The Python API, with the names vLLM users know from its multiprocessing executor.
+
+    with Supervisor(cfg) as sup:
+        out = sup.execute_model(x)                       # output of the first TP rank of the last PP stage
+        pids = sup.collective_rpc("pid")                  # every rank, ordered by global rank
+        futs = sup.collective_rpc(fn, non_block=True)     # a callable receives the worker as first argument
+        sup.register_failure_callback(lambda: ...)
+        sup.check_health(); sup.status()
+    # shutdown() on exit; idempotent
+
+Global rank = dp_rank * (tp * pp) + pp_rank * tp + tp_rank.
+"""
+from __future__ import annotations
+
+import atexit
+import itertools
+import threading
+import time
+import weakref
+from typing import Any, Callable
+
+import psutil
+
+from supervisor.errors import RpcTimeout, ShutdownInProgress, WorkerFailed
+from supervisor.events import EventLog
+from supervisor.group import GroupState, WorkerGroup
+from supervisor.lifecycle import Lifecycle, SupervisorState
+from supervisor.rpc import PendingCall, RpcFuture
+from supervisor.settings import Config
+
+_LIVE: "weakref.WeakSet[Supervisor]" = weakref.WeakSet()
+
+
+class Supervisor:
+    def __init__(self, cfg: Config | None = None, *, events: EventLog | None = None, start: bool = True) -> None:
+        self.cfg = cfg or Config()
+        self.events = events or EventLog(self.cfg.logging.run_dir if self.cfg.logging.events else "")
+        self._life = Lifecycle(self.cfg, self.events)
+        self._rr = itertools.count()
+        self._shutdown_lock = threading.Lock()
+        self.world = self.cfg.parallel.group_world
+        _LIVE.add(self)
+        if start:
+            self.start()
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start every group; raises StartupError (naming the rank, with its remote traceback) on failure."""
+        try:
+            self._life.start()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def shutdown(self) -> None:
+        """Stop every worker and its descendants (graceful, then SIGKILL at the grace deadline). Idempotent."""
+        with self._shutdown_lock:
+            life = self._life
+            if not life.thread.is_alive() and not life.started.is_set():
+                life.monitor.stop()
+                return
+            life.request_shutdown()
+            if threading.current_thread() is life.thread:
+                return  # called from a failure callback: the manager stops right after it
+            life.finished.wait(timeout=self.cfg.shutdown.grace_s + self.cfg.shutdown.reap_s * 3 + 10)
+            self.events.close()
+
+    def __enter__(self) -> "Supervisor":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+    @property
+    def state(self) -> SupervisorState:
+        return self._life.state
+
+    @property
+    def error(self) -> BaseException | None:
+        """Why the supervisor gave up (None while healthy or after a clean stop)."""
+        return self._life.error if self._life.state in (SupervisorState.GAVE_UP,) or self._life.finished.is_set() else None
+
+    @property
+    def gave_up(self) -> bool:
+        return self._life.finished.is_set() and self._life.error is not None and not self._life.stop_requested.is_set() \
+            or self._life.state is SupervisorState.GAVE_UP
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the supervisor has stopped (by shutdown or by giving up). False on timeout."""
+        return self._life.finished.wait(timeout)
+
+    def register_failure_callback(self, callback: Callable[..., Any]) -> None:
+        """Called from the supervisor's manager thread whenever a group fails (before the policy acts). It may take
+        no argument (vLLM style) or one: the list of ChildExit records. Exceptions it raises are logged."""
+        self._life.callbacks.append(callback)
+
+    # -- calls -----------------------------------------------------------------------------------------------
+    def collective_rpc(self, method: str | Callable[..., Any], timeout: float | None = None, args: tuple = (),
+                       kwargs: dict | None = None, non_block: bool = False,
+                       unique_reply_rank: int | None = None, group: int | None = None) -> Any:
+        """Call ``method`` on every rank (or every rank of dp group ``group``). Returns the list of results by
+        global rank, or the single result of ``unique_reply_rank``; with non_block, a Future of that."""
+        name, payload = _method_payload(method)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if unique_reply_rank is not None:
+            gi, local = divmod(unique_reply_rank, self.world)
+            targets = [(gi, local)]
+        else:
+            targets = [(gi, None) for gi in ([group] if group is not None else list(self._life.live))]
+        sent = [self._send(gi, payload, args, kwargs, local, deadline, name) for gi, local in targets]
+
+        def resolve(t: float | None) -> Any:
+            d = deadline if t is None else time.monotonic() + t
+            out: list[Any] = []
+            for g, call in sent:
+                out.extend(self._wait(g, call, d))
+            return out[0] if unique_reply_rank is not None else out
+
+        if non_block:
+            return RpcFuture(resolve)
+        return resolve(None)
+
+    def execute_model(self, *args: Any, timeout: float | None = None, group: int | None = None, **kwargs: Any) -> Any:
+        """Run one step on a group (round-robin over serving replicas unless ``group`` is given); returns the
+        output of its first TP rank of the last PP stage."""
+        gi = group if group is not None else self._pick_group()
+        local = (self.cfg.parallel.pp - 1) * self.cfg.parallel.tp
+        return self.collective_rpc("execute_model", timeout, args, kwargs,
+                                   unique_reply_rank=gi * self.world + local)
+
+    def check_health(self, timeout: float | None = 10.0) -> list[Any]:
+        """Raise if the tree is not healthy (a group down, a rank failing its check); else the ranks' reports."""
+        life = self._life
+        if life.state is not SupervisorState.RUNNING:
+            raise WorkerFailed(f"supervisor is {life.state.value}")
+        down = [i for i in life.live if not life.gates[i].is_open]
+        if down:
+            raise WorkerFailed(f"groups {down} are not serving ({life.gates[down[0]].closed_reason})")
+        return self.collective_rpc("check_health", timeout=timeout)
+
+    def _pick_group(self) -> int:
+        live = list(self._life.live)
+        if not live:
+            raise ShutdownInProgress("no group is serving")
+        for _ in range(len(live)):
+            gi = live[next(self._rr) % len(live)]
+            if self._life.gates[gi].is_open:
+                return gi
+        return live[next(self._rr) % len(live)]  # none open: wait on one (or fail) as configured
+
+    def _send(self, gi: int, payload, args, kwargs, local, deadline, name) -> tuple[WorkerGroup, PendingCall]:
+        life = self._life
+        if life.stop_requested.is_set() or life.state in (SupervisorState.STOPPING, SupervisorState.STOPPED):
+            raise ShutdownInProgress(f"{name}: the supervisor is shutting down")
+        if life.state is SupervisorState.GAVE_UP:
+            raise WorkerFailed(f"{name}: the supervisor gave up: {life.error}")
+        gate = life.gates[gi]
+        wait = self.cfg.restart.calls_during_restart == "wait"
+        if not gate.enter(deadline, wait):
+            if life.stop_requested.is_set():
+                raise ShutdownInProgress(f"{name}: the supervisor is shutting down")
+            raise WorkerFailed(f"{name}: group {gi} is {gate.closed_reason}", restarting=gate.closed_reason == "restarting")
+        try:
+            group = life.groups[gi]
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            return group, group.channel.send(payload, args, kwargs, local, remaining, name)
+        finally:
+            gate.leave()
+
+    def _wait(self, group: WorkerGroup, call: PendingCall, deadline: float | None) -> list[Any]:
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            return group.channel.wait(call, remaining)
+        except RpcTimeout as exc:
+            if group.state is GroupState.READY:
+                self._life.declare_hung(group, exc.ranks)
+            raise
+        finally:
+            if group.channel.over_budget and self._life.gates[group.index].is_open:
+                group.channel.over_budget = False
+                self._life.inbox.put(("recycle", group.index))
+
+    # -- views -----------------------------------------------------------------------------------------------
+    def status(self) -> list[dict[str, Any]]:
+        """One row per worker: group, rank, pid, state, restarts, RSS (MiB), CPU%."""
+        rows = []
+        life = self._life
+        for gi in sorted(life.groups):
+            g = life.groups[gi]
+            for w in g.workers:
+                rss, cpu = None, None
+                p = w.psutil_process() if w.is_alive() else None
+                if p is not None:
+                    try:
+                        with p.oneshot():
+                            rss = round(p.memory_info().rss / 2**20, 1)
+                            cpu = p.cpu_percent(interval=None)
+                    except psutil.Error:
+                        pass
+                rows.append({"group": gi, "rank": g.rank_offset + w.rank, "name": w.spec.topology.name, "pid": w.pid,
+                             "state": w.state.value, "restarts": life.restarts[gi], "rss_mib": rss, "cpu_pct": cpu})
+        return rows
+
+    def pids(self) -> list[int]:
+        return [row["pid"] for row in self.status()]
+
+
+def _method_payload(method: str | Callable[..., Any]) -> tuple[str, Any]:
+    if isinstance(method, str):
+        return method, method
+    import cloudpickle
+
+    return getattr(method, "__name__", "callable"), cloudpickle.dumps(method)
+
+
+@atexit.register
+def _shutdown_all() -> None:
+    """A supervisor left running at interpreter exit is stopped, not orphaned."""
+    for sup in list(_LIVE):
+        try:
+            sup.shutdown()
+        except Exception:
+            pass

@@ -1,0 +1,51 @@
+"""Errors the supervisor raises to its callers. Each message names the rank and what happened to it."""
+from __future__ import annotations
+
+
+class SupervisorError(Exception):
+    """Base class."""
+
+
+class StartupError(SupervisorError):
+    """A group failed to become READY. ``rank`` is the first rank that failed (or timed out)."""
+
+    def __init__(self, message: str, rank: int | None = None, remote_traceback: str = "") -> None:
+        super().__init__(message + (f"\n--- remote traceback (rank {rank}) ---\n{remote_traceback}" if remote_traceback else ""))
+        self.rank = rank
+        self.remote_traceback = remote_traceback
+
+
+class WorkerFailed(SupervisorError):
+    """A worker died (or was declared hung) while calls were pending or being made."""
+
+    def __init__(self, message: str, ranks: tuple[int, ...] = (), restarting: bool = False) -> None:
+        super().__init__(message)
+        self.ranks = ranks
+        self.restarting = restarting
+
+
+class RpcTimeout(SupervisorError, TimeoutError):
+    """A call ran past its deadline. ``ranks`` did not answer."""
+
+    def __init__(self, message: str, ranks: tuple[int, ...]) -> None:
+        super().__init__(message)
+        self.ranks = ranks
+
+
+class RemoteError(SupervisorError):
+    """The called method raised inside a worker. Carries the rank and the remote traceback."""
+
+    def __init__(self, rank: int, exc_type: str, message: str, remote_traceback: str) -> None:
+        super().__init__(f"rank {rank} raised {exc_type}: {message}\n--- remote traceback (rank {rank}) ---\n{remote_traceback}")
+        self.rank = rank
+        self.exc_type = exc_type
+        self.remote_message = message
+        self.remote_traceback = remote_traceback
+
+
+class GaveUp(SupervisorError):
+    """The restart policy's budget is spent: the tree was stopped."""
+
+
+class ShutdownInProgress(SupervisorError):
+    """A call was made during or after shutdown."""

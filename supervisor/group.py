@@ -1,0 +1,169 @@
+"""A group: the ranks of one TP×PP torch.distributed world, started, served and stopped as a unit.
+
+Start-up is a typestate: ``spawn`` yields ``WorkerProcess`` handles in STARTING; only ``_await_ready`` turns them
+into a serving group, because only a ``Ready`` message carries the reply-queue handle the RPC channel needs. Any
+failure on the way (a spawn that raises, a rank that raises, exits or never answers) stops every process started so
+far and raises ``StartupError`` naming the rank, with its remote traceback when there is one.
+"""
+from __future__ import annotations
+
+import enum
+import threading
+import time
+from multiprocessing.connection import wait as mp_wait
+from typing import Sequence
+
+from supervisor import escalation
+from supervisor.errors import StartupError
+from supervisor.process import WorkerProcess, parent_fds
+from supervisor.rpc import RpcChannel
+from transport import MessageQueue, sweep_owner
+from worker.protocol import Ready, StartupFailed, WorkerState
+from worker.spec import WorkerSpec
+
+
+_ABORT_POLL_S = 0.05  # a shutdown during start-up is noticed this fast
+
+
+class GroupState(enum.Enum):
+    """STARTING -> READY -> (FAILED | STOPPING) -> STOPPED; FAILED -> STOPPED (after its processes are gone)."""
+
+    STARTING = "starting"
+    READY = "ready"
+    FAILED = "failed"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+ALLOWED_GROUP_TRANSITIONS = {
+    GroupState.STARTING: {GroupState.READY, GroupState.FAILED, GroupState.STOPPING, GroupState.STOPPED},
+    GroupState.READY: {GroupState.FAILED, GroupState.STOPPING},
+    GroupState.FAILED: {GroupState.STOPPING, GroupState.STOPPED},
+    GroupState.STOPPING: {GroupState.STOPPED},
+    GroupState.STOPPED: set(),
+}
+
+
+class WorkerGroup:
+    def __init__(self, index: int, specs: Sequence[WorkerSpec], ctx, transport, grace_s: float, reap_s: float) -> None:
+        self.index = index
+        self.specs = list(specs)
+        self.ctx = ctx
+        self.transport = transport
+        self.grace_s, self.reap_s = grace_s, reap_s
+        self.state = GroupState.STARTING
+        self.workers: list[WorkerProcess] = []
+        self.channel: RpcChannel | None = None
+        self.world = len(self.specs)
+        self.rank_offset = index * self.world
+        self.ready_at: float | None = None
+
+    def transition(self, new: GroupState) -> None:
+        if new not in ALLOWED_GROUP_TRANSITIONS[self.state]:
+            raise RuntimeError(f"group {self.index}: illegal transition {self.state.name} -> {new.name}")
+        self.state = new
+
+    # -- start-up --------------------------------------------------------------------------------------------
+    def start(self, timeout_s: float, abort: threading.Event | None = None) -> None:
+        self._abort = abort
+        deadline = time.monotonic() + timeout_s
+        t = self.transport
+        bcast = MessageQueue(self.world, t.slot_bytes, t.slots, t.spin_us, t.max_message_bytes)
+        replies: list[MessageQueue] = []
+        try:
+            for spec in self.specs:  # spawning the k-th may raise: the ones before are stopped below
+                self.workers.append(WorkerProcess(spec, self.ctx, bcast.export_handle(), parent_fds()))
+                escalation.register_worker(self.workers[-1].pid)
+            readies = self._await_ready(deadline)
+            for ready in readies:
+                replies.append(MessageQueue.create_from_handle(ready.reply_handle, 0))
+            bcast.wait_until_ready(timeout=max(0.1, deadline - time.monotonic()))
+        except BaseException:
+            for q in (bcast, *replies):
+                q.close()
+            self._teardown(graceful=False)
+            raise
+        self.channel = RpcChannel(bcast, replies, self.rank_offset)
+        for w in self.workers:
+            w.transition(WorkerState.READY)
+        self.ready_at = time.monotonic()
+        self.transition(GroupState.READY)
+
+    def _await_ready(self, deadline: float) -> list[Ready]:
+        readies: dict[int, Ready] = {}
+        by_conn = {w.status_r: w for w in self.workers}
+        by_sentinel = {w.sentinel: w for w in self.workers}
+        while len(readies) < self.world:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self._startup_timeout(readies)
+            if self._abort is not None and self._abort.is_set():
+                raise StartupError("start-up aborted: the supervisor is shutting down")
+            for obj in mp_wait([*by_conn, *by_sentinel], timeout=min(remaining, _ABORT_POLL_S)):
+                if obj in by_conn:
+                    self._take_status(by_conn.pop(obj), readies)
+                elif by_sentinel[obj].rank not in readies:
+                    w = by_sentinel[obj]
+                    raise StartupError(f"rank {self._g(w.rank)} ({w.spec.topology.name}) exited during start-up: "
+                                       f"{w.exit_info().reason}", self._g(w.rank))
+        return [readies[r] for r in range(self.world)]
+
+    def _take_status(self, w: WorkerProcess, readies: dict[int, Ready]) -> None:
+        try:
+            msg = w.read_status()
+        except (EOFError, OSError):
+            w.proc.join(timeout=1.0)  # the process is exiting: report its exit reason
+            raise StartupError(f"rank {self._g(w.rank)} ({w.spec.topology.name}) exited during start-up: "
+                               f"{w.exit_info().reason}", self._g(w.rank)) from None
+        if isinstance(msg, StartupFailed):
+            raise StartupError(f"rank {self._g(w.rank)} ({w.spec.topology.name}) failed during start-up: "
+                               f"{msg.exc_type}: {msg.message}", self._g(w.rank), msg.traceback)
+        if isinstance(msg, Ready):
+            readies[w.rank] = msg
+
+    def _startup_timeout(self, readies: dict[int, Ready]) -> None:
+        late = [self._g(w.rank) for w in self.workers if w.rank not in readies]
+        for w in self.workers:
+            if w.rank not in readies:
+                w.dump_stack()
+        raise StartupError(f"ranks {late} did not become READY within the start-up timeout "
+                           f"(runtime.startup_timeout_s); they were killed", late[0] if late else None)
+
+    def _g(self, rank: int) -> int:
+        return rank + self.rank_offset
+
+    # -- stopping ------------------------------------------------------------------------------------------
+    def stop(self, graceful: bool = True) -> None:
+        """Stop every process of the group (idempotent)."""
+        if self.state is GroupState.STOPPED:
+            return
+        if self.state is not GroupState.STOPPING:
+            self.transition(GroupState.STOPPING)
+        if graceful and self.channel is not None and self.channel.failure is None:
+            self.channel.send_stop()
+        self._teardown(graceful)
+
+    def _teardown(self, graceful: bool) -> None:
+        escalation.stop(self.workers, self.grace_s if graceful else 0.0, self.reap_s, graceful=graceful)
+        self.finish_stop()
+
+    def finish_stop(self) -> None:
+        """Bookkeeping once every process of the group is gone: segments, states, queues."""
+        for w in self.workers:
+            sweep_owner(w.pid)  # segments a dead worker created but nobody attached to
+            escalation.forget_worker(w.pid)
+            if w.state not in (WorkerState.STOPPED, WorkerState.FAILED):
+                w.state = WorkerState.STOPPED if w.exit_info().clean else WorkerState.FAILED
+        if self.channel is not None:
+            self.channel.close()
+        if self.state is not GroupState.STOPPED:
+            self.transition(GroupState.STOPPED)
+
+    def live_pids(self) -> list[int]:
+        return [w.pid for w in self.workers if w.is_alive()]
+
+    @property
+    def output_rank(self) -> int:
+        """Local rank of the first TP rank of the last PP stage (execute_model's answer)."""
+        topo = self.specs[0].topology
+        return (topo.pp - 1) * topo.tp

@@ -1,0 +1,132 @@
+"""One worker process as the supervisor sees it: spec (frozen), handle (pid, create time, state), channels.
+
+The handle owns the parent's ends of the two pipes: the death pipe (closing it tells the worker to go) and the
+status pipe (READY, start-up failures, heartbeats). Only processes recorded here, identified by pid *and*
+create time, are ever signalled.
+"""
+from __future__ import annotations
+
+import multiprocessing.process as mp_process
+import os
+import pickle
+import time
+
+import psutil
+
+from supervisor.exits import ExitInfo
+from worker.main import entry
+from worker.protocol import ALLOWED_WORKER_TRANSITIONS, WorkerState
+from worker.spec import WorkerSpec
+
+from supervisor.topology import TREE_ENV  # set in every worker's environment; inherited by its descendants
+_OPEN: set["WorkerProcess"] = set()
+
+
+def parent_fds() -> tuple[int, ...]:
+    """The parent-only pipe ends of every live worker: a child started with fork must close them, or it would
+    keep another worker's death pipe open."""
+    return tuple(fd for w in _OPEN for fd in w.parent_fds)
+
+
+class WorkerProcess:
+    def __init__(self, spec: WorkerSpec, ctx, bcast_handle, parent_fds: tuple[int, ...] = ()) -> None:
+        self.spec = spec
+        self.rank = spec.topology.rank
+        self.state = WorkerState.STARTING
+        self.hung = False
+        death_r, self.death_w = ctx.Pipe(duplex=False)
+        self.status_r, status_w = ctx.Pipe(duplex=False)
+        close_fds = parent_fds if ctx.get_start_method() == "fork" else ()
+        self.proc = ctx.Process(target=entry, name=spec.topology.name,
+                                args=(spec, bcast_handle, death_r, status_w, close_fds))
+        self.proc.start()
+        # We stop our workers ourselves (with escalation); multiprocessing's atexit join could hang on one.
+        mp_process._children.discard(self.proc)
+        death_r.close()
+        status_w.close()
+        self.pid: int = self.proc.pid
+        self.sentinel = self.proc.sentinel
+        self.started_at = time.monotonic()
+        self.last_beat = self.started_at
+        self.create_time = _create_time(self.pid)
+        self._exitcode: int | None = None
+        self._closed = False
+        _OPEN.add(self)
+
+    def transition(self, new: WorkerState) -> None:
+        if new not in ALLOWED_WORKER_TRANSITIONS[self.state]:
+            raise RuntimeError(f"rank {self.rank}: illegal transition {self.state.name} -> {new.name}")
+        self.state = new
+
+    @property
+    def parent_fds(self) -> tuple[int, ...]:
+        return tuple(c.fileno() for c in (self.death_w, self.status_r) if not c.closed)
+
+    @property
+    def exitcode(self) -> int | None:
+        """multiprocessing's exit code (negative: the signal), kept after the process object is closed."""
+        if self._exitcode is None and not self._closed:
+            self._exitcode = self.proc.exitcode
+        return self._exitcode
+
+    def is_alive(self) -> bool:
+        return self.exitcode is None
+
+    def exit_info(self) -> ExitInfo:
+        return ExitInfo(self.exitcode, hung=self.hung)
+
+    def read_status(self):
+        """One frame from the status pipe: None for a heartbeat, else the unpickled message. EOFError at EOF."""
+        data = self.status_r.recv_bytes()
+        self.last_beat = time.monotonic()
+        return pickle.loads(data) if data else None
+
+    def psutil_process(self) -> psutil.Process | None:
+        """The live process, verified by create time so a recycled pid is never signalled."""
+        try:
+            p = psutil.Process(self.pid)
+            if self.create_time is not None and abs(p.create_time() - self.create_time) > 0.01:
+                return None
+            return p
+        except psutil.Error:
+            return None
+
+    def request_stop(self, grace_s: float) -> None:
+        """Tell the worker to stop gracefully: a stop message, then EOF on its death pipe."""
+        if self.death_w.closed:
+            return
+        try:
+            self.death_w.send_bytes(b"stop:%.3f" % grace_s)
+        except OSError:
+            pass
+        self.death_w.close()
+
+    def close(self) -> None:
+        """Release the parent's descriptors once the process is gone (reaped)."""
+        _OPEN.discard(self)
+        for conn in (self.death_w, self.status_r):
+            if not conn.closed:
+                conn.close()
+        if not self._closed and self.exitcode is not None:
+            self._closed = True
+            self.proc.close()
+
+    def dump_stack(self) -> None:
+        """Ask the worker for its Python stacks (faulthandler on SIGUSR1, into its stderr)."""
+        p = self.psutil_process()
+        if p is not None:
+            try:
+                p.send_signal(10)  # SIGUSR1
+            except psutil.Error:
+                pass
+
+
+def _create_time(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def own_pid() -> int:
+    return os.getpid()

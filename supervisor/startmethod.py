@@ -1,0 +1,34 @@
+"""Choosing how worker processes are started.
+
+forkserver with torch (and our worker modules) preloaded is the default: the server imports torch once, and each
+worker is a fork of it, so it starts in milliseconds instead of re-importing torch (seconds). fork is refused once
+CUDA is initialised in this process (a forked child cannot use it); spawn is always safe.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import sys
+
+# Imported by the forkserver before it forks anything: the heavy part of a worker's start-up, done once.
+_WORKER_MODULES = ("worker.main", "worker.base", "transport", "loguru", "psutil", "setproctitle", "cloudpickle")
+
+
+def cuda_initialized() -> bool:
+    torch = sys.modules.get("torch")
+    return bool(torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized())
+
+
+def resolve(method: str) -> str:
+    if method == "auto":
+        return "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+    if method == "fork" and cuda_initialized():
+        raise ValueError("runtime.start_method: fork is unsafe once CUDA is initialised in the supervisor")
+    return method
+
+
+def context(method: str, preload: tuple[str, ...]):
+    """A multiprocessing context for ``method`` (already resolved); forkserver gets its preload list."""
+    ctx = mp.get_context(method)
+    if method == "forkserver":
+        ctx.set_forkserver_preload([*preload, *_WORKER_MODULES])
+    return ctx

@@ -1,0 +1,81 @@
+"""A worker dies with its supervisor: the death pipe, PR_SET_PDEATHSIG, and reaping our own descendants.
+
+The supervisor holds the only write end of each worker's death pipe. A thread here blocks on the read end; EOF
+means the supervisor closed it (shutdown) or died (even by SIGKILL: the kernel closes its descriptors). On EOF
+the worker gets ``grace`` seconds to stop through its normal path, then its descendants are killed and the
+process leaves with ``os._exit`` — an exit, not a flag, so it happens even while the main thread is blocked in a
+kernel wait. PR_SET_PDEATHSIG is the second line for the case where the parent (the supervisor, or the forkserver
+that dies with it) goes away: it delivers SIGTERM, whose handler runs the same path.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import threading
+import time
+
+_PR_SET_PDEATHSIG = 1
+_orphan_lock = threading.Lock()
+
+
+def arm_parent_death_signal(sig: int = signal.SIGTERM) -> None:
+    """Ask the kernel to send ``sig`` when our parent exits, then re-check: it may already be gone."""
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the death pipe alone has to do
+        return
+    if os.getppid() != parent or parent == 1:
+        os.kill(os.getpid(), sig)
+
+
+def kill_descendants(timeout: float = 0.2) -> None:
+    """SIGKILL every process below this one (children first is irrelevant for SIGKILL), then reap them."""
+    try:
+        import psutil
+    except ImportError:  # pragma: no cover - psutil is a dependency
+        return
+    try:
+        kids = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return
+    for p in kids:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(kids, timeout=timeout)
+
+
+def exit_now(code: int) -> None:
+    """Leave at once, taking our descendants with us. Safe to call from any thread, any number of times."""
+    with _orphan_lock:
+        kill_descendants()
+        os._exit(code)
+
+
+class DeathWatch(threading.Thread):
+    """Waits for EOF on the death pipe; then stops the worker within ``grace`` seconds, whatever it is doing."""
+
+    def __init__(self, conn, grace_s: float, on_eof, exit_code: int) -> None:
+        super().__init__(name="death-watch", daemon=True)
+        self.conn = conn
+        self.grace_s = grace_s
+        self.on_eof = on_eof  # asks the main thread to stop (e.g. by signalling it)
+        self.exit_code = exit_code
+        self.fired = threading.Event()
+
+    def run(self) -> None:
+        grace = self.grace_s  # the supervisor vanished: stop quickly
+        try:
+            while True:
+                msg = self.conn.recv_bytes()  # only ever one message: b"stop:<grace seconds>", then EOF
+                if msg.startswith(b"stop:"):
+                    grace = float(msg[5:])  # a deliberate shutdown: the supervisor's own grace applies
+        except (EOFError, OSError, ValueError):
+            pass
+        self.fired.set()
+        self.on_eof()
+        time.sleep(grace)
+        exit_now(self.exit_code)

@@ -1,0 +1,227 @@
+"""Entry point of a worker process: set-up, the READY handshake, the busy loop, and the way out.
+
+::
+
+    entry() -> own session, death watch, PDEATHSIG, env, title, logs, signals
+            -> Worker(spec).init_device(), load_model()          (failure: StartupFailed on the status pipe, exit 71)
+            -> reply queue created, broadcast queue attached
+            -> Ready(reply handle) on the status pipe; heartbeats from now on
+            -> loop: Request from the broadcast queue -> call -> Reply on the reply queue
+            -> SIGTERM / STOP request / death-pipe EOF: GracefulStop -> worker.shutdown() -> exit 0
+
+The order of the handshake is fixed by the data flow itself: the supervisor can only attach to the reply queue
+once it holds the handle that READY carries, and the worker only serves after its reply queue has a reader.
+"""
+from __future__ import annotations
+
+import faulthandler
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+import traceback
+from typing import Any
+
+from worker import lifeline
+from worker.protocol import (EXIT_ORPHANED, EXIT_STARTUP_FAILED, STOP_METHOD, Ready, RemoteFailure, Reply,
+                             Request, StartupFailed)
+from worker.spec import WorkerSpec
+
+
+class GracefulStop(BaseException):
+    """Raised in the main thread to stop serving (SIGTERM, a STOP request, or the death pipe closing)."""
+
+
+class StatusChannel:
+    """The worker -> supervisor pipe: framed pickles, and empty frames as heartbeats. Thread-safe."""
+
+    def __init__(self, conn) -> None:
+        self.conn = conn
+        self._lock = threading.Lock()
+
+    def send(self, obj: Any) -> None:
+        self._send(pickle.dumps(obj))
+
+    def beat(self) -> None:
+        self._send(b"")
+
+    def _send(self, payload: bytes) -> None:
+        with self._lock:
+            try:
+                self.conn.send_bytes(payload)
+            except OSError:  # the supervisor is gone: the death watch takes care of us
+                pass
+
+
+class Heartbeat(threading.Thread):
+    def __init__(self, status: StatusChannel, interval_s: float) -> None:
+        super().__init__(name="heartbeat", daemon=True)
+        self.status, self.interval_s = status, interval_s
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(self.interval_s):
+            self.status.beat()
+
+
+_stopping = threading.Event()
+
+
+def _request_stop(*_: Any) -> None:
+    """SIGTERM handler: stop once; a second SIGTERM while stopping is ignored (the supervisor escalates)."""
+    if not _stopping.is_set():
+        _stopping.set()
+        raise GracefulStop()
+
+
+def entry(spec: WorkerSpec, bcast_handle: Any, death_conn: Any, status_conn: Any, close_fds: tuple = ()) -> None:
+    """multiprocessing target. Never returns normally before the worker is told to stop."""
+    t0 = time.monotonic()
+    _detach(close_fds)
+    status = StatusChannel(status_conn)
+    main_ident = threading.get_ident()
+    watch = lifeline.DeathWatch(death_conn, spec.worker.orphan_grace_s,
+                                lambda: signal.pthread_kill(main_ident, signal.SIGTERM), EXIT_ORPHANED)
+    signal.signal(signal.SIGTERM, _request_stop)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
+    watch.start()
+    lifeline.arm_parent_death_signal(signal.SIGTERM)
+    _setup_environment(spec)
+    try:
+        worker, bcast, reply = _start(spec, bcast_handle)
+    except GracefulStop:
+        os._exit(0)
+    except BaseException as exc:
+        status.send(StartupFailed(spec.topology.rank, type(exc).__name__, str(exc), traceback.format_exc()))
+        status_conn.close()
+        os._exit(EXIT_STARTUP_FAILED)
+    status.send(Ready(spec.topology.rank, os.getpid(), reply.export_handle(), str(worker.device),
+                      time.monotonic() - t0))
+    Heartbeat(status, spec.worker.heartbeat_interval_s).start()
+    _serve(spec, worker, bcast, reply)
+
+
+def _detach(close_fds: tuple) -> None:
+    """Own session (so the supervisor can signal our whole tree, and a terminal's Ctrl-C does not reach us)."""
+    for fd in close_fds:  # fork start method only: descriptors of the parent that must not stay open here
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    try:
+        os.setsid()
+    except OSError:
+        pass
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the supervisor dumps our stacks on a hang
+
+
+def _setup_environment(spec: WorkerSpec) -> None:
+    """Environment before torch is imported (spawn) or re-applied where it was preloaded (forkserver)."""
+    for key, value in spec.env:
+        os.environ[key] = value
+    threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(threads)
+    try:
+        import setproctitle
+
+        setproctitle.setproctitle(spec.topology.name)
+    except ImportError:
+        pass
+    from loguru import logger
+
+    logger.remove()
+    logger.add(sys.stderr, level=spec.log_level,
+               format="{time:HH:mm:ss.SSS} | {level: <7} | " + spec.topology.name + " | {message}")
+
+
+def _start(spec: WorkerSpec, bcast_handle: Any):
+    from transport import MessageQueue
+
+    worker = _load_class(spec.worker.cls)(spec)
+    worker.init_device()
+    worker.load_model()
+    t = spec.transport
+    reply = MessageQueue(1, t.slot_bytes, t.slots, t.spin_us, t.max_message_bytes)
+    bcast = MessageQueue.create_from_handle(bcast_handle, spec.topology.rank)
+    return worker, bcast, reply
+
+
+def _load_class(path: str):
+    import importlib
+
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _serve(spec: WorkerSpec, worker: Any, bcast: Any, reply: Any) -> None:
+    from loguru import logger
+
+    from transport import QueueClosed, PeerDied
+
+    code = 0
+    try:
+        reply.wait_until_ready(timeout=spec.worker.heartbeat_timeout_s * 4)
+        calls = 0
+        while True:
+            req = bcast.dequeue()
+            if req.method == STOP_METHOD:
+                break
+            calls += 1
+            out = _call(worker, req, spec.topology.rank)
+            if req.reply_rank is None or req.reply_rank == spec.topology.rank:
+                _send_reply(reply, req.call_id, out, _over_budget(spec, calls), spec.topology.rank)
+    except GracefulStop:
+        pass
+    except (QueueClosed, PeerDied) as exc:
+        logger.info(f"request queue ended ({exc}); stopping")
+    _stopping.set()
+    try:
+        worker.shutdown()
+    except GracefulStop:
+        pass
+    except BaseException as exc:  # a failing shutdown must not hide that we were asked to stop
+        logger.warning(f"shutdown raised {type(exc).__name__}: {exc}")
+        code = 1
+    bcast.close()
+    reply.close()
+    lifeline.kill_descendants()
+    os._exit(code)
+
+
+def _call(worker: Any, req: Request, rank: int) -> tuple[bool, Any]:
+    try:
+        if isinstance(req.method, str):
+            fn = getattr(worker, req.method)
+            return True, fn(*req.args, **(req.kwargs or {}))
+        import cloudpickle
+
+        return True, cloudpickle.loads(req.method)(worker, *req.args, **(req.kwargs or {}))
+    except GracefulStop:
+        raise
+    except BaseException as exc:
+        return False, RemoteFailure(rank, type(exc).__name__, str(exc), traceback.format_exc())
+
+
+def _send_reply(reply: Any, call_id: int, out: tuple[bool, Any], over: bool, rank: int) -> None:
+    try:
+        reply.enqueue(Reply(call_id, out[0], out[1], over))
+    except GracefulStop:
+        raise
+    except Exception as exc:  # an unpicklable result: the call fails, the worker keeps serving
+        failure = RemoteFailure(rank, type(exc).__name__, f"cannot send the result back: {exc}", traceback.format_exc())
+        reply.enqueue(Reply(call_id, False, failure, over))
+
+
+def _over_budget(spec: WorkerSpec, calls: int) -> bool:
+    w = spec.worker
+    if w.max_calls and calls >= w.max_calls:
+        return True
+    if w.max_rss_mb:
+        import psutil
+
+        return psutil.Process().memory_info().rss > w.max_rss_mb * (1 << 20)
+    return False
