@@ -279,7 +279,7 @@ def _targets(strategy: Strategy, children: Sequence[int], needy: list[int],
         chosen = list(children)
     else:  # REST_FOR_ONE: groups started after the first failure may depend on it
         chosen = list(children[list(children).index(needy[0]):])
-    return tuple(chosen)
+    return tuple(c for c in chosen if c not in removed)
 
 
 def _phase(exits: list[ChildExit]) -> Phase:
