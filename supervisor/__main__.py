@@ -1,0 +1,164 @@
+"""`python -m supervisor [-m] key=value ...`: configure, start the tree, run the workload, stop cleanly.
+
+Exit codes: 0 done; 1 workers failed beyond the restart policy (or the workload failed its check); 2 bad
+configuration; 128+signal when stopped by SIGINT / SIGTERM / SIGHUP. A fatal child death is never reported as 0.
+Ctrl-C once stops gracefully; a second Ctrl-C kills every worker at once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import sys
+import threading
+import time
+
+USAGE = """usage: python -m supervisor [-m] [key=value ...]
+
+  parallel.tp=8 parallel.pp=2 parallel.dp=2   topology        restart=one_for_all|one_for_one|rest_for_one|never
+  device=auto|cpu|cuda                         devices         workload=tp_mlp|echo|serve|bench
+  runtime.start_method=auto|forkserver|spawn|fork               shutdown.grace_s=3
+  -m parallel.tp=1,2,4,8                       a sweep (one run after the other)
+Configuration lives in conf/ (Hydra); any key can be overridden here."""
+
+
+class SignalState:
+    """First SIGINT/SIGTERM/SIGHUP: graceful stop. A second SIGINT: kill everything now."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.signum: int | None = None
+        self.supervisor = None
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            self._kill_now()
+        self.signum = self.signum or signum
+        self.stop.set()
+        sup = self.supervisor
+        if sup is not None:
+            sup._life.request_shutdown()  # non-blocking: the main thread finishes the stop
+
+    def _kill_now(self) -> None:
+        from supervisor import escalation
+
+        sup = self.supervisor
+        if sup is not None:
+            workers = [w for g in sup._life.groups.values() for w in g.workers]
+            escalation.kill(workers, reap_s=0.5)
+        os._exit(128 + signal.SIGINT)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in args):
+        print(USAGE)
+        return 0
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    overrides = [a for a in args if a not in ("-m", "--multirun")]
+    signals = SignalState()
+    signals.install()
+    try:
+        configs = _load_all(overrides, multirun)
+    except _BadConfig as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    code = 0
+    for cfg in configs:
+        if signals.stop.is_set():
+            break
+        code = max(code, run_one(cfg, signals))
+    return code
+
+
+class _BadConfig(Exception):
+    pass
+
+
+def _load_all(overrides: list[str], multirun: bool):
+    from supervisor.config import ConfigError, expand_sweep, load_config, validate
+    from supervisor.startmethod import cuda_initialized
+    from supervisor.topology import visible_gpus
+
+    try:
+        runs = expand_sweep(overrides) if multirun else [overrides]
+        configs = [load_config(o) for o in runs]
+        for cfg in configs:
+            gpus = visible_gpus() if cfg.device == "cuda" else None
+            validate(cfg, visible_gpus=gpus, cuda_initialized=cuda_initialized())
+        return configs
+    except ConfigError as exc:
+        raise _BadConfig(str(exc)) from None
+
+
+def run_one(cfg, signals: SignalState) -> int:
+    from loguru import logger
+
+    from supervisor import escalation, workloads
+    from supervisor.api import Supervisor
+    from supervisor.config import make_run_dir, save_config
+    from supervisor.errors import SupervisorError
+
+    t0 = time.monotonic()
+    run_dir = make_run_dir()
+    cfg = dataclasses.replace(cfg, logging=dataclasses.replace(cfg.logging, run_dir=run_dir))
+    save_config(cfg, run_dir)
+    _setup_logging(cfg, run_dir)
+    escalation.become_subreaper()
+    p = cfg.parallel
+    logger.info(f"starting tp={p.tp} pp={p.pp} dp={p.dp} device={cfg.device} restart={cfg.restart.strategy} "
+                f"(run dir {run_dir})")
+    sup = Supervisor(cfg, start=False)
+    signals.supervisor = sup
+    try:
+        sup.start()
+    except SupervisorError as exc:
+        sup.shutdown()
+        if signals.signum:
+            return 128 + signals.signum
+        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        logger.error(str(exc))
+        return 1
+    ready_s = time.monotonic() - t0
+    report = workloads.run(sup, signals.stop)
+    t1 = time.monotonic()
+    sup.shutdown()
+    shutdown_s = time.monotonic() - t1
+    return _finish(cfg, sup, report, ready_s, shutdown_s, signals)
+
+
+def _finish(cfg, sup, report, ready_s: float, shutdown_s: float, signals: SignalState) -> int:
+    from supervisor.workloads import format_report
+
+    p = cfg.parallel
+    gave_up = sup._life.error if not signals.signum and sup._life.error is not None else None
+    items = [("world", f"tp={p.tp} pp={p.pp} dp={p.dp} ({p.total} workers, device {sup._life.device}, "
+                       f"start method {sup._life.start_method})"),
+             ("start-up to READY", f"{ready_s:.3f} s"), *report.lines, ("shutdown", f"{shutdown_s:.3f} s")]
+    print(f"\n{cfg.workload.name} summary\n" + format_report(items), flush=True)
+    if signals.signum:
+        return 128 + signals.signum
+    if gave_up is not None:
+        print(f"error: {str(gave_up).splitlines()[0]}", file=sys.stderr)
+        return 1
+    if not report.ok:
+        print(f"error: {report.failure}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _setup_logging(cfg, run_dir: str) -> None:
+    from loguru import logger
+
+    logger.remove()
+    logger.add(sys.stderr, level=cfg.logging.level,
+               format="{time:HH:mm:ss.SSS} | {level: <7} | supervisor | {message}")
+    logger.add(os.path.join(run_dir, "supervisor.log"), level="DEBUG", enqueue=False)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

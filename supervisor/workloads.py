@@ -1,0 +1,129 @@
+"""What `python -m supervisor` runs once the tree is up: the built-in workloads, each a short driver.
+
+tp_mlp / bench: the tensor-parallel MLP, first step checked against a single-process reference, then timed steps.
+echo: RPC round trips through every rank. serve: keep the tree up, print a status table, until a signal.
+Each returns a Report; the CLI prints it and derives the exit code.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from loguru import logger
+
+from supervisor.api import Supervisor
+from supervisor.errors import ShutdownInProgress
+
+
+@dataclass
+class Report:
+    ok: bool = True
+    lines: list[tuple[str, str]] = field(default_factory=list)
+    failure: str = ""
+
+    def add(self, key: str, value: Any) -> None:
+        self.lines.append((key, str(value)))
+
+
+def percentile(samples: list[float], q: float) -> float:
+    if not samples:
+        return float("nan")
+    s = sorted(samples)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def _timed(fn: Callable[[], Any], n: int, stop: threading.Event) -> list[float]:
+    lat = []
+    for _ in range(n):
+        if stop.is_set():
+            break
+        t = time.perf_counter()
+        fn()
+        lat.append(time.perf_counter() - t)
+    return lat
+
+
+def _latency_lines(report: Report, lat: list[float], what: str) -> None:
+    total = sum(lat)
+    report.add(f"{what}/s", f"{len(lat) / total:.1f}" if total else "n/a")
+    report.add(f"{what} p50 / p99", f"{percentile(lat, .5) * 1e3:.3f} ms / {percentile(lat, .99) * 1e3:.3f} ms")
+
+
+def run_tp_mlp(sup: Supervisor, stop: threading.Event) -> Report:
+    from worker.tp_mlp import make_input, reference_forward  # imports torch: after READY, off the start-up path
+
+    w = sup.cfg.workload
+    report = Report()
+    x0 = make_input(w, 0)
+    out = sup.execute_model(x0, timeout=60)
+    err = float((out - reference_forward(w, x0)).abs().max())
+    report.ok = err <= w.check_tolerance
+    report.add("check vs reference", f"{'PASS' if report.ok else 'FAIL'} (max abs error {err:.2e}, "
+                                     f"tolerance {w.check_tolerance:g})")
+    if not report.ok:
+        report.failure = f"output differs from the single-process reference by {err:.3e}"
+    inputs = [make_input(w, s % 8 + 1) for s in range(8)]
+    steps = iter(range(w.steps))
+    lat = _timed(lambda: sup.execute_model(inputs[next(steps) % 8], timeout=60), w.steps, stop)
+    _latency_lines(report, lat, "steps")
+    rpc = _timed(lambda: sup.collective_rpc("check_health", timeout=30), min(200, max(20, w.steps)), stop)
+    report.add("rpc (check_health, all ranks) p50 / p99",
+               f"{percentile(rpc, .5) * 1e3:.3f} ms / {percentile(rpc, .99) * 1e3:.3f} ms")
+    return report
+
+
+def run_echo(sup: Supervisor, stop: threading.Event) -> Report:
+    report = Report()
+    payload = {"ids": list(range(16)), "lens": [7] * 16}
+    got = sup.collective_rpc("echo", args=(payload,), timeout=30)
+    report.ok = all(g == payload for g in got)
+    report.add("echo check", "PASS" if report.ok else "FAIL")
+    lat = _timed(lambda: sup.collective_rpc("echo", args=(payload,), timeout=30), sup.cfg.workload.steps, stop)
+    _latency_lines(report, lat, "calls")
+    return report
+
+
+def run_serve(sup: Supervisor, stop: threading.Event) -> Report:
+    """Keep serving until a signal (or the policy gives up), printing a status table every few seconds."""
+    interval = sup.cfg.workload.status_interval_s
+    while not stop.wait(interval):
+        if sup.wait(timeout=0):
+            break
+        print(format_status(sup.status()), flush=True)
+    report = Report()
+    report.add("served until", "signal" if stop.is_set() else "the tree stopped")
+    return report
+
+
+WORKLOADS: dict[str, Callable[[Supervisor, threading.Event], Report]] = {
+    "tp_mlp": run_tp_mlp,
+    "bench": run_tp_mlp,
+    "echo": run_echo,
+    "serve": run_serve,
+}
+
+
+def run(sup: Supervisor, stop: threading.Event) -> Report:
+    try:
+        return WORKLOADS[sup.cfg.workload.name](sup, stop)
+    except ShutdownInProgress:
+        return Report(ok=True, lines=[("stopped", "by signal")])
+    except Exception as exc:
+        logger.error(f"workload failed: {exc}")
+        return Report(ok=False, failure=str(exc).splitlines()[0])
+
+
+def format_status(rows: list[dict[str, Any]]) -> str:
+    head = f"{'group':>5} {'rank':>4} {'name':<16} {'pid':>7} {'state':<9} {'restarts':>8} {'rss MiB':>8} {'cpu%':>6}"
+    out = [head]
+    for r in rows:
+        out.append(f"{r['group']:>5} {r['rank']:>4} {r['name']:<16} {r['pid']:>7} {r['state']:<9} "
+                   f"{r['restarts']:>8} {str(r['rss_mib']):>8} {str(r['cpu_pct']):>6}")
+    return "\n".join(out)
+
+
+def format_report(items: list[tuple[str, str]]) -> str:
+    width = max(len(k) for k, _ in items)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in items)
