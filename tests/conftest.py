@@ -1,0 +1,46 @@
+"""Shared fixtures: every test that starts processes gets a hard timeout (pytest-timeout, with a faulthandler
+dump) and the autouse leak check below."""
+from __future__ import annotations
+
+import faulthandler
+import os
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from tests import leaks  # noqa: E402
+
+faulthandler.enable()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _warm_helpers():
+    """Start multiprocessing's forkserver (with our preload) and resource tracker once, before any baseline is
+    taken: they live for the whole session and their descriptors are not leaks."""
+    from supervisor import startmethod
+
+    ctx = startmethod.context("forkserver", ("torch",))
+    p = ctx.Process(target=os.getpid)
+    p.start()
+    p.join(60)
+    p.close()
+    yield
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(request, capfd):
+    """Fail the test if it leaves a process, a /dev/shm entry, a descriptor or a thread behind, or if anything
+    printed a resource-tracker 'leaked' warning."""
+    before = leaks.Snapshot.take()
+    yield
+    problems = leaks.leftovers(before)
+    err = capfd.readouterr().err
+    if "leaked" in err and "resource_tracker" in err:
+        problems.append("resource tracker warned about leaked resources:\n" + err[-2000:])
+    if problems:
+        leaks.kill_extra(before)
+        pytest.fail("left behind: " + "; ".join(problems), pytrace=False)
