@@ -14,23 +14,22 @@ import time
 from typing import Iterable, Sequence
 
 import psutil
+from multiprocessing.connection import wait as mp_wait
 
 from supervisor.process import TREE_ENV, WorkerProcess
 
 
 def _descendants(workers: Iterable[WorkerProcess]) -> list[psutil.Process]:
-    """Every live process below each worker, deepest first, then the workers (latest started first)."""
+    """Every live process below the workers, deepest first (the workers themselves are not included)."""
     tree: list[psutil.Process] = []
     for w in workers:
         root = w.psutil_process()
         if root is None:
             continue
         try:
-            kids = root.children(recursive=True)
+            tree.extend(reversed(root.children(recursive=True)))
         except psutil.Error:
-            kids = []
-        tree.extend(reversed(kids))
-        tree.append(root)
+            pass
     return tree
 
 
@@ -42,21 +41,55 @@ def _signal_all(procs: Iterable[psutil.Process], sig: int) -> None:
             pass
 
 
+def _signal_workers(workers: Iterable[WorkerProcess], sig: int) -> None:
+    _signal_all(filter(None, (w.psutil_process() for w in workers if w.is_alive())), sig)
+
+
+def _wait(workers: Sequence[WorkerProcess], others: list[psutil.Process], deadline: float) -> list[psutil.Process]:
+    """Wait until every worker and every other process is gone, or the deadline. Workers are waited for through
+    their multiprocessing sentinels (so multiprocessing, not psutil, reaps them and keeps their exit status);
+    returns the other processes still alive."""
+    while True:
+        alive = [w for w in workers if w.is_alive()]
+        others = [p for p in others if _running(p)]
+        remaining = deadline - time.monotonic()
+        if (not alive and not others) or remaining <= 0:
+            return others
+        if alive:
+            mp_wait([w.sentinel for w in alive], timeout=min(remaining, 0.02))
+        else:
+            time.sleep(min(remaining, 0.01))
+
+
+def _running(p: psutil.Process) -> bool:
+    try:
+        if p.status() == psutil.STATUS_ZOMBIE:
+            p.wait(0)  # a re-parented orphan that is now our child: reap it
+            return False
+        return True
+    except (psutil.Error, psutil.TimeoutExpired):
+        return False
+
+
 def stop(workers: Sequence[WorkerProcess], grace_s: float, reap_s: float, *, graceful: bool = True) -> None:
     """Stop ``workers`` (given in start order) and everything below them within grace_s + reap_s."""
     order = list(reversed(workers))
-    deadline = time.monotonic() + (grace_s if graceful else 0.0)
-    tree = _descendants(w for w in order if w.is_alive())
+    below = _descendants(w for w in order if w.is_alive())
     if graceful:
+        deadline = time.monotonic() + grace_s
         for w in order:
             w.request_stop(grace_s)
-        _signal_all(tree, signal.SIGTERM)
-        _, alive = psutil.wait_procs(tree, timeout=max(0.0, deadline - time.monotonic()))
-        tree = alive + [p for p in _descendants(w for w in order if w.is_alive()) if p not in alive]
-    _signal_all(tree, signal.SIGKILL)
-    psutil.wait_procs(tree, timeout=reap_s)
+        _signal_all(below, signal.SIGTERM)  # children first, then the workers
+        _signal_workers(order, signal.SIGTERM)
+        below = _wait(order, below, deadline)
+        below += [p for p in _descendants(w for w in order if w.is_alive()) if p not in below]
+    else:
+        for w in order:
+            w.request_stop(0.0)
+    _signal_all(below, signal.SIGKILL)
+    _signal_workers(order, signal.SIGKILL)
+    _wait(order, below, time.monotonic() + reap_s)
     for w in order:
-        w.proc.join(timeout=max(0.0, reap_s))
         w.close()
     reap_orphans(reap_s)
 

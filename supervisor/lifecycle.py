@@ -78,6 +78,9 @@ class Lifecycle:
         self.started = threading.Event()
         self.finished = threading.Event()
         self._tmp = tempfile.mkdtemp(prefix="rankvisor-rdzv-")
+        # Orphaned grandchildren (their worker died first) come back to us, so they can be found and reaped;
+        # only processes carrying our tree marker are touched (escalation.reap_orphans).
+        escalation.become_subreaper()
         self.monitor = Monitor(self._on_exit, self._on_hung, cfg.worker.heartbeat_timeout_s)
         self.thread = threading.Thread(target=self._run, name="supervisor-manager", daemon=True)
 
@@ -107,7 +110,8 @@ class Lifecycle:
             if self.state is SupervisorState.STARTING:
                 self.transition(SupervisorState.RUNNING)
             self.started.set()
-            self._serve_inbox()
+            if self.state is SupervisorState.RUNNING:
+                self._serve_inbox()
         except BaseException as exc:  # a bug here must not leave processes behind
             logger.exception("supervisor manager failed")
             self.error = self.error or exc
@@ -148,9 +152,9 @@ class Lifecycle:
         """Start groups; feed start-up failures back to the policy until all run, we give up, or we stop."""
         while not self.stop_requested.is_set():
             if exits:
-                decision = decide_many(self.policy, self.live, self.pstate, exits, time.monotonic(),
-                                       self.stop_requested.is_set())
-                self.pstate = self.pstate.record(decision, time.monotonic())
+                now = time.monotonic()
+                decision = decide_many(self.policy, self.live, self.pstate, exits, now, self.stop_requested.is_set())
+                self.pstate = self.pstate.record(decision, now)
                 exits = []
                 to_start = self._act(decision, to_start)
                 if to_start is None:

@@ -69,6 +69,11 @@ class WorkerProcess:
             self._exitcode = self.proc.exitcode
         return self._exitcode
 
+    def reap(self, timeout: float) -> None:
+        """Collect the exit status (bounded)."""
+        if self._exitcode is None and not self._closed:
+            self.proc.join(timeout)
+
     def is_alive(self) -> bool:
         return self.exitcode is None
 
@@ -104,6 +109,7 @@ class WorkerProcess:
     def close(self) -> None:
         """Release the parent's descriptors once the process is gone (reaped)."""
         _OPEN.discard(self)
+        self.reap(0.5)
         for conn in (self.death_w, self.status_r):
             if not conn.closed:
                 conn.close()

@@ -1,0 +1,87 @@
+"""Helpers for real-process tests: configs from Hydra overrides, and a supervisor in a child process."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+
+from supervisor.config import load_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ECHO = ("worker=echo",)
+FAULTY = ("worker.cls=worker.faults:FaultyWorker",)
+
+
+def config(*overrides: str, method: str = "forkserver"):
+    return load_config([f"runtime.start_method={method}", "logging.events=false", "logging.level=WARNING",
+                        *overrides])
+
+
+def fault_env(kind: str, rank: int | None = None, attempts: str = "", arg: str = "") -> tuple[str, ...]:
+    out = [*FAULTY, f"+runtime.env.RV_FAULT={kind}"]
+    if rank is not None:
+        out.append(f"+runtime.env.RV_FAULT_RANK={rank}")
+    if attempts:
+        out.append(f"+runtime.env.RV_FAULT_ATTEMPTS={attempts}")
+    if arg:
+        out.append(f"+runtime.env.RV_FAULT_ARG={arg}")
+    return tuple(out)
+
+
+def gone_within(pids, timeout: float) -> list[int]:
+    """The pids still alive (and not zombies) after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [p for p in pids if _alive(p)]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.01)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+class TreeInChild:
+    """`python tests/integration/serve_tree.py overrides...` in its own process: it prints one JSON line with the
+    worker pids (and grandchildren) once READY, then serves until signalled."""
+
+    def __init__(self, *overrides: str, calls: bool = False) -> None:
+        args = [sys.executable, os.path.join(REPO, "tests", "integration", "serve_tree.py"), *overrides]
+        if calls:
+            args.append("--calls")
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+        line = self.proc.stdout.readline()
+        if not line:
+            err = self.proc.stderr.read()
+            self.proc.wait(5)
+            raise RuntimeError(f"tree did not start: {err[-3000:]}")
+        self.info = json.loads(line)
+
+    @property
+    def pids(self) -> list[int]:
+        return self.info["pids"]
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 20) -> int:
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        for f in (self.proc.stdout, self.proc.stderr):
+            f.close()

@@ -1,0 +1,169 @@
+"""The supervised tree end to end, with real processes (issue: the supervised tree end to end)."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from supervisor.api import Supervisor
+from supervisor.errors import RemoteError, StartupError, WorkerFailed
+from tests.integration.helpers import ECHO, TreeInChild, config, fault_env, gone_within
+
+pytestmark = pytest.mark.timeout(120)
+METHODS = ["forkserver", "spawn"]
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (4, 1), (2, 2), (1, 2)])
+def test_tp_mlp_matches_reference(tp, pp):
+    from worker.tp_mlp import make_input, reference_forward
+
+    cfg = config(f"parallel.tp={tp}", f"parallel.pp={pp}", "workload.hidden=64", "workload.layers=4")
+    with Supervisor(cfg) as sup:
+        for step in range(3):
+            x = make_input(cfg.workload, step)
+            out = sup.execute_model(x, timeout=60)
+            assert float((out - reference_forward(cfg.workload, x)).abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_rpc_by_name_callable_unique_and_non_block(method):
+    cfg = config(*ECHO, "parallel.tp=2", "parallel.dp=2", method=method)
+    with Supervisor(cfg) as sup:
+        assert sup.collective_rpc("echo", args=({"a": [1, 2]},), timeout=10) == [{"a": [1, 2]}] * 4
+        ranks = sup.collective_rpc(lambda w, k: (w.rank, w.topology.dp_rank, k), kwargs={"k": 7}, timeout=10)
+        assert ranks == [(0, 0, 7), (1, 0, 7), (0, 1, 7), (1, 1, 7)]
+        assert sup.collective_rpc("echo", args=(5,), unique_reply_rank=3, timeout=10) == 5
+        futures = [sup.collective_rpc("echo", args=(i,), non_block=True) for i in range(5)]
+        assert [f.result(timeout=10) for f in reversed(futures)] == [[i] * 4 for i in reversed(range(5))]
+        pids = sup.pids()
+        assert len(set(pids)) == 4 and os.getpid() not in pids
+
+
+def test_remote_exception_carries_rank_and_traceback_and_next_call_works():
+    cfg = config(*ECHO, "parallel.tp=2")
+    with Supervisor(cfg) as sup:
+        def boom(w):
+            if w.rank == 1:
+                raise KeyError("boom on purpose")
+            return w.rank
+
+        with pytest.raises(RemoteError) as err:
+            sup.collective_rpc(boom, timeout=10)
+        assert err.value.rank == 1 and err.value.exc_type == "KeyError"
+        assert "boom on purpose" in err.value.remote_traceback and "Traceback" in err.value.remote_traceback
+        assert sup.collective_rpc("echo", args=(1,), timeout=10) == [1, 1]
+
+
+def test_unpicklable_argument_and_result_fail_only_that_call():
+    import threading
+
+    cfg = config(*ECHO, "parallel.tp=2")
+    with Supervisor(cfg) as sup:
+        with pytest.raises(TypeError):
+            sup.collective_rpc("echo", args=(threading.Lock(),), timeout=10)
+        with pytest.raises(RemoteError, match="cannot send the result back"):
+            sup.collective_rpc(lambda w: threading.Lock(), timeout=10)
+        assert sup.collective_rpc("echo", args=(2,), timeout=10) == [2, 2]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_killed_worker_fails_pending_calls_and_stops_the_tree(method):
+    cfg = config(*ECHO, "parallel.tp=2", method=method)
+    sup = Supervisor(cfg)
+    try:
+        victim = sup.pids()[1]
+        pending = sup.collective_rpc("sleep", args=(30,), non_block=True)
+        time.sleep(0.2)
+        os.kill(victim, signal.SIGKILL)
+        t = time.monotonic()
+        with pytest.raises(WorkerFailed) as err:
+            pending.result(timeout=20)
+        assert time.monotonic() - t < 5
+        assert "rank 1" in str(err.value) and "SIGKILL" in str(err.value)
+        assert sup.wait(timeout=20)
+        assert sup.gave_up
+        assert gone_within(sup.pids(), 2) == []
+    finally:
+        sup.shutdown()
+
+
+def test_startup_failure_names_rank_with_remote_traceback():
+    cfg = config(*fault_env("raise_init", rank=1), "parallel.tp=4")
+    with pytest.raises(StartupError) as err:
+        Supervisor(cfg)
+    assert err.value.rank == 1
+    assert "injected failure in init on rank 1" in str(err.value)
+    assert "Traceback" in err.value.remote_traceback
+
+
+@pytest.mark.parametrize("kind,reason", [("exit_init", "exit code 3"), ("segv_init", "SIGSEGV")])
+def test_startup_exit_or_segfault_reports_the_reason(kind, reason):
+    cfg = config(*fault_env(kind, rank=0), "parallel.tp=2")
+    with pytest.raises(StartupError, match=reason) as err:
+        Supervisor(cfg)
+    assert err.value.rank == 0
+
+
+def test_startup_timeout_kills_the_hung_rank():
+    cfg = config(*fault_env("hang_init", rank=1), "parallel.tp=2", "runtime.startup_timeout_s=1.5")
+    t = time.monotonic()
+    with pytest.raises(StartupError, match=r"ranks \[1\] did not become READY"):
+        Supervisor(cfg)
+    elapsed = time.monotonic() - t
+    assert 0.9 * 1.5 <= elapsed <= 2 * 1.5 + 1.0
+
+
+def test_sigterm_ignoring_worker_is_killed_at_the_grace_deadline():
+    cfg = config(*fault_env("ignore_sigterm", rank=1), "parallel.tp=2", "shutdown.grace_s=1.0")
+    sup = Supervisor(cfg)
+    pids = sup.pids()
+    t = time.monotonic()
+    sup.shutdown()
+    elapsed = time.monotonic() - t
+    assert gone_within(pids, 0.5) == []
+    assert 1.0 <= elapsed <= 1.0 + 1.5  # precise figure (grace + 0.3 s) in scripts/bench_startup.py
+
+
+def test_slow_worker_within_grace_is_not_killed():
+    cfg = config(*fault_env("slow_stop", arg="0.5"), "parallel.tp=2", "shutdown.grace_s=3.0")
+    sup = Supervisor(cfg)
+    sup.shutdown()
+    stopped = [e for e in sup.events.of_kind("stopped")]
+    assert stopped and stopped[-1]["reasons"] == ["exit 0", "exit 0"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_supervisor_sigkill_takes_every_worker_and_grandchild_within_1s(method):
+    tree = TreeInChild(*fault_env("grandchild"), "parallel.tp=2", f"runtime.start_method={method}")
+    try:
+        everyone = tree.pids + tree.info["grandchildren"]
+        assert len(everyone) == 6
+        tree.kill(signal.SIGKILL)
+        assert gone_within(everyone, 1.0) == []
+    finally:
+        tree.wait()
+
+
+def test_grandchildren_are_reaped_on_shutdown_and_after_the_worker_is_killed():
+    cfg = config(*fault_env("grandchild"), "parallel.tp=2", "restart=one_for_one")
+    with Supervisor(cfg) as sup:
+        first = [p for ps in sup.collective_rpc("children", timeout=10) for p in ps]
+        os.kill(sup.pids()[0], signal.SIGKILL)  # its two grandchildren are orphaned: they must not survive
+        assert gone_within(first, 3.0) == []
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and sup.state.value != "running" or not sup._life.gates[0].is_open:
+            time.sleep(0.05)
+        second = [p for ps in sup.collective_rpc("children", timeout=10) for p in ps]
+    assert gone_within(second, 1.0) == []
+
+
+def test_double_shutdown_and_call_after_shutdown():
+    from supervisor.errors import ShutdownInProgress
+
+    sup = Supervisor(config(*ECHO))
+    sup.shutdown()
+    sup.shutdown()
+    with pytest.raises(ShutdownInProgress):
+        sup.collective_rpc("echo", args=(1,), timeout=5)

@@ -1,0 +1,107 @@
+"""A worker that misbehaves on purpose, for the fault matrix, the chaos soak and demos.
+
+Configured through the worker environment (``+runtime.env.RV_FAULT=...`` on the command line):
+
+    RV_FAULT           raise_init | exit_init | segv_init | hang_init | dist_fail_init
+                       | ignore_sigterm | slow_stop | grandchild
+    RV_FAULT_RANK      comma-separated group-local ranks that misbehave (default: all)
+    RV_FAULT_ATTEMPTS  comma-separated group restart attempts that misbehave (default: all), e.g. "0" = only the
+                       first start, so a restart recovers
+    RV_FAULT_ARG       a number for faults that take one (slow_stop: seconds)
+
+Run-time faults (raise in a call, exit, a signal, a hang) need no class: send a callable through collective_rpc.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+from worker.tp_mlp import EchoWorker
+
+
+def _selected(spec) -> str:
+    env = dict(spec.env)
+    kind = env.get("RV_FAULT", "")
+    ranks = env.get("RV_FAULT_RANK", "")
+    attempts = env.get("RV_FAULT_ATTEMPTS", "")
+    if ranks and str(spec.topology.rank) not in ranks.split(","):
+        return ""
+    if attempts and str(spec.attempt) not in attempts.split(","):
+        return ""
+    return kind
+
+
+class FaultyWorker(EchoWorker):
+    def __init__(self, spec) -> None:
+        super().__init__(spec)
+        self.fault = _selected(spec)
+        self.arg = float(dict(spec.env).get("RV_FAULT_ARG", "0") or 0)
+        self.grandchildren: list[int] = []
+
+    def init_device(self) -> None:
+        super().init_device()
+        fault = self.fault
+        if fault == "raise_init":
+            raise RuntimeError(f"injected failure in init on rank {self.rank}")
+        if fault == "exit_init":
+            os._exit(3)
+        if fault == "segv_init":
+            segfault()
+        if fault == "hang_init":
+            while True:
+                time.sleep(1)
+        if fault == "dist_fail_init":
+            import torch.distributed as dist  # an unreachable rendezvous: bounded by its timeout
+
+            from datetime import timedelta
+            dist.init_process_group("gloo", init_method="tcp://127.0.0.1:9", rank=0, world_size=2,
+                                    timeout=timedelta(seconds=2))
+        if fault == "ignore_sigterm":
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if fault == "grandchild":
+            self.spawn_grandchildren()
+
+    def spawn_grandchildren(self) -> list[int]:
+        """One ordinary child and one that detaches into its own session (setsid)."""
+        plain = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        detached = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+        self.grandchildren = [plain.pid, detached.pid]
+        return self.grandchildren
+
+    def children(self) -> list[int]:
+        return list(self.grandchildren)
+
+    def shutdown(self) -> None:
+        if self.fault == "ignore_sigterm":
+            while True:  # deaf to SIGTERM and never finishes stopping: only SIGKILL ends it
+                time.sleep(1)
+        if self.fault == "slow_stop":
+            time.sleep(self.arg or 1.0)
+        super().shutdown()
+
+
+def segfault() -> None:
+    """A real SIGSEGV (not a raised signal): read address 0."""
+    ctypes.string_at(0)
+
+
+def crash(kind: str) -> Any:
+    """For collective_rpc callables: crash this process in the given way."""
+    if kind == "exit":
+        os._exit(3)
+    if kind == "exit0":
+        os._exit(0)
+    if kind == "exit42":
+        os._exit(42)
+    if kind == "segv":
+        segfault()
+    if kind == "abort":
+        os.abort()
+    if kind == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise ValueError(f"unknown crash kind {kind!r}")
