@@ -32,3 +32,33 @@ def context(method: str, preload: tuple[str, ...]):
     if method == "forkserver":
         ctx.set_forkserver_preload([*preload, *_WORKER_MODULES])
     return ctx
+
+
+def prestart(args: list[str]) -> int | None:
+    """Boot the forkserver (it imports torch: the longest part of start-up) before the configuration is even
+    loaded, so the two overlap. Only when the command line keeps the default method and preload; returns the
+    forkserver's pid so the caller can stop it at once if the configuration then turns out to be invalid."""
+    if any(a.lstrip("+").startswith(("runtime.preload", "runtime=")) for a in args):
+        return None
+    method = next((a.split("=", 1)[1] for a in args if a.lstrip("+").startswith("runtime.start_method=")), "auto")
+    if method not in ("auto", "forkserver") or resolve(method) != "forkserver" or "-m" in args:
+        return None
+    from multiprocessing import forkserver
+
+    context("forkserver", ("torch",))
+    forkserver.ensure_running()
+    return forkserver._forkserver._forkserver_pid
+
+
+def stop_prestarted(pid: int | None) -> None:
+    """Undo ``prestart`` (bad configuration: nothing may stay running)."""
+    if pid is None:
+        return
+    import os
+    import signal
+
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass

@@ -58,6 +58,8 @@ class Worker:
         tp_lists = [[pp * topo.tp + t for t in range(topo.tp)] for pp in range(topo.pp)]
         if topo.world_size == 1:
             self.tp_group = None
+        elif topo.pp == 1:
+            self.tp_group = dist.group.WORLD  # the TP group is the world: no second communicator to build
         else:
             # new_subgroups_by_enumeration is collective over the world: every rank builds every sub-group.
             self.tp_group, _ = dist.new_subgroups_by_enumeration(tp_lists, backend=backend)
