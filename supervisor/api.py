@@ -185,6 +185,11 @@ class Supervisor:
         """One row per worker: group, rank, pid, state, restarts, RSS (MiB), CPU%."""
         rows = []
         life = self._life
+        gpu_mem = {}
+        if life.device == "cuda":
+            from supervisor import gpu
+
+            gpu_mem = gpu.memory_by_pid()
         for gi in sorted(life.groups):
             g = life.groups[gi]
             for w in g.workers:
@@ -198,7 +203,8 @@ class Supervisor:
                     except psutil.Error:
                         pass
                 rows.append({"group": gi, "rank": g.rank_offset + w.rank, "name": w.spec.topology.name, "pid": w.pid,
-                             "state": w.state.value, "restarts": life.restarts[gi], "rss_mib": rss, "cpu_pct": cpu})
+                             "state": w.state.value, "restarts": life.restarts[gi], "rss_mib": rss, "cpu_pct": cpu,
+                             "gpu_mib": round(gpu_mem[w.pid] / 2**20, 1) if w.pid in gpu_mem else None})
         return rows
 
     def pids(self) -> list[int]:

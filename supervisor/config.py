@@ -397,9 +397,13 @@ def _check_gpus(cfg: Config, visible_gpus: int | None) -> None:
     if cfg.device != "cuda" or visible_gpus is None:
         return
     _require(visible_gpus > 0, "device", "cuda requested but no GPU is visible")
-    total = cfg.parallel.total
-    _require(total <= visible_gpus, "parallel",
-             f"tp*pp*dp = {total} ranks need {total} GPUs with device=cuda, but {visible_gpus} are visible")
+    par = cfg.parallel
+    world = par.group_world
+    _require(world <= visible_gpus, "parallel",
+             f"tp*pp = {world} ranks of one group need {world} GPUs with device=cuda, but {visible_gpus} are visible")
+    _require(par.total <= visible_gpus or par.share_gpus, "parallel",
+             f"tp*pp*dp = {par.total} ranks need {par.total} GPUs with device=cuda, but {visible_gpus} are visible "
+             "(set parallel.share_gpus=true to let dp replicas share cards)")
 
 
 def _check_worker_cls(spec: str) -> None:

@@ -15,6 +15,7 @@ class ParallelSettings:
     tp: int = 1
     pp: int = 1
     dp: int = 1
+    share_gpus: bool = False  # device=cuda: dp replicas may share cards (ranks of one group never do)
 
     @property
     def group_world(self) -> int:

@@ -116,11 +116,12 @@ def run(sup: Supervisor, stop: threading.Event) -> Report:
 
 
 def format_status(rows: list[dict[str, Any]]) -> str:
-    head = f"{'group':>5} {'rank':>4} {'name':<16} {'pid':>7} {'state':<9} {'restarts':>8} {'rss MiB':>8} {'cpu%':>6}"
+    head = (f"{'group':>5} {'rank':>4} {'name':<16} {'pid':>7} {'state':<9} {'restarts':>8} {'rss MiB':>8} "
+            f"{'cpu%':>6} {'gpu MiB':>8}")
     out = [head]
     for r in rows:
         out.append(f"{r['group']:>5} {r['rank']:>4} {r['name']:<16} {r['pid']:>7} {r['state']:<9} "
-                   f"{r['restarts']:>8} {str(r['rss_mib']):>8} {str(r['cpu_pct']):>6}")
+                   f"{r['restarts']:>8} {str(r['rss_mib']):>8} {str(r['cpu_pct']):>6} {str(r.get('gpu_mib') or '-'):>8}")
     return "\n".join(out)
 
 

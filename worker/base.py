@@ -71,6 +71,10 @@ class Worker:
     def execute_model(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError(f"{type(self).__name__} has no execute_model")
 
+    def ping(self) -> int:
+        """The cheapest round trip: the rank, nothing else (for latency measurements and liveness probes)."""
+        return self.rank
+
     def check_health(self) -> dict[str, Any]:
         """Raise if this rank is unhealthy; return a small report otherwise."""
         return {"rank": self.rank, "device": str(self.device)}
