@@ -18,10 +18,13 @@ pytestmark = [pytest.mark.cuda, pytest.mark.timeout(300)]
 GIB = 1 << 30
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def _need_gpu():
+    """Skip without a GPU; otherwise open NVML once, before the per-test leak baseline (its descriptors stay
+    open for the whole session and are the measuring tool's, not the product's)."""
     if visible_gpus() == 0:
         pytest.skip("no NVIDIA GPU visible")
+    gpu.device_count()
 
 
 def _hold(nbytes: int):
