@@ -44,12 +44,10 @@ class SignalState:
             sup._life.request_shutdown()  # non-blocking: the main thread finishes the stop
 
     def _kill_now(self) -> None:
-        from supervisor import escalation
-
         sup = self.supervisor
         if sup is not None:
             workers = [w for g in sup._life.groups.values() for w in g.workers]
-            escalation.kill(workers, reap_s=0.5)
+            sup._life.backend.stop_workers(workers, 0.0, 0.5)
         os._exit(128 + signal.SIGINT)
 
 
@@ -102,7 +100,7 @@ def _load_all(overrides: list[str], multirun: bool):
 def run_one(cfg, signals: SignalState) -> int:
     from loguru import logger
 
-    from supervisor import escalation, workloads
+    from supervisor import workloads
     from supervisor.api import Supervisor
     from supervisor.config import make_run_dir, save_config
     from supervisor.errors import SupervisorError
@@ -112,7 +110,6 @@ def run_one(cfg, signals: SignalState) -> int:
     cfg = dataclasses.replace(cfg, logging=dataclasses.replace(cfg.logging, run_dir=run_dir))
     save_config(cfg, run_dir)
     _setup_logging(cfg, run_dir)
-    escalation.become_subreaper()
     p = cfg.parallel
     logger.info(f"starting tp={p.tp} pp={p.pp} dp={p.dp} device={cfg.device} restart={cfg.restart.strategy} "
                 f"(run dir {run_dir})")
@@ -141,7 +138,7 @@ def _finish(cfg, sup, report, ready_s: float, shutdown_s: float, signals: Signal
     p = cfg.parallel
     gave_up = sup._life.error if not signals.signum and sup._life.error is not None else None
     items = [("world", f"tp={p.tp} pp={p.pp} dp={p.dp} ({p.total} workers, device {sup._life.device}, "
-                       f"start method {sup._life.start_method})"),
+                       f"{sup._life.backend.name} backend, {sup._life.backend.describe()})"),
              ("start-up to READY (from the command's start)", f"{ready_s:.3f} s"), *report.lines, ("shutdown", f"{shutdown_s:.3f} s")]
     print(f"\n{cfg.workload.name} summary\n" + format_report(items), flush=True)
     if signals.signum:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import enum
 import inspect
-import os
 import queue
 import shutil
 import tempfile
@@ -24,12 +23,11 @@ from typing import Any, Callable
 
 from loguru import logger
 
-from supervisor import escalation, startmethod
+from supervisor.backend_local import make_backend
 from supervisor.errors import GaveUp, StartupError, WorkerFailed
 from supervisor.events import EventLog
 from supervisor.gate import GroupGate
 from supervisor.group import GroupState, WorkerGroup
-from supervisor.monitor import Monitor
 from supervisor.policy import Action, ChildExit, Decision, Phase, PolicySpec, PolicyState, decide_many
 from supervisor.settings import Config
 from supervisor.topology import build_specs, resolve_device
@@ -60,8 +58,7 @@ class Lifecycle:
         self.cfg = cfg
         self.events = events
         self.device = resolve_device(cfg.device)
-        self.start_method = startmethod.resolve(cfg.runtime.start_method)
-        self.ctx = startmethod.context(self.start_method, cfg.runtime.preload)
+        self.backend = make_backend(cfg)
         dp = cfg.parallel.dp
         self.groups: dict[int, WorkerGroup] = {}
         self.gates = [GroupGate() for _ in range(dp)]
@@ -78,10 +75,7 @@ class Lifecycle:
         self.started = threading.Event()
         self.finished = threading.Event()
         self._tmp = tempfile.mkdtemp(prefix="rankvisor-rdzv-")
-        # Orphaned grandchildren (their worker died first) come back to us, so they can be found and reaped;
-        # only processes carrying our tree marker are touched (escalation.reap_orphans).
-        escalation.become_subreaper()
-        self.monitor = Monitor(self._on_exit, self._on_hung, cfg.worker.heartbeat_timeout_s)
+        self.monitor = self.backend.new_monitor(self._on_exit, self._on_hung)
         self.thread = threading.Thread(target=self._run, name="supervisor-manager", daemon=True)
 
     def transition(self, new: SupervisorState) -> None:
@@ -195,9 +189,9 @@ class Lifecycle:
     def _start_group(self, i: int) -> None:
         attempt = self.attempts[i]
         self.attempts[i] += 1
-        rdzv = "file://" + os.path.join(self._tmp, f"g{i}-a{attempt}")
-        specs = build_specs(self.cfg, i, attempt, rdzv, self.device)
-        group = WorkerGroup(i, specs, self.ctx, self.cfg.transport, self.cfg.shutdown.grace_s, self.cfg.shutdown.reap_s)
+        rdzv = self.backend.rendezvous(self._tmp, i, attempt)
+        specs = build_specs(self.cfg, i, attempt, rdzv, self.device, self.backend.name)
+        group = self.backend.new_group(i, specs)
         self.groups[i] = group
         t0 = time.monotonic()
         try:
@@ -266,12 +260,7 @@ class Lifecycle:
             self.events.emit("hung", group=group.index, rank=group.rank_offset + w.rank, pid=w.pid)
             logger.error(f"rank {group.rank_offset + w.rank} (pid {w.pid}) missed its heartbeat deadline; "
                          "stacks dumped to its log; killing it")
-            p = w.psutil_process()
-            if p is not None:
-                try:
-                    p.kill()
-                except Exception:
-                    pass
+            w.kill()
 
     def declare_hung(self, group: WorkerGroup, ranks: tuple[int, ...]) -> None:
         """A call's deadline passed: those ranks are treated as hung (stack dump, kill, policy)."""
@@ -321,12 +310,13 @@ class Lifecycle:
                 g.channel.send_stop()
                 g.channel.fail(WorkerFailed("the supervisor is shutting down"))
         workers = [w for g in groups for w in g.workers]
-        escalation.stop(workers, self.cfg.shutdown.grace_s, self.cfg.shutdown.reap_s)
+        self.backend.stop_workers(workers, self.cfg.shutdown.grace_s, self.cfg.shutdown.reap_s)
         for g in groups:
             g.finish_stop()
             self.events.emit("stopped", group=g.index, ranks=[g.rank_offset + w.rank for w in g.workers],
                              reasons=[w.exit_info().short for w in g.workers])
         self.monitor.stop()
+        self.backend.close()
         shutil.rmtree(self._tmp, ignore_errors=True)
         self.transition(SupervisorState.STOPPED)
 

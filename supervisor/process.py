@@ -117,6 +117,15 @@ class WorkerProcess:
             self._closed = True
             self.proc.close()
 
+    def kill(self) -> None:
+        """SIGKILL this worker (verified by create time); its death is then reported by the monitor."""
+        p = self.psutil_process()
+        if p is not None:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+
     def dump_stack(self) -> None:
         """Ask the worker for its Python stacks (faulthandler on SIGUSR1, into its stderr)."""
         p = self.psutil_process()

@@ -37,14 +37,13 @@ def gpu_index(cfg: Config, dp_rank: int, rank: int, n_gpus: int) -> int:
     return (dp_rank * cfg.parallel.group_world + rank) % max(n_gpus, 1)
 
 
-def worker_env(cfg: Config, device: str) -> tuple[tuple[str, str], ...]:
+def worker_env(cfg: Config, device: str, backend: str = "local") -> tuple[tuple[str, str], ...]:
     env = dict(cfg.runtime.env)
     if "OMP_NUM_THREADS" not in os.environ and "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(cfg.runtime.omp_num_threads or 1)
-    if device == "cpu":
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # one host: keep gloo's sockets on loopback
-    else:
-        env.setdefault("NCCL_SOCKET_IFNAME", "lo")
+    if backend == "local":  # one host: keep gloo's / NCCL's sockets on loopback
+        env.setdefault("GLOO_SOCKET_IFNAME" if device == "cpu" else "NCCL_SOCKET_IFNAME", "lo")
+    if device == "cuda":
         # NVLink multicast off: on shared hosts it can put the GPUs out of service (device notes).
         env.setdefault("NCCL_NVLS_ENABLE", "0")
         env.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
@@ -53,9 +52,10 @@ def worker_env(cfg: Config, device: str) -> tuple[tuple[str, str], ...]:
     return tuple(sorted(env.items()))
 
 
-def build_specs(cfg: Config, dp_rank: int, attempt: int, rendezvous: str, device: str) -> list[WorkerSpec]:
+def build_specs(cfg: Config, dp_rank: int, attempt: int, rendezvous: str, device: str,
+                backend: str = "local") -> list[WorkerSpec]:
     n_gpus = visible_gpus() if device == "cuda" else 0
-    env = worker_env(cfg, device)
+    env = worker_env(cfg, device, backend)
     return [
         WorkerSpec(
             topology=topo,

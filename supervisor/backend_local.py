@@ -1,0 +1,49 @@
+"""The local backend: worker processes are children of this supervisor on this host (the default)."""
+from __future__ import annotations
+
+import os
+
+from supervisor import escalation, startmethod
+from supervisor.group import WorkerGroup
+from supervisor.monitor import Monitor
+from supervisor.settings import Config
+
+
+class LocalBackend:
+    name = "local"
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.start_method = startmethod.resolve(cfg.runtime.start_method)
+        self.ctx = startmethod.context(self.start_method, cfg.runtime.preload)
+        # Orphaned grandchildren (their worker died first) come back to us, so they can be found and reaped;
+        # only processes carrying our tree marker are touched (escalation.reap_orphans).
+        escalation.become_subreaper()
+
+    def describe(self) -> str:
+        return f"start method {self.start_method}"
+
+    def rendezvous(self, tmp_dir: str, group: int, attempt: int) -> str:
+        """A private file per group attempt: no port to pick, nothing listening."""
+        return "file://" + os.path.join(tmp_dir, f"g{group}-a{attempt}")
+
+    def new_group(self, index: int, specs) -> WorkerGroup:
+        c = self.cfg
+        return WorkerGroup(index, specs, self.ctx, c.transport, c.shutdown.grace_s, c.shutdown.reap_s)
+
+    def new_monitor(self, on_exit, on_hung) -> Monitor:
+        return Monitor(on_exit, on_hung, self.cfg.worker.heartbeat_timeout_s)
+
+    def stop_workers(self, workers, grace_s: float, reap_s: float) -> None:
+        escalation.stop(workers, grace_s, reap_s)
+
+    def close(self) -> None:
+        pass
+
+
+def make_backend(cfg: Config):
+    if cfg.backend == "ray":
+        from supervisor.backend_ray import RayBackend  # imports ray: only for backend=ray
+
+        return RayBackend(cfg)
+    return LocalBackend(cfg)
