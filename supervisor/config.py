@@ -306,6 +306,8 @@ _RULES: tuple[tuple[str, Callable[[Any], str | None]], ...] = (
     ("parallel.dp", _POSITIVE_INT),
     ("device", _one_of(DEVICES)),
     ("backend", _one_of(BACKENDS)),
+    ("ray.placement_strategy", _one_of(("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))),
+    ("ray.cpus_per_rank", _POSITIVE),
     ("runtime.start_method", _one_of(START_METHODS)),
     ("runtime.omp_num_threads", _NON_NEG_INT),
     ("runtime.startup_timeout_s", _POSITIVE),

@@ -20,6 +20,7 @@ _CODES = {70: "its supervisor vanished", 71: "start-up failed"}
 class ExitInfo:
     exitcode: int | None  # multiprocessing's convention: negative = killed by that signal
     hung: bool = False
+    detail: str = ""  # what the backend knows beyond the code (e.g. Ray's actor-death cause)
 
     @property
     def signal(self) -> signal.Signals | None:
@@ -39,6 +40,8 @@ class ExitInfo:
         """"exit code 3", "SIGSEGV (segmentation fault: ...)", "hung"."""
         if self.hung:
             return "hung (missed its heartbeat deadline)"
+        if self.detail:
+            return self.detail
         sig = self.signal
         if sig is not None:
             hint = _HINTS.get(sig)

@@ -66,6 +66,8 @@ class LoggingSettings:
 @dataclass(frozen=True)
 class RaySettings:
     address: str = ""  # "" = start a local Ray instance; "auto" or host:port = join a cluster
+    placement_strategy: str = "PACK"  # placement group strategy: PACK keeps a TP group on one node
+    cpus_per_rank: float = 1.0  # CPU resource of each rank's bundle (a GPU is added when device=cuda)
 
 
 @dataclass(frozen=True)

@@ -141,7 +141,7 @@ def _setup_environment(spec: WorkerSpec) -> None:
 def _start(spec: WorkerSpec, bcast_handle: Any):
     from transport import MessageQueue
 
-    worker = _load_class(spec.worker.cls)(spec)
+    worker = load_class(spec.worker.cls)(spec)
     worker.init_device()
     worker.load_model()
     t = spec.transport
@@ -150,7 +150,7 @@ def _start(spec: WorkerSpec, bcast_handle: Any):
     return worker, bcast, reply
 
 
-def _load_class(path: str):
+def load_class(path: str):
     import importlib
 
     module, _, name = path.partition(":")
@@ -193,13 +193,17 @@ def _serve(spec: WorkerSpec, worker: Any, bcast: Any, reply: Any) -> None:
 
 
 def _call(worker: Any, req: Request, rank: int) -> tuple[bool, Any]:
+    return dispatch(worker, req.method, req.args, req.kwargs, rank)
+
+
+def dispatch(worker: Any, method: Any, args: tuple, kwargs: dict | None, rank: int) -> tuple[bool, Any]:
+    """Run one call on the worker: (True, result) or (False, RemoteFailure with the traceback)."""
     try:
-        if isinstance(req.method, str):
-            fn = getattr(worker, req.method)
-            return True, fn(*req.args, **(req.kwargs or {}))
+        if isinstance(method, str):
+            return True, getattr(worker, method)(*args, **(kwargs or {}))
         import cloudpickle
 
-        return True, cloudpickle.loads(req.method)(worker, *req.args, **(req.kwargs or {}))
+        return True, cloudpickle.loads(method)(worker, *args, **(kwargs or {}))
     except GracefulStop:
         raise
     except BaseException as exc:

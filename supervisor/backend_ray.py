@@ -1,0 +1,408 @@
+"""The Ray backend: one Ray actor per rank, placed through a placement group, behind the same API, configuration,
+restart policy and events as the local process tree.
+
+::
+
+    supervisor ── placement group (one bundle per rank, +1 GPU each with device=cuda; PACK keeps a TP group on a node)
+       │            └─ RankActor(rank r): worker.init_device() with tcp:// rendezvous on rank 0's node, load_model()
+       ├─ RayChannel: collective_rpc -> actor.call.remote(...) for every rank, results gathered with ray.wait
+       └─ RayMonitor: one never-returning `watch` call per actor; it resolves with RayActorError when the actor
+                      (or its node) dies -> the same on_exit -> policy path as a local worker's sentinel
+
+Ray's own actor restarts are off (max_restarts=0): our policy decides. A stopped or given-up group's placement group
+is removed. Differences from the local backend: requests travel through Ray's object store, not the shared-memory
+rings; hang detection relies on per-call deadlines (no heartbeat pipe); escalation is ray.kill, Ray reaps.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+from loguru import logger
+
+from supervisor.errors import RemoteError, RpcTimeout, StartupError, WorkerFailed
+from supervisor.exits import ExitInfo
+from supervisor.group import ALLOWED_GROUP_TRANSITIONS, GroupState
+from supervisor.settings import Config
+from worker.protocol import ALLOWED_WORKER_TRANSITIONS, RemoteFailure, WorkerState
+
+_POLL_S = 0.05  # ray.wait slices: a failure or a shutdown is noticed this fast
+
+
+def _ray():
+    import ray
+
+    return ray
+
+
+class RankActor:
+    """Runs inside a Ray worker process: one rank of one group (wrapped with ray.remote by RayBackend)."""
+
+    def __init__(self, spec) -> None:
+        for key, value in spec.env:
+            os.environ[key] = value
+        self.spec = spec
+        self.worker = None
+
+    def address(self) -> tuple[str, int]:
+        """This node's address and a free port for the group's torch.distributed rendezvous (rank 0 only)."""
+        ip = _ray().util.get_node_ip_address()
+        with socket.socket() as s:
+            s.bind((ip, 0))
+            return ip, s.getsockname()[1]
+
+    def start(self, rendezvous: str) -> int:
+        from worker.main import load_class
+
+        spec = dataclasses.replace(self.spec, rendezvous=rendezvous)
+        self.worker = load_class(spec.worker.cls)(spec)
+        self.worker.init_device()
+        self.worker.load_model()
+        return os.getpid()
+
+    def call(self, method: Any, args: tuple, kwargs: dict) -> tuple[bool, Any]:
+        from worker.main import dispatch
+
+        return dispatch(self.worker, method, args, kwargs, self.spec.topology.rank)
+
+    def watch(self) -> None:
+        threading.Event().wait()  # never returns: resolves with RayActorError when this actor dies
+
+    def stop(self) -> None:
+        if self.worker is not None:
+            self.worker.shutdown()
+
+
+class RayWorker:
+    """The handle of one rank's actor, with the attributes the lifecycle uses for local processes."""
+
+    def __init__(self, spec, actor) -> None:
+        self.spec, self.actor = spec, actor
+        self.rank = spec.topology.rank
+        self.pid = 0
+        self.state = WorkerState.STARTING
+        self.hung = False
+        self._death: str | None = None
+
+    def transition(self, new: WorkerState) -> None:
+        if new not in ALLOWED_WORKER_TRANSITIONS[self.state]:
+            raise RuntimeError(f"rank {self.rank}: illegal transition {self.state.name} -> {new.name}")
+        self.state = new
+
+    def mark_dead(self, cause: str) -> None:
+        self._death = self._death or cause
+
+    def is_alive(self) -> bool:
+        return self._death is None
+
+    def exit_info(self) -> ExitInfo:
+        if self._death is None:
+            return ExitInfo(None)
+        return ExitInfo(0 if self._death == "stopped" else -9, hung=self.hung,
+                        detail="" if self._death == "stopped" else self._death)
+
+    def kill(self) -> None:
+        try:
+            _ray().kill(self.actor, no_restart=True)
+        except Exception:
+            pass
+        self.mark_dead("killed by the supervisor")
+
+    def dump_stack(self) -> None:
+        """Remote stacks: see `ray stack` on the actor's node; nothing to signal from here."""
+
+    def psutil_process(self):
+        return None  # possibly on another node
+
+
+class RayCall:
+    __slots__ = ("refs", "expected", "method_name")
+
+    def __init__(self, refs, expected, method_name) -> None:
+        self.refs, self.expected, self.method_name = refs, expected, method_name
+
+
+class RayChannel:
+    def __init__(self, workers: list[RayWorker], rank_offset: int) -> None:
+        self.workers = workers
+        self.rank_offset = rank_offset
+        self.failure: WorkerFailed | None = None
+        self.over_budget = False
+
+    def send(self, method, args, kwargs, reply_rank, timeout, method_name) -> RayCall:
+        if self.failure is not None:
+            raise self.failure
+        refs = [w.actor.call.remote(method, args, kwargs or {}) for w in self.workers]  # a collective: all ranks
+        expected = tuple(range(len(refs))) if reply_rank is None else (reply_rank,)
+        return RayCall(refs, expected, method_name)
+
+    def wait(self, call: RayCall, timeout: float | None) -> list[Any]:
+        ray = _ray()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pending = [call.refs[r] for r in call.expected]
+        while True:
+            if self.failure is not None:
+                raise self.failure
+            ready, not_ready = ray.wait(pending, num_returns=len(pending), timeout=_POLL_S)
+            if not not_ready:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                missing = tuple(self.rank_offset + r for r in call.expected if call.refs[r] in not_ready)
+                raise RpcTimeout(f"{call.method_name}: no answer from ranks {list(missing)} within its deadline",
+                                 missing)
+        return [self._unwrap(call, r) for r in call.expected]
+
+    def _unwrap(self, call: RayCall, r: int) -> Any:
+        ray = _ray()
+        try:
+            ok, value = ray.get(call.refs[r])
+        except ray.exceptions.RayActorError as exc:
+            raise self.failure or WorkerFailed(f"rank {self.rank_offset + r}: actor died during {call.method_name}: "
+                                               f"{str(exc).splitlines()[0]}", (self.rank_offset + r,)) from None
+        if not ok:
+            f: RemoteFailure = value
+            raise RemoteError(self.rank_offset + f.rank, f.exc_type, f.message, f.traceback)
+        return value
+
+    def send_stop(self) -> None:
+        pass  # stop_workers asks every actor to stop, then kills it
+
+    def fail(self, error: WorkerFailed) -> None:
+        if self.failure is None:
+            self.failure = error
+
+    def close(self) -> None:
+        pass
+
+
+class RayGroup:
+    """One TP×PP world of actors in one placement group."""
+
+    def __init__(self, backend: "RayBackend", index: int, specs) -> None:
+        self.backend, self.index, self.specs = backend, index, list(specs)
+        self.world = len(self.specs)
+        self.rank_offset = index * self.world
+        self.state = GroupState.STARTING
+        self.workers: list[RayWorker] = []
+        self.channel: RayChannel | None = None
+        self.pg = None
+        self.ready_at: float | None = None
+
+    def transition(self, new: GroupState) -> None:
+        if new not in ALLOWED_GROUP_TRANSITIONS[self.state]:
+            raise RuntimeError(f"group {self.index}: illegal transition {self.state.name} -> {new.name}")
+        self.state = new
+
+    @property
+    def output_rank(self) -> int:
+        topo = self.specs[0].topology
+        return (topo.pp - 1) * topo.tp
+
+    def start(self, timeout_s: float, abort: threading.Event | None = None) -> None:
+        deadline = time.monotonic() + timeout_s
+        try:
+            self._place(deadline, abort)
+            first = self.workers[0].actor.address.remote()
+            ip, port = self._get(first, 0, deadline, abort)
+            refs = [w.actor.start.remote(f"tcp://{ip}:{port}") for w in self.workers]
+            for r, ref in enumerate(refs):
+                self.workers[r].pid = self._get(ref, r, deadline, abort)
+        except BaseException:
+            self.backend.stop_workers(self.workers, 0.0, 0.0)
+            self.finish_stop()
+            raise
+        self.channel = RayChannel(self.workers, self.rank_offset)
+        for w in self.workers:
+            w.transition(WorkerState.READY)
+        self.ready_at = time.monotonic()
+        self.transition(GroupState.READY)
+
+    def _place(self, deadline: float, abort) -> None:
+        ray = _ray()
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        cfg = self.backend.cfg
+        bundle = {"CPU": cfg.ray.cpus_per_rank}
+        if self.specs[0].device == "cuda":
+            bundle["GPU"] = 1
+        self.pg = placement_group([dict(bundle) for _ in self.specs], strategy=cfg.ray.placement_strategy)
+        self._get(self.pg.ready(), None, deadline, abort, what="placement group")
+        for i, spec in enumerate(self.specs):
+            strategy = PlacementGroupSchedulingStrategy(placement_group=self.pg, placement_group_bundle_index=i)
+            actor = self.backend.actor_cls.options(
+                num_cpus=cfg.ray.cpus_per_rank, num_gpus=bundle.get("GPU", 0), scheduling_strategy=strategy,
+                max_restarts=0, runtime_env=self.backend.runtime_env,
+                name=f"rankvisor-{os.getpid()}-g{self.index}-a{spec.attempt}-r{spec.topology.rank}",
+            ).remote(spec)
+            self.workers.append(RayWorker(spec, actor))
+
+    def _get(self, ref, rank: int | None, deadline: float, abort, what: str = "start-up") -> Any:
+        ray = _ray()
+        while True:
+            if abort is not None and abort.is_set():
+                raise StartupError("start-up aborted: the supervisor is shutting down")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                who = f"rank {self.rank_offset + rank}" if rank is not None else what
+                raise StartupError(f"{who} did not become READY within the start-up timeout "
+                                   "(runtime.startup_timeout_s)", None if rank is None else self.rank_offset + rank)
+            ready, _ = ray.wait([ref], timeout=min(remaining, _POLL_S))
+            if ready:
+                return self._result(ref, rank)
+
+    def _result(self, ref, rank: int | None) -> Any:
+        ray = _ray()
+        g = None if rank is None else self.rank_offset + rank
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+            raise StartupError(f"rank {g} failed during start-up: {type(cause).__name__}: {cause}", g,
+                               str(exc)) from None
+        except ray.exceptions.RayActorError as exc:
+            raise StartupError(f"rank {g} died during start-up: {str(exc).splitlines()[0]}", g) from None
+
+    def stop(self, graceful: bool = True) -> None:
+        if self.state is GroupState.STOPPED:
+            return
+        if self.state is not GroupState.STOPPING:
+            self.transition(GroupState.STOPPING)
+        c = self.backend.cfg.shutdown
+        self.backend.stop_workers(self.workers, c.grace_s if graceful else 0.0, c.reap_s)
+        self.finish_stop()
+
+    def finish_stop(self) -> None:
+        if self.pg is not None:
+            try:
+                from ray.util.placement_group import remove_placement_group
+
+                remove_placement_group(self.pg)
+            except Exception:
+                pass
+            self.pg = None
+        for w in self.workers:
+            if w.state not in (WorkerState.STOPPED, WorkerState.FAILED):
+                w.state = WorkerState.STOPPED if w.exit_info().clean else WorkerState.FAILED
+        if self.state is not GroupState.STOPPED:
+            self.transition(GroupState.STOPPED)
+
+    def live_pids(self) -> list[int]:
+        return [w.pid for w in self.workers if w.is_alive()]
+
+
+class RayMonitor(threading.Thread):
+    """Actor death through Ray: each actor has one `watch` call in flight, which only ever fails."""
+
+    def __init__(self, on_exit, on_hung) -> None:
+        super().__init__(name="supervisor-ray-monitor", daemon=True)
+        self.on_exit, self.on_hung = on_exit, on_hung
+        self._lock = threading.Lock()
+        self._refs: dict[Any, tuple[Any, RayWorker]] = {}
+        self._stopped = threading.Event()
+
+    def watch(self, group, workers) -> None:
+        with self._lock:
+            for w in workers:
+                self._refs[w.actor.watch.options(concurrency_group="watch").remote()] = (group, w)
+
+    def unwatch(self, workers) -> None:
+        gone = {id(w) for w in workers}
+        with self._lock:
+            for ref in [r for r, (_, w) in self._refs.items() if id(w) in gone]:
+                del self._refs[ref]
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(timeout=2.0)
+
+    def run(self) -> None:
+        ray = _ray()
+        while not self._stopped.is_set():
+            with self._lock:
+                refs = list(self._refs)
+            if not refs:
+                self._stopped.wait(_POLL_S)
+                continue
+            try:
+                ready, _ = ray.wait(refs, num_returns=1, timeout=_POLL_S)
+            except Exception:  # Ray shutting down under us
+                self._stopped.wait(_POLL_S)
+                continue
+            self._report([r for r in ready])
+
+    def _report(self, ready) -> None:
+        ray = _ray()
+        by_group: dict[int, tuple[Any, list[RayWorker]]] = {}
+        with self._lock:
+            entries = [self._refs.pop(r) for r in ready if r in self._refs]
+        for ref, (group, w) in zip(ready, entries):
+            try:
+                ray.get(ref)
+                cause = "actor returned from watch"
+            except Exception as exc:
+                cause = f"actor died ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
+            w.mark_dead(cause)
+            by_group.setdefault(id(group), (group, []))[1].append(w)
+        for group, workers in by_group.values():
+            self.on_exit(group, workers)
+
+
+class RayBackend:
+    name = "ray"
+
+    def __init__(self, cfg: Config) -> None:
+        ray = _ray()
+        self.cfg = cfg
+        self._owns_ray = not ray.is_initialized()
+        if self._owns_ray:
+            ray.init(address=cfg.ray.address or None, include_dashboard=False, log_to_driver=True,
+                     logging_level="WARNING")
+        # Workers import our packages: put this checkout on their path (on a real cluster, install rankvisor on
+        # every node; the path is then harmless).
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+        self.runtime_env = {"env_vars": {"PYTHONPATH": path}}
+        # Calls run one at a time (collectives must keep their order); `watch` sits in a group of its own.
+        self.actor_cls = ray.remote(concurrency_groups={"watch": 1}, max_concurrency=1)(RankActor)
+
+    def describe(self) -> str:
+        nodes = [n for n in _ray().nodes() if n.get("Alive")]
+        return f"{len(nodes)} Ray node(s), placement {self.cfg.ray.placement_strategy}"
+
+    def rendezvous(self, tmp_dir: str, group: int, attempt: int) -> str:
+        return ""  # chosen at start: rank 0's node address and a free port there
+
+    def new_group(self, index: int, specs) -> RayGroup:
+        return RayGroup(self, index, specs)
+
+    def new_monitor(self, on_exit, on_hung) -> RayMonitor:
+        return RayMonitor(on_exit, on_hung)
+
+    def stop_workers(self, workers, grace_s: float, reap_s: float) -> None:
+        """Ask every live actor to stop (bounded by grace), then kill them all; Ray reaps the processes."""
+        ray = _ray()
+        live = [w for w in workers if w.is_alive()]
+        if grace_s > 0 and live:
+            refs = [w.actor.stop.remote() for w in live]
+            ray.wait(refs, num_returns=len(refs), timeout=grace_s)
+        for w in workers:
+            stopped = w.is_alive()
+            try:
+                ray.kill(w.actor, no_restart=True)
+            except Exception:
+                pass
+            if stopped:
+                w.mark_dead("stopped")
+
+    def close(self) -> None:
+        if self._owns_ray:
+            try:
+                _ray().shutdown()
+            except Exception as exc:
+                logger.warning(f"ray.shutdown failed: {exc}")
