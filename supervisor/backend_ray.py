@@ -359,6 +359,7 @@ class RayBackend:
     def __init__(self, cfg: Config) -> None:
         ray = _ray()
         self.cfg = cfg
+        self._description: str | None = None
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
             ray.init(address=cfg.ray.address or None, include_dashboard=False, log_to_driver=True,
@@ -372,8 +373,10 @@ class RayBackend:
         self.actor_cls = ray.remote(concurrency_groups={"watch": 1}, max_concurrency=1)(RankActor)
 
     def describe(self) -> str:
-        nodes = [n for n in _ray().nodes() if n.get("Alive")]
-        return f"{len(nodes)} Ray node(s), placement {self.cfg.ray.placement_strategy}"
+        if self._description is None:  # kept: it is also asked for after Ray was shut down
+            nodes = [n for n in _ray().nodes() if n.get("Alive")]
+            self._description = f"{len(nodes)} Ray node(s), placement {self.cfg.ray.placement_strategy}"
+        return self._description
 
     def rendezvous(self, tmp_dir: str, group: int, attempt: int) -> str:
         return ""  # chosen at start: rank 0's node address and a free port there
@@ -401,6 +404,7 @@ class RayBackend:
                 w.mark_dead("stopped")
 
     def close(self) -> None:
+        self.describe()
         if self._owns_ray:
             try:
                 _ray().shutdown()
