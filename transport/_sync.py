@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import errno
 import os
 import platform
@@ -43,8 +44,18 @@ class _Timespec(ctypes.Structure):
     _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
 
 
-def futex_wait(addr: int, expected: int, timeout_s: float | None) -> bool:
-    """Sleep while the u32 at ``addr`` equals ``expected``, at most ``timeout_s``. False on timeout.
+def address(addr: int) -> ctypes.c_void_p:
+    """A pointer argument built once: the hot path passes it to the functions below without re-wrapping."""
+    return ctypes.c_void_p(addr)
+
+
+def _ptr(addr) -> ctypes.c_void_p:
+    return addr if isinstance(addr, ctypes.c_void_p) else ctypes.c_void_p(addr)
+
+
+def futex_wait(addr, expected: int, timeout_s: float | None) -> bool:
+    """Sleep while the u32 at ``addr`` (an int or an ``address()``) equals ``expected``, at most ``timeout_s``.
+    False on timeout.
 
     Returns True on a wake-up, a value mismatch or EINTR (the caller re-checks its condition in every case;
     returning on EINTR lets Python run signal handlers, e.g. the worker's SIGTERM handler).
@@ -54,7 +65,7 @@ def futex_wait(addr: int, expected: int, timeout_s: float | None) -> bool:
         timeout_s = max(timeout_s, 0.0)
         sec = int(timeout_s)
         ts = ctypes.byref(_Timespec(sec, int((timeout_s - sec) * 1e9)))
-    rc = _syscall(_SYSNO, ctypes.c_void_p(addr), _FUTEX_WAIT, ctypes.c_uint32(expected), ts, None, 0)
+    rc = _syscall(_SYSNO, _ptr(addr), _FUTEX_WAIT, ctypes.c_uint32(expected), ts, None, 0)
     if rc == 0:
         return True
     err = ctypes.get_errno()
@@ -65,9 +76,9 @@ def futex_wait(addr: int, expected: int, timeout_s: float | None) -> bool:
     raise OSError(err, f"futex wait failed: {os.strerror(err)}")
 
 
-def futex_wake(addr: int, count: int = WAKE_ALL) -> None:
+def futex_wake(addr, count: int = WAKE_ALL) -> None:
     """Wake up to ``count`` waiters sleeping on the u32 at ``addr`` (in any process)."""
-    _syscall(_SYSNO, ctypes.c_void_p(addr), _FUTEX_WAKE, count, None, None, 0)
+    _syscall(_SYSNO, _ptr(addr), _FUTEX_WAKE, count, None, None, 0)
 
 
 def _load_libatomic():
@@ -78,6 +89,7 @@ def _load_libatomic():
         fence.restype = None
         add = lib.__atomic_fetch_add_4
         add.restype = ctypes.c_uint32
+        add.argtypes = (ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int)
         return fence, add
     except (OSError, AttributeError):
         return None, None
@@ -89,12 +101,16 @@ _SEQ_CST = 5
 _STRONG_MODEL = platform.machine() in ("x86_64", "AMD64", "i686")
 
 
-def full_fence() -> None:
-    """Sequentially consistent fence (store->load ordering). A no-op only where libatomic is missing,
-    in which case callers never rely on it (see HAVE_FENCE)."""
-    if _fence_fn is not None:
-        _fence_fn(_SEQ_CST)
+def _no_fence() -> None:
+    """Without libatomic there is no fence; callers never rely on one then (see HAVE_FENCE)."""
 
+
+# Sequentially consistent fence (store->load ordering). A C-level partial: no Python frame on the hot path.
+full_fence = functools.partial(_fence_fn, _SEQ_CST) if _fence_fn is not None else _no_fence
+
+
+# True where acquire/release fences are real instructions (not x86-64): the hot path skips the call otherwise.
+NEED_ORDER_FENCES = not _STRONG_MODEL
 
 if _STRONG_MODEL:
 
@@ -109,13 +125,15 @@ else:  # pragma: no cover - exercised on ARM only
     acquire_fence = full_fence
 
 
-def fetch_add(addr: int, value: int = 1) -> int:
-    """Atomically add to the u32 at ``addr``; return the previous value."""
+def fetch_add(addr, value: int = 1) -> int:
+    """Atomically add ``value`` (may be negative) to the u32 at ``addr``; return the previous value. With
+    libatomic this is a sequentially consistent read-modify-write: also a full fence."""
+    value &= 0xFFFFFFFF
     if _fetch_add_fn is not None:
-        return _fetch_add_fn(ctypes.c_void_p(addr), ctypes.c_uint32(value), _SEQ_CST)
-    # Without libatomic: a racy add. Only used for counters whose exact value does not matter to correctness
-    # (a futex word that must merely change, an attach count re-checked against the reader table).
-    word = ctypes.c_uint32.from_address(addr)
+        return _fetch_add_fn(_ptr(addr), value, _SEQ_CST)
+    # Without libatomic: a racy add. Then HAVE_FENCE is False and the ring wakes unconditionally, so the words
+    # this is used on (futex words that must merely change, the sleepers count) need not be exact.
+    word = ctypes.c_uint32.from_address(_ptr(addr).value)
     old = word.value
     word.value = (old + value) & 0xFFFFFFFF
     return old

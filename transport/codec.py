@@ -11,12 +11,16 @@ builds the frame as one bytes object: ``encode`` returns the pieces and the ring
 its slots, so an array's bytes are copied exactly once on the way in. ``decode`` takes one contiguous copy of the
 frame (the reader's only copy) and hands pickle memoryviews into it, so arrays come back without another copy.
 
+A small message without out-of-band buffers skips the frame: the ring stores the bare pickle in one slot and
+marks the chunk PICKLE (see transport/layout.py), which saves packing and checking a header per message.
+
 Every length is bounds-checked before anything is allocated: a corrupt header raises ``CorruptMessage``.
 Callables are not this layer's business (collective_rpc cloudpickles them before they get here).
 """
 from __future__ import annotations
 
 import io
+import mmap
 import pickle
 import struct
 import sys
@@ -25,9 +29,10 @@ from typing import Any
 from transport.errors import CorruptMessage
 
 MAGIC = 0x52564631  # "RVF1"
-_HEAD = struct.Struct("<IIQ")
+HEAD = _HEAD = struct.Struct("<IIQ")  # magic, nbuf, main_len
 ALIGN = 64
 MAX_BUFFERS = 1 << 16
+_BIG_FRAME = 32 << 20
 
 
 _PLAIN = (str, bytes, int, float, bool, type(None))
@@ -58,18 +63,23 @@ def _rebuild_tensor(buf: Any, dtype: str, shape: tuple[int, ...]) -> Any:
     return torch.frombuffer(buf, dtype=torch.uint8).view(dt).reshape(shape)
 
 
-def encode(obj: Any) -> tuple[list[memoryview | bytes], int]:
-    """Serialise ``obj`` into frame pieces and the total frame length. Raises if ``obj`` cannot be pickled."""
+def dumps(obj: Any) -> tuple[bytes | memoryview, list[pickle.PickleBuffer]]:
+    """Pickle ``obj`` (protocol 5): the main pickle and its out-of-band buffers. Raises if it cannot be pickled."""
     bufs: list[pickle.PickleBuffer] = []
     if "torch" in sys.modules and not isinstance(obj, _PLAIN):
         f = io.BytesIO()
         _TensorPickler(f, protocol=5, buffer_callback=bufs.append).dump(obj)
-        main = f.getbuffer()
-    else:
-        main = pickle.dumps(obj, protocol=5, buffer_callback=bufs.append)
+        return f.getbuffer(), bufs
+    return pickle.dumps(obj, protocol=5, buffer_callback=bufs.append), bufs
+
+
+def frame(main: bytes | memoryview, bufs: list[pickle.PickleBuffer]) -> tuple[list[memoryview | bytes], int]:
+    """The pieces of one frame (header, main pickle, padding, buffers) and its total length."""
     if not bufs:
         return [_HEAD.pack(MAGIC, 0, len(main)), main], _HEAD.size + len(main)
     raws = [b.raw() for b in bufs]
+    if len(raws) > MAX_BUFFERS:
+        raise ValueError(f"{len(raws)} out-of-band buffers in one message (max {MAX_BUFFERS})")
     head = _HEAD.pack(MAGIC, len(raws), len(main)) + struct.pack(f"<{len(raws)}Q", *(len(r) for r in raws))
     pieces: list[memoryview | bytes] = [head, main]
     total = len(head) + len(main)
@@ -81,6 +91,30 @@ def encode(obj: Any) -> tuple[list[memoryview | bytes], int]:
         pieces.append(raw)
         total += len(raw)
     return pieces, total
+
+
+def encode(obj: Any) -> tuple[list[memoryview | bytes], int]:
+    """Serialise ``obj`` into frame pieces and the total frame length. Raises if ``obj`` cannot be pickled."""
+    return frame(*dumps(obj))
+
+
+def alloc(n: int):
+    """A writable buffer of ``n`` bytes for a frame that is about to be overwritten in full.
+
+    ``bytearray(n)`` zero-fills first, a wasted pass over memory that costs as much as the copy itself for big
+    frames. numpy's ``empty`` does not (and asks for huge pages above a few MiB), so use it when numpy is loaded
+    (a frame with arrays in it is about to need it anyway); else an anonymous huge-page mapping for big frames."""
+    np = sys.modules.get("numpy")
+    if np is not None:
+        return np.empty(n, dtype=np.uint8)
+    if n >= _BIG_FRAME:
+        mm = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        try:
+            mm.madvise(mmap.MADV_HUGEPAGE)
+        except (AttributeError, OSError, ValueError):
+            pass
+        return mm
+    return bytearray(n)
 
 
 def frame_length(prefix: memoryview | bytes, limit: int) -> int:
@@ -106,26 +140,12 @@ def frame_length(prefix: memoryview | bytes, limit: int) -> int:
     return total
 
 
-def is_inband(view: memoryview, length: int) -> bool:
-    """True for a complete frame without out-of-band buffers (it may be unpickled in place)."""
-    if length < _HEAD.size:
-        raise CorruptMessage(f"frame shorter than its header ({length} bytes)")
-    magic, nbuf, main_len = _HEAD.unpack_from(view, 0)
-    if magic != MAGIC:
-        raise CorruptMessage(f"bad frame magic 0x{magic:08x}")
-    if nbuf:
-        return False
-    if _HEAD.size + main_len != length:
-        raise CorruptMessage(f"frame length {length} does not match its header ({_HEAD.size + main_len})")
-    return True
-
-
-def decode_inband(view: memoryview) -> Any:
-    """Unpickle a frame checked by ``is_inband``; nothing returned references ``view``."""
-    try:
-        return pickle.loads(view[_HEAD.size:])
-    except Exception as exc:
-        raise CorruptMessage(f"cannot unpickle message: {type(exc).__name__}: {exc}") from exc
+def check_pickle(view: memoryview | bytes) -> None:
+    """A pickle written here starts with PROTO 5 and ends with STOP. A view that does not was cut at the wrong
+    place (a corrupt length or offset): refuse it rather than feed pickle a shifted stream of stray bytes."""
+    n = len(view)
+    if n < 3 or view[0] != 0x80 or view[1] != 5 or view[n - 1] != 0x2E:
+        raise CorruptMessage(f"payload of {n} bytes is not one whole pickle (corrupt length or offset)")
 
 
 def decode(frame: bytearray | memoryview) -> Any:
@@ -137,6 +157,7 @@ def decode(frame: bytearray | memoryview) -> Any:
     _, nbuf, main_len = _HEAD.unpack_from(mv, 0)
     off = _HEAD.size + 8 * nbuf
     main = mv[off:off + main_len]
+    check_pickle(main)
     off += main_len
     buffers = []
     for (n,) in struct.iter_unpack("<Q", mv[_HEAD.size:_HEAD.size + 8 * nbuf]):

@@ -1,44 +1,84 @@
-"""Memory layout of one ring segment and the meaning of its flags.
+"""Memory layout of one ring segment, and the protocol its words carry.
 
 ::
 
-    offset 0     header (64 bytes)
-                 0  magic "RVRING01"        8  version u32        12 n_readers u32
-                 16 n_slots u32             20 slot_bytes u32     24 writer_pid u32
-                 28 closed u32              32 write_seq u32 (futex: readers sleep on it)
-                 36 ack_seq u32 (futex: the writer sleeps on it; readers bump it after attaching or freeing)
-                 40 writer_waiting u8       48 max_message_bytes u64
-    64           reader_pid[n_readers] u32       each reader writes its own entry when it attaches
-                 attached[n_readers] u8          1 once reader r has mapped the segment
-                 waiting[n_readers] u8           1 while reader r is (about to be) asleep in the kernel
-    META (64-aligned)  n_slots slot records of STRIDE bytes:
-                 0 written u8   1 kind u8 (FIRST=1 | LAST=2)   4 length u32 (payload bytes used)
-                 8 read[n_readers] u8
-    DATA (page-aligned) n_slots payloads of slot_bytes bytes
+    offset 0   line 0, written once by the writer at creation (``closed`` by any party, 0 -> 1 only)
+               0 magic "RVRING02"   8 version u32   12 n_readers u32   16 n_slots u32   20 slot_bytes u32
+               24 writer_pid u32    28 closed u32   32 max_message_bytes u64   40 writer_start u64
+    offset 64  line 1, the writer's words
+               64 pub u32             chunks published so far (mod 2**32); a reader's "is there news" check
+               68 rwake u32           futex word the readers sleep on; bumped (atomic add) to wake them
+               72 writer_sleeping u32 1 while the writer is (about to be) asleep on ``wwake``
+    offset 128 line 2, the readers' shared words
+               128 sleepers u32       readers (about to be) asleep on ``rwake``; atomic add / sub
+               132 wwake u32          futex word the writer sleeps on; bumped (atomic add) to wake it
+    offset 192 reader records, one 64-byte line per reader (no false sharing between readers):
+               +0 consumed u32        chunks this reader has released (mod 2**32)
+               +4 pid u32   +8 start_time u64 (clock ticks after boot: tells a reused pid apart)
+               +16 attached u32       1 once the reader has mapped the segment
+    META       (64-aligned) n_slots chunk records of 16 bytes:  seq u32, length u32, kind u32, 0 u32
+    DATA       (page-aligned) n_slots payloads of slot_bytes bytes
 
-Slot flag states (one writer, readers r = 0..n-1):
+Chunk ``c`` (the c-th chunk ever published, counting from 0) lives in slot ``c % n_slots``; its record says
+``seq = c`` (mod 2**32), the payload bytes used, and ``kind``:
 
-    written  read[r]        reader r                              writer
-    -------  -------------  ------------------------------------  -----------------------------------
-    0        any            nothing to read here yet: wait         free (never used, or being rewritten)
-    1        0              unread: copy out, then set read[r]=1   busy: wait
-    1        1 (all r)      already read: wait for the next round  free: clear written, then read[*], write
+    kind                  payload
+    --------------------  ----------------------------------------------------------------------------------
+    FIRST|LAST|PICKLE (7) a whole message that is a bare pickle (no out-of-band buffers): unpickled in place
+    FIRST|LAST (3)        a whole message as a codec frame (header, pickle, out-of-band buffers)
+    FIRST (1)             the first chunk of a codec frame larger than a slot (holds the whole frame header)
+    0                     a middle chunk of such a frame
+    LAST (2)              its last chunk
+    anything else         corrupt
 
-The writer clears ``written`` before it clears the read flags, so a reader never sees "written, unread" over
-stale bytes; it sets ``written`` only after the payload and length (release order). A reader checks the flags
-before it reads the payload (acquire order) and sets its read flag only after its copy is complete.
+Counters are compared modulo 2**32, so they may wrap.
 
-A message that does not fit one slot spans consecutive slots: the first carries FIRST, the last LAST. A reader
-that finds FIRST where it expected a continuation drops the partial message (the writer died or gave up in the
-middle), so a torn message is never delivered.
+Protocol (one writer W, readers r = 0..n-1; ``pub`` and ``consumed[r]`` only ever grow):
+
+    condition                               reader r (at chunk c = consumed[r])   writer (at chunk w = pub)
+    --------------------------------------  ------------------------------------  --------------------------
+    pub == c                                nothing new: spin, then sleep          -
+    1 <= pub - c <= n_slots                 chunk c is readable: copy it out,      -
+                                            then store consumed[r] = c + 1
+    w - consumed[r] < n_slots for every r   -                                      slot w % n_slots is free:
+                                                                                   write payload + record,
+                                                                                   then store pub = w + 1
+    w - consumed[r] == n_slots for some r   -                                      ring full: wait for r
+    pub - c > n_slots, seq != c, bad kind,  CorruptMessage                         (writer: CorruptMessage
+    length > slot_bytes                                                            if w - consumed[r] > n_slots)
+
+Memory ordering (``transport/_sync.py``): the writer stores payload and record, then (release) ``pub``; a
+reader loads ``pub`` and then (acquire) the record and payload. A reader finishes its copy, then (release)
+stores ``consumed[r]``; the writer loads every ``consumed[r]`` before (acquire) it overwrites a slot. So a
+reader never sees a slot being rewritten, and the writer never rewrites a slot someone is still copying.
+
+Sleeping (Dekker's pattern, so that no wake-up is lost):
+
+    reader:  s = rwake; sleepers += 1 (atomic, a full fence); if pub != c: go; else futex_wait(rwake, s)
+    writer:  store pub; full fence; if sleepers: rwake += 1 (atomic); futex_wake(rwake, all)
+    writer:  s = wwake; writer_sleeping = 1; full fence; reload consumed[*]; if still full: futex_wait(wwake, s)
+    reader:  store consumed[r]; full fence; if writer_sleeping: wwake += 1 (atomic); futex_wake(wwake)
+
+Either the sleeper sees the news, or the publisher sees the sleeper and changes the futex word, which makes a
+``futex_wait`` that has not started yet return at once. ``close()`` (any party) stores ``closed = 1``, fences,
+and bumps and wakes both futex words: every sleeper in every process wakes up and sees ``closed``.
+
+A message larger than one slot spans consecutive chunks: the first has FIRST, the last LAST, every chunk but
+the last is full. A reader that finds FIRST where it expected a continuation drops the partial message (the
+writer died or gave up in the middle), and a chunk without FIRST where a message should start is skipped, so a
+torn message is never delivered. Each chunk is released as soon as it is copied, so the writer streams a
+message of any size through a small ring at the pace of the slowest reader, and no reader can block another.
 """
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
 
-MAGIC = b"RVRING01"
-VERSION = 1
+MAGIC = b"RVRING02"
+VERSION = 2
+MASK = 0xFFFFFFFF
+
+# line 0
 OFF_MAGIC = 0
 OFF_VERSION = 8
 OFF_NREADERS = 12
@@ -46,20 +86,42 @@ OFF_NSLOTS = 16
 OFF_SLOT_BYTES = 20
 OFF_WRITER_PID = 24
 OFF_CLOSED = 28
-OFF_WRITE_SEQ = 32
-OFF_ACK_SEQ = 36
-OFF_WRITER_WAITING = 40
-OFF_MAX_MESSAGE = 48
-OFF_READERS = 64
+OFF_MAX_MESSAGE = 32
+OFF_WRITER_START = 40
+# line 1
+OFF_PUB = 64
+OFF_RWAKE = 68
+OFF_WRITER_SLEEPING = 72
+# line 2
+OFF_SLEEPERS = 128
+OFF_WWAKE = 132
+# reader records
+OFF_READERS = 192
+READER_STRIDE = 64
+R_CONSUMED = 0
+R_PID = 4
+R_START = 8
+R_ATTACHED = 16
+# chunk records
+META_STRIDE = 16
+M_SEQ = 0
+M_LENGTH = 4
+M_KIND = 8
 
 FIRST = 1
 LAST = 2
+PICKLE = 4
+WHOLE = FIRST | LAST
+PICKLED = FIRST | LAST | PICKLE
+VALID_KINDS = frozenset((0, FIRST, LAST, WHOLE, PICKLED))
 
 MAX_READERS = 1024
 MAX_SLOTS = 1 << 16
 MIN_SLOT_BYTES = 4096
 
 _GEOMETRY = struct.Struct("<8sIIII")  # magic, version, n_readers, n_slots, slot_bytes
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
 
 
 def _align(n: int, a: int) -> int:
@@ -74,36 +136,23 @@ class Layout:
     n_slots: int
     slot_bytes: int
 
-    @property
-    def reader_pids(self) -> int:
-        return OFF_READERS
-
-    @property
-    def attached(self) -> int:
-        return OFF_READERS + 4 * self.n_readers
-
-    @property
-    def waiting(self) -> int:
-        return self.attached + self.n_readers
+    def reader(self, r: int) -> int:
+        return OFF_READERS + r * READER_STRIDE
 
     @property
     def meta(self) -> int:
-        return _align(self.waiting + self.n_readers, 64)
-
-    @property
-    def stride(self) -> int:
-        return _align(8 + self.n_readers, 8)
+        return _align(OFF_READERS + self.n_readers * READER_STRIDE, 64)
 
     @property
     def data(self) -> int:
-        return _align(self.meta + self.n_slots * self.stride, 4096)
+        return _align(self.meta + self.n_slots * META_STRIDE, 4096)
 
     @property
     def size(self) -> int:
         return self.data + self.n_slots * self.slot_bytes
 
     def slot_meta(self, i: int) -> int:
-        return self.meta + i * self.stride
+        return self.meta + i * META_STRIDE
 
     def slot_data(self, i: int) -> int:
         return self.data + i * self.slot_bytes
@@ -115,19 +164,31 @@ class Layout:
         if not 2 <= self.n_slots <= MAX_SLOTS:
             raise ValueError(f"max_chunks (slots) must be in 2..{MAX_SLOTS}, got {self.n_slots}")
         if not MIN_SLOT_BYTES <= self.slot_bytes < (1 << 32) or self.slot_bytes % 64:
-            raise ValueError(f"max_chunk_bytes must be a multiple of 64 in {MIN_SLOT_BYTES}..4 GiB, got {self.slot_bytes}")
+            raise ValueError(f"max_chunk_bytes must be a multiple of 64 in {MIN_SLOT_BYTES}..4 GiB, "
+                             f"got {self.slot_bytes}")
 
 
-def write_geometry(buf, layout: Layout, writer_pid: int, max_message: int) -> None:
+def write_geometry(buf, layout: Layout, writer_pid: int, writer_start: int, max_message: int) -> None:
     _GEOMETRY.pack_into(buf, 0, MAGIC, VERSION, layout.n_readers, layout.n_slots, layout.slot_bytes)
-    struct.pack_into("<I", buf, OFF_WRITER_PID, writer_pid)
-    struct.pack_into("<Q", buf, OFF_MAX_MESSAGE, max_message)
+    _U32.pack_into(buf, OFF_WRITER_PID, writer_pid)
+    _U64.pack_into(buf, OFF_MAX_MESSAGE, max_message)
+    _U64.pack_into(buf, OFF_WRITER_START, writer_start)
 
 
-def read_geometry(buf, size: int) -> tuple[Layout, int, int]:
-    """Parse and bounds-check a segment header: (layout, writer_pid, max_message_bytes)."""
+@dataclass(frozen=True)
+class Header:
+    layout: Layout
+    writer_pid: int
+    writer_start: int
+    max_message: int
+
+
+def read_geometry(buf, size: int) -> Header:
+    """Parse and bounds-check a segment header before anything is derived from it."""
     from transport.errors import CorruptMessage
 
+    if size < OFF_READERS:
+        raise CorruptMessage(f"segment of {size} bytes is too small for a ring header")
     magic, version, n_readers, n_slots, slot_bytes = _GEOMETRY.unpack_from(buf, 0)
     if magic != MAGIC or version != VERSION:
         raise CorruptMessage(f"not a ring segment (magic {magic!r}, version {version})")
@@ -138,6 +199,23 @@ def read_geometry(buf, size: int) -> tuple[Layout, int, int]:
         raise CorruptMessage(f"corrupt ring header: {exc}") from None
     if layout.size != size:
         raise CorruptMessage(f"ring header describes {layout.size} bytes, segment has {size}")
-    (pid,) = struct.unpack_from("<I", buf, OFF_WRITER_PID)
-    (max_message,) = struct.unpack_from("<Q", buf, OFF_MAX_MESSAGE)
-    return layout, pid, max_message
+    (pid,) = _U32.unpack_from(buf, OFF_WRITER_PID)
+    (max_message,) = _U64.unpack_from(buf, OFF_MAX_MESSAGE)
+    (start,) = _U64.unpack_from(buf, OFF_WRITER_START)
+    if not 0 < max_message < (1 << 48):
+        raise CorruptMessage(f"corrupt ring header: max_message_bytes {max_message}")
+    return Header(layout, pid, start, max_message)
+
+
+def check_chunk(seq: int, length: int, kind: int, expected_seq: int, slot_bytes: int) -> None:
+    """Raise CorruptMessage unless a chunk record is plausible (called only when the fast check fails)."""
+    from transport.errors import CorruptMessage
+
+    if seq != expected_seq:
+        raise CorruptMessage(f"chunk record says seq {seq}, reader expected {expected_seq}")
+    if kind not in VALID_KINDS:
+        raise CorruptMessage(f"chunk {seq} has unknown kind flags 0x{kind:x}")
+    if length > slot_bytes:
+        raise CorruptMessage(f"chunk {seq} claims {length} bytes (slot size {slot_bytes})")
+    if not kind & LAST and length != slot_bytes:
+        raise CorruptMessage(f"chunk {seq} is not the last of its message but holds {length} of {slot_bytes} bytes")

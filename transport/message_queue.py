@@ -2,35 +2,72 @@
 
 ::
 
-    writer process                       segment (/dev/shm/rvq-<pid>-<random>, unlinked once all attached)
-    enqueue(obj) --encode--> pieces --copy--> [slot 0][slot 1]...[slot k-1]  --copy--> reader 0: dequeue() -> obj
-                                                   ^ flags: written, read[r]   --copy--> reader 1 ...
-                     futex write_seq: readers sleep here; ack_seq: the writer sleeps here when the ring is full
+    writer process                        segment /dev/shm/rvq-<pid>-<random> (unlinked once every reader attached)
+    enqueue(obj) --encode--> pieces --copy--> [slot 0][slot 1]...[slot k-1] --copy--> reader 0: dequeue() -> obj
+                                              pub: chunks published         --copy--> reader 1 ...
+                                              consumed[r]: chunks reader r released
+                     futex rwake: readers sleep here;  futex wwake: the writer sleeps here when the ring is full
 
 The same class serves the supervisor's 1->N broadcast of requests and each worker's 1->1 reply queue.
-Layout and flag states: transport/layout.py. Waits and fences: transport/_sync.py. Framing: transport/codec.py.
+Layout, protocol and state table: transport/layout.py. Waits and fences: transport/_sync.py. Framing:
+transport/codec.py.
 
-Waiting is adaptive: poll the flag for ``spin_us``, then announce "I sleep" in a per-party byte, fence, re-check,
-and sleep in the kernel on a futex word. The other side, after publishing, fences and wakes only if someone
-announced sleep, so the common fast case costs no system call and an idle reader costs no CPU. One FUTEX_WAKE
-reaches every sleeping reader. Sleeps are sliced so that a dead peer is noticed (``PeerDied``) and a
-``threading.Event`` cancel is seen within 5 ms; ``close()`` from any thread or process wakes everyone at once.
+Waiting is adaptive: poll the counter for up to ``spin_us`` (optionally yielding the CPU between polls), then
+announce "I sleep", fence, re-check, and sleep in the kernel on a futex word. The other side, after publishing,
+fences and wakes only if someone announced sleep, so the common case costs no system call and an idle reader
+costs no CPU. One FUTEX_WAKE reaches every sleeping reader. A sleeper also wakes every ``_LIVENESS_POLL_S`` to
+check that its peer process still exists (``PeerDied``), and every ``_CANCEL_POLL_S`` while it has a
+``threading.Event`` cancel to look at; ``close()`` / ``cancel_all()`` from any thread or process wakes every
+sleeper at once through the futex words.
+
+Spinning pays only while the party it waits for has a CPU to run on: on a machine with fewer cores than busy
+processes a spinner steals the very CPU its peer needs. ``spin_us`` therefore defaults to ``None`` = auto: a
+ring whose parties (readers + writer) fit on the CPUs we may run on spins for ``_AUTO_SPIN_US``; a bigger one
+only yields (``os.sched_yield``) a few times before sleeping. Pass a number to force a window (0 = never spin).
 """
 from __future__ import annotations
 
 import os
+import pickle
 import struct
+import sys
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from transport import _sync, codec, layout as L, shm
+from transport import _proc, _sync, codec, layout as L, shm
 from transport.errors import CorruptMessage, PeerDied, QueueClosed, QueueTimeout
 
 _CANCEL_POLL_S = 0.005  # a threading.Event cannot wake a futex: poll it this often while asleep
 _LIVENESS_POLL_S = 0.25  # how often a sleeper checks that its peer process still exists
-_U32 = struct.Struct("<I")
+_AUTO_SPIN_US = 50.0
+_AUTO_YIELDS = 2  # oversubscribed rings: sched_yield this many times, then sleep
+_MASK = L.MASK
+_W_PUB = L.OFF_PUB // 4
+_W_RWAKE = L.OFF_RWAKE // 4
+_W_WRITER_SLEEPING = L.OFF_WRITER_SLEEPING // 4
+_W_SLEEPERS = L.OFF_SLEEPERS // 4
+_W_WWAKE = L.OFF_WWAKE // 4
+_W_CLOSED = L.OFF_CLOSED // 4
+_WHOLE = L.WHOLE
+_PICKLED = L.PICKLED
+_NEED_ORDER_FENCES = _sync.NEED_ORDER_FENCES
+_full_fence = _sync.full_fence
+_dumps = codec.dumps
+_FIRST = L.FIRST
+_LAST = L.LAST
+_perf = time.perf_counter
+_mono = time.monotonic
+_loads = pickle.loads
+_yield = os.sched_yield
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -41,78 +78,98 @@ class Handle:
     size: int
     n_reader: int
     writer_pid: int
-    spin_us: float
+    spin_us: float | None
+    spin_yield: bool | None = None
 
 
 class MessageQueue:
-    """Create as the writer with ``MessageQueue(n_reader, ...)``; attach readers with ``create_from_handle``."""
+    """Create as the writer with ``MessageQueue(n_reader, ...)``; attach readers with ``create_from_handle``.
+
+    ``max_chunk_bytes`` is the payload size of one slot and ``max_chunks`` the number of slots: a message larger
+    than a slot is streamed through consecutive slots. ``max_message_bytes`` bounds what a header may announce.
+    """
 
     def __init__(
         self,
         n_reader: int,
         max_chunk_bytes: int = 1 << 20,
         max_chunks: int = 8,
-        spin_us: float = 50.0,
+        spin_us: float | None = None,
         max_message_bytes: int = 1 << 31,
         *,
+        spin_yield: bool | None = None,
         _attach: tuple[Handle, int] | None = None,
     ) -> None:
         self._lock = threading.Lock()
         self._closed_here = False
-        self._users = 0  # threads of this process inside a blocking call (close waits for them before unmapping)
+        self._pid = os.getpid()  # a forked copy of this object must not close or unlink the owner's queue
         if _attach is None:
             self._init_writer(n_reader, max_chunk_bytes, max_chunks, spin_us, max_message_bytes)
+            self.spin_yield = spin_yield
         else:
             self._init_reader(*_attach)
         self._bind()
 
     # -- construction ------------------------------------------------------------------------------------------
     def _init_writer(self, n_reader, slot_bytes, n_slots, spin_us, max_message) -> None:
+        if max_message <= 0 or max_message >= 1 << 48:
+            raise ValueError(f"max_message_bytes must be in 1..2**48, got {max_message}")
         self.layout = L.Layout(n_reader, n_slots, slot_bytes)
         self.layout.check()
         self._seg = shm.create(self.layout.size)
-        L.write_geometry(self._seg.map, self.layout, os.getpid(), max_message)
+        self.writer_pid, self.writer_start = os.getpid(), _proc.start_time()
+        L.write_geometry(self._seg.map, self.layout, self.writer_pid, self.writer_start, max_message)
         self.is_writer, self.reader_rank = True, None
-        self.spin_s = spin_us * 1e-6
         self.max_message = max_message
-        self.writer_pid = os.getpid()
-        self._cursor = 0
+        self.spin_us = spin_us
+        self._w = 0  # chunks published (unbounded here; the segment holds it mod 2**32)
+        self._limit = n_slots  # chunks below this number may be written without looking at the readers
 
     def _init_reader(self, handle: Handle, reader_rank: int) -> None:
         self._seg = shm.attach(handle.name, handle.size)
         try:
-            self.layout, self.writer_pid, self.max_message = L.read_geometry(self._seg.map, handle.size)
-            if not 0 <= reader_rank < self.layout.n_readers:
-                raise ValueError(f"reader_rank {reader_rank} out of range 0..{self.layout.n_readers - 1}")
+            head = L.read_geometry(self._seg.map, handle.size)
+            if not 0 <= reader_rank < head.layout.n_readers:
+                raise ValueError(f"reader_rank {reader_rank} out of range 0..{head.layout.n_readers - 1}")
         except BaseException:
             self._seg.map.close()
             raise
+        self.layout, self.writer_pid, self.writer_start = head.layout, head.writer_pid, head.writer_start
+        self.max_message = head.max_message
         self.is_writer, self.reader_rank = False, reader_rank
-        self.spin_s = handle.spin_us * 1e-6
-        self._cursor = 0
-        self._partial: bytearray | None = None
+        self.spin_us = handle.spin_us
+        self.spin_yield = handle.spin_yield
+        self._c = 0  # chunks consumed, mod 2**32
 
     def _bind(self) -> None:
-        """Cache offsets and addresses: the hot path must not recompute them."""
+        """Cache views, offsets and addresses: the hot path must not recompute them."""
         lay = self.layout
         self._mv = memoryview(self._seg.map)
+        self._W = self._mv.cast("I")  # the segment as u32 words: one index op per load or store
         import ctypes
 
         probe = ctypes.c_char.from_buffer(self._seg.map)
         self._base = ctypes.addressof(probe)
         del probe  # an exported buffer would stop mmap.close()
         self._n = lay.n_readers
-        self._ones = b"\x01" * self._n
-        self._zeros = bytes(self._n)
-        self._waiting = lay.waiting
-        self._waiting_end = lay.waiting + lay.n_readers
         self._nslots = lay.n_slots
-        self._write_seq_addr = self._base + L.OFF_WRITE_SEQ
-        self._ack_seq_addr = self._base + L.OFF_ACK_SEQ
-        self._metas = [lay.slot_meta(i) for i in range(lay.n_slots)]
-        self._datas = [lay.slot_data(i) for i in range(lay.n_slots)]
         self._slot_bytes = lay.slot_bytes
+        self._slot = 0
+        self._metas = [lay.slot_meta(i) // 4 for i in range(lay.n_slots)]  # word index of each chunk record
+        self._datas = [lay.slot_data(i) for i in range(lay.n_slots)]
+        self._consumed_words = [lay.reader(r) // 4 for r in range(lay.n_readers)]
+        self._rwake = _sync.address(self._base + L.OFF_RWAKE)
+        self._wwake = _sync.address(self._base + L.OFF_WWAKE)
+        self._sleepers = _sync.address(self._base + L.OFF_SLEEPERS)
+        self._always_wake = not _sync.HAVE_FENCE
+        fits = lay.n_readers + 1 <= _cpus()
+        if self.spin_us is None:
+            self._spin_s = _AUTO_SPIN_US * 1e-6 if fits else 0.0
+        else:
+            self._spin_s = max(0.0, self.spin_us) * 1e-6
+        self._spin_yields = (not fits) if self.spin_yield is None else bool(self.spin_yield)
         if not self.is_writer:
+            self._cw = self._consumed_words[self.reader_rank]
             self._announce_attached()
 
     @classmethod
@@ -121,34 +178,38 @@ class MessageQueue:
         return cls(handle.n_reader, _attach=(handle, reader_rank))
 
     def export_handle(self) -> Handle:
-        return Handle(self._seg.name, self._seg.size, self._n, self.writer_pid, self.spin_s * 1e6)
+        return Handle(self._seg.name, self._seg.size, self._n, self.writer_pid, self.spin_us, self.spin_yield)
 
     @property
     def name(self) -> str:
         return self._seg.name
 
     def _announce_attached(self) -> None:
-        r = self.reader_rank
-        _U32.pack_into(self._mv, self.layout.reader_pids + 4 * r, os.getpid())
-        self._mv[self.layout.attached + r] = 1
+        rec = self.layout.reader(self.reader_rank)
+        mv = self._mv
+        struct.pack_into("<IQ", mv, rec + L.R_PID, os.getpid(), _proc.start_time())
+        self._W[(rec + L.R_ATTACHED) // 4] = 1
         _sync.full_fence()
-        if bytes(self._mv[self.layout.attached:self.layout.attached + self._n]) == self._ones:
+        if all(self._attached()):
             shm.unlink(self._seg.name)  # the last reader in removes the name: nothing can leak from now on
-        _sync.fetch_add(self._ack_seq_addr)
-        _sync.futex_wake(self._ack_seq_addr)
+        _sync.fetch_add(self._wwake)
+        _sync.futex_wake(self._wwake)
+
+    def _attached(self) -> list[bool]:
+        W, lay = self._W, self.layout
+        return [bool(W[(lay.reader(r) + L.R_ATTACHED) // 4]) for r in range(self._n)]
+
+    def _unattached(self) -> tuple[int, ...]:
+        return tuple(r for r, ok in enumerate(self._attached()) if not ok)
 
     def wait_until_ready(self, timeout: float | None = None) -> None:
         """Writer: block until every reader has attached, then unlink the segment's name. Reader: no-op."""
         if not self.is_writer:
             return
-        att = self.layout.attached
-        self._wait(lambda: bytes(self._mv[att:att + self._n]) == self._ones, self._ack_seq_addr,
-                   L.OFF_WRITER_WAITING, _deadline(timeout), None, self._unattached, "wait_until_ready")
+        deadline = None if timeout is None else _mono() + timeout
+        self._sleep_until(lambda: all(self._attached()), self._wwake, deadline, None, self._unattached,
+                          "wait_until_ready", self._writer_sleeping)
         shm.unlink(self._seg.name)
-
-    def _unattached(self) -> tuple[int, ...]:
-        att = self.layout.attached
-        return tuple(r for r in range(self._n) if not self._mv[att + r])
 
     # -- writer ------------------------------------------------------------------------------------------------
     def enqueue(self, obj: Any, timeout: float | None = None) -> None:
@@ -156,67 +217,125 @@ class MessageQueue:
         object raises here and leaves the ring usable. Blocks (bounded by ``timeout``) while the ring is full."""
         if not self.is_writer:
             raise RuntimeError("enqueue on a reader end of the queue")
-        pieces, total = codec.encode(obj)
+        main, bufs = _dumps(obj)
+        n = len(main)
+        if bufs or n > self._slot_bytes:
+            return self._enqueue_frame(main, bufs, timeout)
+        with self._lock:  # the hot path, inlined: a small message without buffers goes as a bare pickle
+            if self._closed_here:
+                raise QueueClosed("queue closed")
+            w = self._w
+            if w >= self._limit:
+                self._await_space(w, None if timeout is None else _mono() + timeout)
+            s = self._slot
+            off = self._datas[s]
+            self._mv[off:off + n] = main
+            self._publish(w, s, n, _PICKLED)
+
+    def _enqueue_frame(self, main, bufs, timeout: float | None) -> None:
+        """A message with out-of-band buffers or larger than a slot: a codec frame, in one slot or streamed."""
+        pieces, total = codec.frame(main, bufs)
         if total > self.max_message:
             raise ValueError(f"message of {total} bytes is over max_message_bytes={self.max_message}")
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = None if timeout is None else _mono() + timeout
         with self._lock:
-            self._enter()
-            try:
-                if total <= self._slot_bytes:
-                    self._write_slot(pieces, total, L.FIRST | L.LAST, deadline)
-                else:
-                    self._write_stream(pieces, total, deadline)
-            finally:
-                self._users -= 1
+            if self._closed_here:
+                raise QueueClosed("queue closed")
+            if total > self._slot_bytes:
+                return self._put_stream(pieces, total, deadline)
+            w = self._w
+            if w >= self._limit:
+                self._await_space(w, deadline)
+            s = self._slot
+            mv = self._mv
+            off = self._datas[s]
+            for p in pieces:
+                end = off + len(p)
+                mv[off:end] = p
+                off = end
+            self._publish(w, s, total, _WHOLE)
 
-    def _write_slot(self, pieces, length: int, kind: int, deadline: float | None) -> None:
-        i = self._cursor
-        meta = self._metas[i]
-        mv, rf, n = self._mv, meta + 8, self._n
-        if mv[meta] and mv[rf:rf + n] != self._ones:  # slot still unread by someone: wait for space
-            self._await_free(meta, deadline)
-        mv[meta] = 0  # written=0 first: readers must never see "written, unread" over stale bytes
-        mv[rf:rf + n] = self._zeros
-        off = self._datas[i]
-        for p in pieces:
-            end = off + len(p)
-            mv[off:end] = p
-            off = end
-        # publish: kind and length, then (release order) the written flag, then the futex word
-        mv[meta + 1] = kind
-        _U32.pack_into(mv, meta + 4, length)
-        _sync.release_fence()
-        mv[meta] = 1
-        _U32.pack_into(mv, L.OFF_WRITE_SEQ, (_U32.unpack_from(mv, L.OFF_WRITE_SEQ)[0] + 1) & 0xFFFFFFFF)
-        self._cursor = i + 1 if i + 1 < self._nslots else 0
-        _sync.full_fence()  # store(written, seq) -> load(waiting): Dekker with the reader's announce-then-check
-        if mv[self._waiting:self._waiting_end] != self._zeros or not _sync.HAVE_FENCE:
-            _sync.futex_wake(self._write_seq_addr)
+    def _publish(self, w: int, s: int, length: int, kind: int) -> None:
+        """Write chunk ``w``'s record (its payload is in slot ``s``), publish it, wake sleeping readers."""
+        W = self._W
+        m = self._metas[s]
+        W[m] = w & _MASK
+        W[m + 1] = length
+        W[m + 2] = kind
+        if _NEED_ORDER_FENCES:
+            _sync.release_fence()  # payload and record before pub
+        w += 1
+        W[_W_PUB] = w & _MASK
+        self._w = w
+        self._slot = s + 1 if s + 1 < self._nslots else 0
+        _full_fence()  # store(pub) -> load(sleepers): Dekker with the reader's announce-then-check
+        if W[_W_SLEEPERS] or self._always_wake:
+            _sync.fetch_add(self._rwake)
+            _sync.futex_wake(self._rwake)
 
-    def _write_stream(self, pieces, total: int, deadline: float | None) -> None:
+    def _put_stream(self, pieces, total: int, deadline: float | None) -> None:
         """Spread one frame over consecutive slots, publishing each as soon as it is full."""
         if len(pieces[0]) > self._slot_bytes:
             raise ValueError("message header larger than one slot: too many out-of-band buffers for the slot size")
-        kind, room, chunk = L.FIRST, self._slot_bytes, []
-        written = 0
+        mv, size = self._mv, self._slot_bytes
+        kind, room, off, left = _FIRST, 0, 0, total
+        w = s = 0
         for piece in pieces:
-            view = memoryview(piece).cast("B")
-            while len(view):
-                take = view[:room]
-                chunk.append(take)
-                view = view[len(take):]
-                room -= len(take)
-                written += len(take)
-                if room == 0 or written == total:
-                    last = L.LAST if written == total else 0
-                    self._write_slot(chunk, self._slot_bytes - room, kind | last, deadline)
-                    kind, room, chunk = 0, self._slot_bytes, []
+            view = memoryview(piece).cast("B") if not isinstance(piece, bytes) else piece
+            pos, n = 0, len(view)
+            while pos < n:
+                if not room:
+                    w = self._w
+                    if w >= self._limit:
+                        self._await_space(w, deadline)
+                    s, room = self._slot, size
+                    off = self._datas[s]
+                k = min(room, n - pos)
+                mv[off:off + k] = view[pos:pos + k]
+                pos += k
+                off += k
+                room -= k
+                left -= k
+                if not room or not left:
+                    self._publish(w, s, size - room, kind | (_LAST if not left else 0))
+                    kind, room = 0, 0
 
-    def _await_free(self, meta: int, deadline: float | None) -> None:
-        mv, rf, n, ones = self._mv, meta + 8, self._n, self._ones
-        self._wait(lambda: mv[meta] == 0 or mv[rf:rf + n] == ones, self._ack_seq_addr, L.OFF_WRITER_WAITING,
-                   deadline, None, lambda: tuple(r for r in range(n) if not mv[rf + r]), "enqueue")
+    def _await_space(self, w: int, deadline: float | None) -> None:
+        """Block until chunk ``w`` may be written: every reader has released chunk ``w - n_slots``."""
+        if w < self._refresh_limit(w):
+            return
+        if self._spin_s:
+            end = _perf() + self._spin_s
+            while _perf() < end:
+                if self._spin_yields:
+                    _yield()
+                if w < self._refresh_limit(w):
+                    return
+        self._sleep_until(lambda: w < self._refresh_limit(w), self._wwake, deadline, None,
+                          lambda: self._behind(w), "enqueue", self._writer_sleeping)
+
+    def _refresh_limit(self, w: int) -> int:
+        """Read every reader's counter; the slowest one bounds how far the writer may run ahead."""
+        W, S = self._W, self._nslots
+        lag = 0
+        for cw in self._consumed_words:
+            d = (w - W[cw]) & _MASK
+            if d > lag:
+                lag = d
+        if lag > S:
+            raise CorruptMessage(f"a reader's counter is {lag} chunks behind a ring of {S} slots")
+        self._limit = w - lag + S
+        return self._limit
+
+    def _behind(self, w: int) -> tuple[int, ...]:
+        """Readers that have not released the chunk the writer needs."""
+        W, S = self._W, self._nslots
+        return tuple(r for r, cw in enumerate(self._consumed_words) if (w - W[cw]) & _MASK >= S)
+
+    def _writer_sleeping(self, on: bool) -> None:
+        self._W[_W_WRITER_SLEEPING] = 1 if on else 0
+        if on:
+            _sync.full_fence()  # store(writer_sleeping) -> load(consumed[*])
 
     # -- reader ------------------------------------------------------------------------------------------------
     def dequeue(self, timeout: float | None = None, cancel: threading.Event | None = None) -> Any:
@@ -224,162 +343,233 @@ class MessageQueue:
         (the writer is gone) or CorruptMessage. A message is returned whole or not at all."""
         if self.is_writer:
             raise RuntimeError("dequeue on the writer end of the queue")
-        deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
-            self._enter()
+            if self._closed_here:
+                raise QueueClosed("queue closed")
+            # the hot path, inlined: the next chunk is a whole bare pickle, unpickled in place
+            W, c = self._W, self._c
+            if W[_W_PUB] == c:
+                self._await_chunk(c, None if timeout is None else _mono() + timeout, cancel)
+            if _NEED_ORDER_FENCES:
+                _sync.acquire_fence()  # pub before the record and payload
+            s = self._slot
+            m = self._metas[s]
+            length = W[m + 1]
+            off = self._datas[s]
+            mv = self._mv
+            # a pickle starts with PROTO 5 and ends with STOP: a corrupt length or record never feeds pickle a
+            # shifted or truncated stream (checked again, with a clear error, in _dequeue_frame)
+            if (W[m + 2] != _PICKLED or W[m] != c or not 3 <= length <= self._slot_bytes
+                    or mv[off] != 0x80 or mv[off + length - 1] != 0x2E):
+                return self._dequeue_frame(timeout, cancel)
+            view = mv[off:off + length]
             try:
-                while True:
-                    meta, kind, length = self._await_slot(deadline, cancel)
-                    if not kind & L.FIRST:  # the tail of a message whose writer gave up: skip it
-                        self._release(meta)
-                        continue
-                    data = self._datas[self._cursor]
-                    if kind & L.LAST:
-                        return self._read_single(meta, data, length)
-                    frame = self._read_stream(meta, data, length, deadline, cancel)
-                    if frame is not None:
-                        return codec.decode(frame)
+                return _loads(view)
+            except Exception as exc:
+                raise CorruptMessage(f"cannot unpickle message: {type(exc).__name__}: {exc}") from exc
             finally:
-                self._users -= 1
+                view.release()
+                self._release()
 
-    def _read_single(self, meta: int, data: int, length: int) -> Any:
-        """A one-slot message: unpickle in place when it has no out-of-band buffers (pickle copies everything
-        it keeps), else take one copy so that arrays can keep pointing at it after the slot is reused."""
+    def _dequeue_frame(self, timeout, cancel) -> Any:
+        """Anything but a bare pickle: a one-slot frame, a stream of chunks, stray tails, corruption."""
+        deadline = None if timeout is None else _mono() + timeout
+        while True:
+            kind, length, data = self._next_chunk(deadline, cancel)
+            if kind == _PICKLED:
+                view = self._mv[data:data + length]
+                try:
+                    codec.check_pickle(view)
+                    return _loads(view)
+                except CorruptMessage:
+                    raise
+                except Exception as exc:
+                    raise CorruptMessage(f"cannot unpickle message: {type(exc).__name__}: {exc}") from exc
+                finally:
+                    view.release()
+                    self._release()
+            if kind == _WHOLE:
+                return self._read_whole(data, length)
+            if not kind & _FIRST:  # the tail of a message whose writer gave up: skip it
+                self._release()
+                continue
+            frame = self._read_stream(data, length, deadline, cancel)
+            if frame is not None:
+                return codec.decode(frame)
+
+    def _next_chunk(self, deadline, cancel) -> tuple[int, int, int]:
+        """Wait for chunk ``consumed`` and return its (kind, length, data offset), checked."""
+        W, c = self._W, self._c
+        if W[_W_PUB] == c:
+            self._await_chunk(c, deadline, cancel)
+        if _NEED_ORDER_FENCES:
+            _sync.acquire_fence()  # pub before the record and payload
+        d = (W[_W_PUB] - c) & _MASK
+        if d > self._nslots:
+            raise CorruptMessage(f"ring counter says {d} chunks are pending in a ring of {self._nslots} slots")
+        s = self._slot
+        m = self._metas[s]
+        seq, length, kind = W[m], W[m + 1], W[m + 2]
+        L.check_chunk(seq, length, kind, c, self._slot_bytes)
+        return kind, length, self._datas[s]
+
+    def _read_whole(self, data: int, length: int) -> Any:
+        """A one-slot codec frame (it has out-of-band buffers): one copy, so that arrays can keep pointing at
+        it after the slot is reused."""
         try:
-            view = self._mv[data:data + length]
-            if codec.is_inband(view, length):
-                return codec.decode_inband(view)
-            return codec.decode(bytearray(view))
+            frame = bytearray(self._mv[data:data + length])  # no zero-fill; arrays will point into it
         finally:
-            view = None
-            self._release(meta)
+            self._release()
+        return codec.decode(frame)
 
-    def _read_stream(self, meta, data, length, deadline, cancel) -> bytearray | None:
+    def _read_stream(self, data, length, deadline, cancel):
         """Gather a multi-slot frame. Returns None if the message turned out torn (a new FIRST arrived)."""
-        total = codec.frame_length(self._mv[data:data + length], self.max_message)
-        frame = bytearray(total)
+        mv = self._mv
+        total = codec.frame_length(mv[data:data + length], self.max_message)
+        if total <= length:
+            raise CorruptMessage(f"a {total}-byte frame does not need more than one {length}-byte chunk")
+        frame = codec.alloc(total)
+        fv = memoryview(frame).cast("B")
         got = 0
         while True:
             if got + length > total:
+                self._release()
                 raise CorruptMessage(f"message chunks exceed the announced {total} bytes")
-            frame[got:got + length] = self._mv[data:data + length]
+            fv[got:got + length] = mv[data:data + length]
             got += length
-            self._release(meta)
+            self._release()
             if got == total:
                 return frame
-            meta, kind, length = self._await_slot(deadline, cancel)
-            if kind & L.FIRST:
-                return None  # torn: the writer started over; re-read this slot as a new message
-            data = self._datas[self._cursor]
-            if kind & L.LAST and got + length != total:
+            kind, length, data = self._next_chunk(deadline, cancel)
+            if kind & _FIRST:
+                return None  # torn: the writer started over; this chunk is read again as a new message
+            if kind & _LAST and got + length != total:
+                self._release()
                 raise CorruptMessage(f"message ended after {got + length} of {total} bytes")
 
-    def _await_slot(self, deadline, cancel) -> tuple[int, int, int]:
-        mv, meta = self._mv, self._metas[self._cursor]
-        flag = meta + 8 + self.reader_rank
-        if not (mv[meta] == 1 and mv[flag] == 0):
-            self._wait(lambda: mv[meta] == 1 and mv[flag] == 0, self._write_seq_addr,
-                       self._waiting + self.reader_rank, deadline, cancel, lambda: (), "dequeue")
-        _sync.acquire_fence()
-        kind = mv[meta + 1]
-        (length,) = _U32.unpack_from(mv, meta + 4)
-        if length > self._slot_bytes or (not kind & L.LAST and length != self._slot_bytes):
-            raise CorruptMessage(f"slot {self._cursor} claims {length} bytes (slot size {self._slot_bytes})")
-        return meta, kind, length
+    def _release(self) -> None:
+        """Hand the current chunk back to the writer."""
+        W = self._W
+        if _NEED_ORDER_FENCES:
+            _sync.release_fence()  # our copy of the payload is complete before the writer may reuse the slot
+        c = (self._c + 1) & _MASK
+        W[self._cw] = c
+        self._c = c
+        s = self._slot + 1
+        self._slot = s if s < self._nslots else 0
+        _full_fence()  # store(consumed) -> load(writer_sleeping)
+        if W[_W_WRITER_SLEEPING] or self._always_wake:
+            _sync.fetch_add(self._wwake)
+            _sync.futex_wake(self._wwake)
 
-    def _release(self, meta: int) -> None:
-        mv = self._mv
-        _sync.release_fence()  # our copy of the payload is complete before the writer may reuse the slot
-        mv[meta + 8 + self.reader_rank] = 1
-        self._cursor = self._cursor + 1 if self._cursor + 1 < self._nslots else 0
-        _sync.full_fence()  # store(read flag) -> load(writer_waiting)
-        if mv[L.OFF_WRITER_WAITING] or not _sync.HAVE_FENCE:
-            _sync.fetch_add(self._ack_seq_addr)
-            _sync.futex_wake(self._ack_seq_addr)
+    def _await_chunk(self, c: int, deadline, cancel) -> None:
+        W = self._W
+        if self._spin_s:
+            end = _perf() + self._spin_s
+            if self._spin_yields:
+                while True:
+                    _yield()
+                    if W[_W_PUB] != c:
+                        return
+                    if _perf() >= end:
+                        break
+            else:
+                while _perf() < end:
+                    if W[_W_PUB] != c:
+                        return
+        self._sleep_until(lambda: W[_W_PUB] != c, self._rwake, deadline, cancel, tuple, "dequeue",
+                          self._reader_sleeping)
+
+    def _reader_sleeping(self, on: bool) -> None:
+        _sync.fetch_add(self._sleepers, 1 if on else -1)  # atomic, and a full fence: store -> load(pub)
 
     # -- waiting -----------------------------------------------------------------------------------------------
-    def _wait(self, ready, futex_addr, flag_off, deadline, cancel, pending, what) -> None:
-        """Spin, then sleep on ``futex_addr`` until ``ready()``; see the module docstring."""
-        spin_end = time.perf_counter() + self.spin_s
-        while time.perf_counter() < spin_end:
-            if ready():
-                return
-        mv, seq_off = self._mv, futex_addr - self._base
-        last_check = time.monotonic()
+    def _sleep_until(self, ready, futex, deadline, cancel, pending, what, announce) -> None:
+        """Sleep on ``futex`` until ``ready()``; see the protocol in transport/layout.py.
+
+        ``announce(True)`` publishes "I sleep" with a full fence, so a party that publishes news after our
+        check sees it and changes the futex word (which makes the kernel refuse to put us to sleep)."""
+        W = self._W
+        word = (futex.value - self._base) // 4
+        next_liveness = _mono() + _LIVENESS_POLL_S
+        nap_max = _CANCEL_POLL_S if cancel is not None else _LIVENESS_POLL_S
         while True:
-            seq = _U32.unpack_from(mv, seq_off)[0]
-            mv[flag_off] = 1
-            _sync.full_fence()
+            seq = W[word]
+            announce(True)
             try:
                 if ready():
                     return
                 self._check_cancelled(cancel)
-                now = time.monotonic()
+                now = _mono()
                 if deadline is not None and now >= deadline:
                     p = pending()
                     raise QueueTimeout(f"{what} timed out" + (f": readers {list(p)} have not read" if p else ""), p)
-                if now - last_check >= _LIVENESS_POLL_S:
+                if now >= next_liveness:
                     self._check_peer(pending)
-                    last_check = now
-                nap = _CANCEL_POLL_S if cancel is not None else _LIVENESS_POLL_S
-                if deadline is not None:
-                    nap = min(nap, deadline - now)
-                _sync.futex_wait(futex_addr, seq, nap)
+                    next_liveness = now + _LIVENESS_POLL_S
+                nap = nap_max if deadline is None else min(nap_max, deadline - now)
+                _sync.futex_wait(futex, seq, nap)
             finally:
-                mv[flag_off] = 0
+                announce(False)
 
     def _check_cancelled(self, cancel) -> None:
-        if self._mv[L.OFF_CLOSED]:
+        if self._W[_W_CLOSED]:
             raise QueueClosed("queue closed")
         if cancel is not None and cancel.is_set():
             raise QueueClosed("wait cancelled")
 
     def _check_peer(self, pending) -> None:
         if not self.is_writer:
-            if not _pid_alive(self.writer_pid):
+            if not _proc.alive(self.writer_pid, self.writer_start):
                 raise PeerDied(f"writer process {self.writer_pid} died", self.writer_pid)
             return
         for r in pending():
-            pid = _U32.unpack_from(self._mv, self.layout.reader_pids + 4 * r)[0]
-            if pid and not _pid_alive(pid):
+            pid, start = struct.unpack_from("<IQ", self._mv, self.layout.reader(r) + L.R_PID)
+            if pid and not _proc.alive(pid, start):
                 raise PeerDied(f"reader {r} (pid {pid}) died", pid, r)
 
     # -- closing -----------------------------------------------------------------------------------------------
     def cancel_all(self) -> None:
         """Mark the queue closed and wake every waiter, in every process. Safe from any thread."""
-        if self._seg.map.closed:
+        if self._seg.map.closed or os.getpid() != self._pid:
             return
-        self._mv[L.OFF_CLOSED] = 1
+        self._W[_W_CLOSED] = 1
         _sync.full_fence()
-        for addr in (self._write_seq_addr, self._ack_seq_addr):
+        for addr in (self._rwake, self._wwake):
             _sync.fetch_add(addr)  # change the word so that a waiter about to sleep returns at once
             _sync.futex_wake(addr)
 
     def close(self) -> None:
-        """Wake every waiter, remove the name if still there, and release this process's mapping. Idempotent."""
+        """Wake every waiter, remove the name if still there, and release this process's mapping. Idempotent.
+        Messages already published stay readable by readers that have not closed."""
         if self._closed_here:
             return
         self._closed_here = True
+        if os.getpid() != self._pid:  # a forked copy: drop our mapping, leave the queue alone
+            self._unmap()
+            return
         self.cancel_all()
         if self.is_writer:
             shm.unlink(self._seg.name)
-        deadline = time.monotonic() + 0.1
-        while self._users and time.monotonic() < deadline:  # let woken threads leave the mapping
-            time.sleep(0.001)
-        if self._users:
-            return  # a thread is still inside: leave the mapping to garbage collection rather than crash it
-        self._mv.release()
-        self._seg.map.close()
+        # A thread of this process inside enqueue/dequeue holds the lock: wait for it to leave the mapping.
+        if not self._lock.acquire(timeout=0.1):
+            return  # still inside: leave the mapping to garbage collection rather than crash that thread
+        try:
+            self._unmap()
+        finally:
+            self._lock.release()
+
+    def _unmap(self) -> None:
+        try:
+            self._W.release()
+            self._mv.release()
+            self._seg.map.close()
+        except BufferError:  # a view is still exported somewhere: garbage collection unmaps it later
+            pass
 
     @property
     def closed(self) -> bool:
-        return self._closed_here or bool(self._mv[L.OFF_CLOSED])
-
-    def _enter(self) -> None:
-        """Count this thread in (close() waits for counted threads before unmapping)."""
-        if self._closed_here:
-            raise QueueClosed("queue closed")
-        self._users += 1
+        return self._closed_here or bool(self._W[_W_CLOSED])
 
     def __enter__(self) -> "MessageQueue":
         return self
@@ -389,21 +579,11 @@ class MessageQueue:
 
     def __del__(self) -> None:
         try:
-            if not self._closed_here and self.is_writer:
+            if not self._closed_here and self.is_writer and os.getpid() == self._pid:
                 shm.unlink(self._seg.name)
         except Exception:
             pass
 
-
-def _deadline(timeout: float | None) -> float | None:
-    return None if timeout is None else time.monotonic() + timeout
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    def __repr__(self) -> str:
+        role = "writer" if self.is_writer else f"reader {self.reader_rank}"
+        return f"<MessageQueue {self._seg.name} {role} of {self._n} readers, {self._nslots}x{self._slot_bytes} B>"
