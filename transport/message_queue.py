@@ -12,25 +12,30 @@ The same class serves the supervisor's 1->N broadcast of requests and each worke
 Layout, protocol and state table: transport/layout.py. Waits and fences: transport/_sync.py. Framing:
 transport/codec.py.
 
-Waiting is adaptive: poll the counter for up to ``spin_us`` (optionally yielding the CPU between polls), then
-announce "I sleep", fence, re-check, and sleep in the kernel on a futex word. The other side, after publishing,
-fences and wakes only if someone announced sleep, so the common case costs no system call and an idle reader
-costs no CPU. One FUTEX_WAKE reaches every sleeping reader. A sleeper also wakes every ``_LIVENESS_POLL_S`` to
-check that its peer process still exists (``PeerDied``), and every ``_CANCEL_POLL_S`` while it has a
-``threading.Event`` cancel to look at; ``close()`` / ``cancel_all()`` from any thread or process wakes every
-sleeper at once through the futex words.
+Waiting is adaptive: poll the counter for up to ``spin_us``, yielding the CPU (``os.sched_yield``) between polls,
+then announce "I sleep", fence, re-check, and sleep in the kernel on a futex word. The other side, after
+publishing, fences and wakes only if someone announced sleep, so the common case costs no system call and an
+idle reader costs no CPU. One FUTEX_WAKE reaches every sleeping reader. A sleeper also wakes every
+``_LIVENESS_POLL_S`` to check that its peer process still exists (``PeerDied``), and every ``_CANCEL_POLL_S``
+while it has a ``threading.Event`` cancel to look at; ``close()`` / ``cancel_all()`` from any thread or process
+wakes every sleeper at once through the futex words.
 
-Spinning pays only while the party it waits for has a CPU to run on: on a machine with fewer cores than busy
-processes a spinner steals the very CPU its peer needs. ``spin_us`` therefore defaults to ``None`` = auto: a
-ring whose parties (readers + writer) fit on the CPUs we may run on spins for ``_AUTO_SPIN_US``; a bigger one
-only yields (``os.sched_yield``) a few times before sleeping. Pass a number to force a window (0 = never spin).
+Why yield while spinning: on a machine with fewer cores than busy processes (2 cores, a writer and N readers), a
+pure busy-poll holds a core for its whole window while the very process it waits for sits in the run queue, so
+a 50 us pure spin measured several times slower than no spin at all. A yielding poll hands the core to whoever
+is runnable and costs one cheap system call when nobody is; it measured best at every N we tried (see
+scripts/bench_transport.py and the issue note). ``spin_yield=False`` gives a pure spin, ``spin_us=0`` sleeps at
+once.
+
+``close()`` by any party closes the queue for every party (it is how a shutdown wakes everyone). Messages
+already published stay readable. A ``dequeue`` that times out in the middle of a multi-slot message drops
+that message for this reader (it is never delivered in part).
 """
 from __future__ import annotations
 
 import os
 import pickle
 import struct
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -41,8 +46,7 @@ from transport.errors import CorruptMessage, PeerDied, QueueClosed, QueueTimeout
 
 _CANCEL_POLL_S = 0.005  # a threading.Event cannot wake a futex: poll it this often while asleep
 _LIVENESS_POLL_S = 0.25  # how often a sleeper checks that its peer process still exists
-_AUTO_SPIN_US = 50.0
-_AUTO_YIELDS = 2  # oversubscribed rings: sched_yield this many times, then sleep
+_AUTO_SPIN_US = 50.0  # spin window when spin_us is None
 _MASK = L.MASK
 _W_PUB = L.OFF_PUB // 4
 _W_RWAKE = L.OFF_RWAKE // 4
@@ -61,13 +65,6 @@ _perf = time.perf_counter
 _mono = time.monotonic
 _loads = pickle.loads
 _yield = os.sched_yield
-
-
-def _cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -162,12 +159,8 @@ class MessageQueue:
         self._wwake = _sync.address(self._base + L.OFF_WWAKE)
         self._sleepers = _sync.address(self._base + L.OFF_SLEEPERS)
         self._always_wake = not _sync.HAVE_FENCE
-        fits = lay.n_readers + 1 <= _cpus()
-        if self.spin_us is None:
-            self._spin_s = _AUTO_SPIN_US * 1e-6 if fits else 0.0
-        else:
-            self._spin_s = max(0.0, self.spin_us) * 1e-6
-        self._spin_yields = (not fits) if self.spin_yield is None else bool(self.spin_yield)
+        self._spin_s = max(0.0, _AUTO_SPIN_US if self.spin_us is None else self.spin_us) * 1e-6
+        self._spin_yields = True if self.spin_yield is None else bool(self.spin_yield)
         if not self.is_writer:
             self._cw = self._consumed_words[self.reader_rank]
             self._announce_attached()
@@ -578,9 +571,11 @@ class MessageQueue:
         self.close()
 
     def __del__(self) -> None:
+        """A writer dropped without close(): remove the name and wake the readers (they would wait forever)."""
         try:
             if not self._closed_here and self.is_writer and os.getpid() == self._pid:
                 shm.unlink(self._seg.name)
+                self.cancel_all()
         except Exception:
             pass
 
