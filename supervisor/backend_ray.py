@@ -222,7 +222,6 @@ class RayGroup:
         self.transition(GroupState.READY)
 
     def _place(self, deadline: float, abort) -> None:
-        ray = _ray()
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 

@@ -33,7 +33,7 @@ class EventLog:
             self.recent.append(event)
             if self._file is not None and not self._file.closed:
                 self._file.write(json.dumps(event, default=str) + "\n")
-        logger.debug(f"event {event}")
+        logger.trace(f"event {event}")  # below loguru's default level: an embedding app sees no noise
         return event
 
     def of_kind(self, kind: str) -> list[dict[str, Any]]:

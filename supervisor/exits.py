@@ -13,7 +13,7 @@ _HINTS = {
     signal.SIGINT: "interrupted",
     signal.SIGFPE: "floating-point exception",
 }
-_CODES = {70: "its supervisor vanished", 71: "start-up failed"}
+_CODES = {70: "its supervisor vanished", 71: "start-up failed", 72: "did not finish stopping within the grace"}
 
 
 @dataclass(frozen=True)

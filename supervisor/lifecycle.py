@@ -13,6 +13,7 @@ do) is the pure function in policy.py; this module is the mechanism (doing it).
 from __future__ import annotations
 
 import enum
+import os
 import inspect
 import queue
 import shutil
@@ -74,7 +75,8 @@ class Lifecycle:
         self.stop_requested = threading.Event()
         self.started = threading.Event()
         self.finished = threading.Event()
-        self._tmp = tempfile.mkdtemp(prefix="rankvisor-rdzv-")
+        _sweep_dead_owners()
+        self._tmp = tempfile.mkdtemp(prefix=f"{_RDZV_PREFIX}{os.getpid()}-")
         self.monitor = self.backend.new_monitor(self._on_exit, self._on_hung)
         self.thread = threading.Thread(target=self._run, name="supervisor-manager", daemon=True)
 
@@ -319,6 +321,26 @@ class Lifecycle:
         self.backend.close()
         shutil.rmtree(self._tmp, ignore_errors=True)
         self.transition(SupervisorState.STOPPED)
+
+
+_RDZV_PREFIX = "rankvisor-rdzv-"
+
+
+def _sweep_dead_owners() -> None:
+    """Start-up sweep: shared-memory segments and rendezvous folders left by supervisors that died (kill -9)."""
+    from transport import sweep_dead
+
+    sweep_dead()
+    tmp = tempfile.gettempdir()
+    for name in os.listdir(tmp):
+        if not name.startswith(_RDZV_PREFIX):
+            continue
+        try:
+            pid = int(name[len(_RDZV_PREFIX):].split("-", 1)[0])
+        except ValueError:
+            continue
+        if not os.path.exists(f"/proc/{pid}"):
+            shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
 
 
 def _takes_argument(cb: Callable[..., Any]) -> bool:

@@ -18,7 +18,6 @@ from worker.main import entry
 from worker.protocol import ALLOWED_WORKER_TRANSITIONS, WorkerState
 from worker.spec import WorkerSpec
 
-from supervisor.topology import TREE_ENV  # set in every worker's environment; inherited by its descendants
 _OPEN: set["WorkerProcess"] = set()
 
 

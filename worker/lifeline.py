@@ -58,24 +58,26 @@ def exit_now(code: int) -> None:
 class DeathWatch(threading.Thread):
     """Waits for EOF on the death pipe; then stops the worker within ``grace`` seconds, whatever it is doing."""
 
-    def __init__(self, conn, grace_s: float, on_eof, exit_code: int) -> None:
+    def __init__(self, conn, grace_s: float, on_eof, exit_code: int, overdue_code: int) -> None:
         super().__init__(name="death-watch", daemon=True)
         self.conn = conn
         self.grace_s = grace_s
         self.on_eof = on_eof  # asks the main thread to stop (e.g. by signalling it)
-        self.exit_code = exit_code
+        self.exit_code = exit_code  # the supervisor vanished
+        self.overdue_code = overdue_code  # a deliberate stop took longer than its grace
         self.fired = threading.Event()
 
     def run(self) -> None:
-        grace = self.grace_s  # the supervisor vanished: stop quickly
+        grace, code = self.grace_s, self.exit_code  # the supervisor vanished: stop quickly
         try:
             while True:
                 msg = self.conn.recv_bytes()  # only ever one message: b"stop:<grace seconds>", then EOF
                 if msg.startswith(b"stop:"):
-                    grace = float(msg[5:])  # a deliberate shutdown: the supervisor's own grace applies
+                    # a deliberate shutdown: the supervisor's own grace applies
+                    grace, code = float(msg[5:]), self.overdue_code
         except (EOFError, OSError, ValueError):
             pass
         self.fired.set()
         self.on_eof()
         time.sleep(grace)
-        exit_now(self.exit_code)
+        exit_now(code)

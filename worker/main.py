@@ -25,8 +25,8 @@ import traceback
 from typing import Any
 
 from worker import lifeline
-from worker.protocol import (EXIT_ORPHANED, EXIT_STARTUP_FAILED, STOP_METHOD, Ready, RemoteFailure, Reply,
-                             Request, StartupFailed)
+from worker.protocol import (EXIT_ORPHANED, EXIT_STARTUP_FAILED, EXIT_STOP_OVERDUE, STOP_METHOD, Ready,
+                             RemoteFailure, Reply, Request, StartupFailed)
 from worker.spec import WorkerSpec
 
 
@@ -83,7 +83,8 @@ def entry(spec: WorkerSpec, bcast_handle: Any, death_conn: Any, status_conn: Any
     status = StatusChannel(status_conn)
     main_ident = threading.get_ident()
     watch = lifeline.DeathWatch(death_conn, spec.worker.orphan_grace_s,
-                                lambda: signal.pthread_kill(main_ident, signal.SIGTERM), EXIT_ORPHANED)
+                                lambda: signal.pthread_kill(main_ident, signal.SIGTERM), EXIT_ORPHANED,
+                                EXIT_STOP_OVERDUE)
     signal.signal(signal.SIGTERM, _request_stop)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
     watch.start()

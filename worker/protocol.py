@@ -89,3 +89,4 @@ class RemoteFailure(NamedTuple):
 STOP_METHOD = "__stop__"  # a Request with this method makes every worker stop gracefully, no reply
 EXIT_ORPHANED = 70  # the worker exited because its supervisor vanished
 EXIT_STARTUP_FAILED = 71
+EXIT_STOP_OVERDUE = 72  # a deliberate stop ran past the supervisor's grace: the worker left by itself
