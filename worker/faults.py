@@ -10,6 +10,10 @@ Configured through the worker environment (``+runtime.env.RV_FAULT=...`` on the 
     RV_FAULT_ARG       a number for faults that take one (slow_stop: seconds)
 
 Run-time faults (raise in a call, exit, a signal, a hang) need no class: send a callable through collective_rpc.
+
+``FaultyWorker`` is the torch-free echo worker with these faults (starts in ~0.2 s); ``FaultyTPWorker`` is the
+tensor-parallel MLP (torch.distributed, CUDA with device=cuda) with the same faults, for the rows where the
+process group or GPU memory matters (a fault in init then strikes with the device and the world already set up).
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import sys
 import time
 from typing import Any
 
-from worker.tp_mlp import EchoWorker
+from worker.tp_mlp import EchoWorker, TPMLPWorker
 
 
 def _selected(spec) -> str:
@@ -36,7 +40,9 @@ def _selected(spec) -> str:
     return kind
 
 
-class FaultyWorker(EchoWorker):
+class _Faults:
+    """The injected faults, mixed in before a worker class."""
+
     def __init__(self, spec) -> None:
         super().__init__(spec)
         self.fault = _selected(spec)
@@ -44,6 +50,8 @@ class FaultyWorker(EchoWorker):
         self.grandchildren: list[int] = []
 
     def init_device(self) -> None:
+        if self.fault == "dist_fail_init":
+            _unreachable_rendezvous()  # before our own init: it is joining the world that fails
         super().init_device()
         fault = self.fault
         if fault == "raise_init":
@@ -55,12 +63,6 @@ class FaultyWorker(EchoWorker):
         if fault == "hang_init":
             while True:
                 time.sleep(1)
-        if fault == "dist_fail_init":
-            import torch.distributed as dist  # an unreachable rendezvous: bounded by its timeout
-
-            from datetime import timedelta
-            dist.init_process_group("gloo", init_method="tcp://127.0.0.1:9", rank=0, world_size=2,
-                                    timeout=timedelta(seconds=2))
         if fault == "ignore_sigterm":
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if fault == "grandchild":
@@ -83,6 +85,24 @@ class FaultyWorker(EchoWorker):
         if self.fault == "slow_stop":
             time.sleep(self.arg or 1.0)
         super().shutdown()
+
+
+class FaultyWorker(_Faults, EchoWorker):
+    """The torch-free echo worker, misbehaving as configured."""
+
+
+class FaultyTPWorker(_Faults, TPMLPWorker):
+    """The tensor-parallel MLP worker, misbehaving as configured."""
+
+
+def _unreachable_rendezvous() -> None:
+    """torch.distributed init against a rendezvous nobody else joins: fails, bounded by its timeout."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:9", rank=0, world_size=2,
+                            timeout=timedelta(seconds=2))
 
 
 def segfault() -> None:
