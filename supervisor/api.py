@@ -29,6 +29,7 @@ from supervisor.rpc import PendingCall, RpcFuture
 from supervisor.settings import Config
 
 _LIVE: "weakref.WeakSet[Supervisor]" = weakref.WeakSet()
+_ABANDONED: "weakref.WeakSet[Lifecycle]" = weakref.WeakSet()  # trees of collected supervisors, still stopping
 
 
 class Supervisor:
@@ -40,6 +41,8 @@ class Supervisor:
         self._shutdown_lock = threading.Lock()
         self.world = self.cfg.parallel.group_world
         _LIVE.add(self)
+        # Garbage collection without shutdown() must not leave the tree running; interpreter exit is _LIVE's job.
+        weakref.finalize(self, _abandoned, self._life).atexit = False
         if start:
             self.start()
 
@@ -150,10 +153,10 @@ class Supervisor:
 
     def _send(self, gi: int, payload, args, kwargs, local, deadline, name) -> tuple[WorkerGroup, PendingCall]:
         life = self._life
+        if self.gave_up:  # checked first: after giving up the tree is stopped too, but nobody asked for that
+            raise WorkerFailed(f"{name}: the supervisor gave up: {life.error}")
         if life.stop_requested.is_set() or life.state in (SupervisorState.STOPPING, SupervisorState.STOPPED):
             raise ShutdownInProgress(f"{name}: the supervisor is shutting down")
-        if life.state is SupervisorState.GAVE_UP:
-            raise WorkerFailed(f"{name}: the supervisor gave up: {life.error}")
         gate = life.gates[gi]
         wait = self.cfg.restart.calls_during_restart == "wait"
         if not gate.enter(deadline, wait):
@@ -219,6 +222,14 @@ def _method_payload(method: str | Callable[..., Any]) -> tuple[str, Any]:
     return getattr(method, "__name__", "callable"), cloudpickle.dumps(method)
 
 
+def _abandoned(life: Lifecycle) -> None:
+    """A Supervisor was garbage-collected without shutdown(): stop its tree. Only a request (this may run in any
+    thread, the manager's own included); the manager thread does the stopping, and interpreter exit waits for it."""
+    if not life.finished.is_set():
+        _ABANDONED.add(life)
+        life.request_shutdown()
+
+
 @atexit.register
 def _shutdown_all() -> None:
     """A supervisor left running at interpreter exit is stopped, not orphaned."""
@@ -227,3 +238,5 @@ def _shutdown_all() -> None:
             sup.shutdown()
         except Exception:
             pass
+    for life in list(_ABANDONED):
+        life.finished.wait(timeout=life.cfg.shutdown.grace_s + life.cfg.shutdown.reap_s * 3 + 10)

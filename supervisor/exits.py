@@ -13,7 +13,8 @@ _HINTS = {
     signal.SIGINT: "interrupted",
     signal.SIGFPE: "floating-point exception",
 }
-_CODES = {70: "its supervisor vanished", 71: "start-up failed", 72: "did not finish stopping within the grace"}
+_CODES = {70: "its supervisor vanished", 71: "start-up failed", 72: "did not finish stopping within the grace",
+          73: "a fatal device error (e.g. a device-side assert): its CUDA context was unusable"}
 
 
 @dataclass(frozen=True)

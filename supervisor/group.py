@@ -104,6 +104,7 @@ class WorkerGroup:
                     self._take_status(by_conn.pop(obj), readies)
                 elif by_sentinel[obj].rank not in readies:
                     w = by_sentinel[obj]
+                    w.reap(1.0)  # the sentinel can fire before the exit status is there: confirm it first
                     raise StartupError(f"rank {self._g(w.rank)} ({w.spec.topology.name}) exited during start-up: "
                                        f"{w.exit_info().reason}", self._g(w.rank))
         return [readies[r] for r in range(self.world)]

@@ -35,6 +35,9 @@ from supervisor.topology import build_specs, resolve_device
 from worker.protocol import WorkerState
 
 
+_COALESCE_S = 0.05  # after a failure, wait this long for more: they join the same recovery
+
+
 class SupervisorState(enum.Enum):
     """STARTING -> RUNNING -> STOPPING -> STOPPED; STARTING|RUNNING -> GAVE_UP (policy budget spent) -> STOPPED."""
 
@@ -122,20 +125,20 @@ class Lifecycle:
             if kind == "shutdown" or self.stop_requested.is_set():
                 return
             if kind == "failure":
-                exits = list(payload)
-                exits += self._more_failures()
-                self._handle_failure(exits)
+                self._handle_failure(list(payload))
             elif kind == "recycle" and self.state is SupervisorState.RUNNING:
                 self._recycle(payload)
             if self.state is SupervisorState.GAVE_UP:
                 return
 
-    def _more_failures(self) -> list[ChildExit]:
-        """Failures already queued are handled together: several ranks killed at once, one recovery."""
+    def _more_failures(self, wait_s: float = 0.0) -> list[ChildExit]:
+        """Failures queued now, or within ``wait_s``, are handled together: several ranks killed at once, one
+        recovery. Other messages keep their turn."""
         more, keep = [], []
+        deadline = time.monotonic() + wait_s
         while True:
             try:
-                kind, payload = self.inbox.get_nowait()
+                kind, payload = self.inbox.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 break
             (more.extend(payload) if kind == "failure" else keep.append((kind, payload)))
@@ -156,6 +159,7 @@ class Lifecycle:
                 if to_start is None:
                     return
             if not to_start:
+                self.error = None  # every group runs: earlier start-up failures were recovered from
                 return
             i = to_start.pop(0)
             try:
@@ -229,6 +233,9 @@ class Lifecycle:
         gate = self.gates[i]
         gate.close("recycling")
         gate.drain(timeout=self.cfg.worker.heartbeat_timeout_s * 4)
+        channel = self.groups[i].channel
+        if channel is not None:  # stopping closes the reply queues: collect the replies of calls in flight first
+            channel.settle(timeout=self.cfg.worker.heartbeat_timeout_s * 4)
         self._stop_group(i, graceful=True)
         self.events.emit("recycled", group=i)
         self._converge([i], [])
@@ -274,10 +281,25 @@ class Lifecycle:
         self._on_hung(group, workers)
 
     def _handle_failure(self, exits: list[ChildExit]) -> None:
-        for e in exits:
-            self._stop_group(e.child, graceful=False)  # survivors of a broken collective are killed
-        self._run_callbacks(exits)
-        self._converge([], exits)
+        """One recovery, charged once, for every failure seen until the broken groups are down: ranks killed "at
+        once" die milliseconds apart, and the monitor may report their groups one by one."""
+        exits, stopped = self._current(exits), set()
+        while {e.child for e in exits} - stopped:
+            for child in sorted({e.child for e in exits} - stopped):
+                self._stop_group(child, graceful=False)  # survivors of a broken collective are killed
+                stopped.add(child)
+            exits += self._current(self._more_failures(wait_s=_COALESCE_S))
+        if exits:
+            self._run_callbacks(exits)
+            self._converge([], exits)
+
+    def _current(self, exits: list[ChildExit]) -> list[ChildExit]:
+        """Drop failures of a group incarnation that is already gone, e.g. restarted meanwhile by one_for_all
+        together with the group that failed first: acting on them would restart it a second time."""
+        def current(e: ChildExit) -> bool:
+            ready_at = getattr(self.groups.get(e.child), "ready_at", None)
+            return ready_at is None or ready_at <= e.time
+        return [e for e in exits if current(e)]
 
     def _run_callbacks(self, exits: list[ChildExit]) -> None:
         for cb in list(self.callbacks):

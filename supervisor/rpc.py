@@ -124,6 +124,30 @@ class RpcChannel:
         finally:
             self._drain_lock.release()
 
+    def settle(self, timeout: float) -> bool:
+        """Collect the replies of every call in flight into its PendingCall, so a planned stop (a recycle),
+        which closes the queues, loses none: their waiters then find the results already there. False if some
+        reply did not come within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        for call in list(self._pending.values()):
+            for r in call.expected:
+                while r not in call.results and call.call_id in self._pending:
+                    if not self._settle_one(r, call, deadline - time.monotonic()):
+                        return False
+        return True
+
+    def _settle_one(self, r: int, call: PendingCall, remaining: float) -> bool:
+        if remaining <= 0 or not self._drain_lock.acquire(timeout=remaining):
+            return False
+        try:
+            if r not in call.results:  # a waiter may have routed it while we waited for the lock
+                self._route(r, self.replies[r].dequeue(timeout=remaining))
+            return True
+        except (QueueTimeout, QueueClosed, PeerDied):
+            return False
+        finally:
+            self._drain_lock.release()
+
     def _route(self, r: int, reply: Reply) -> None:
         fifo = self._fifo[r]
         while fifo and fifo[0] != reply.call_id:

@@ -25,8 +25,8 @@ import traceback
 from typing import Any
 
 from worker import lifeline
-from worker.protocol import (EXIT_ORPHANED, EXIT_STARTUP_FAILED, EXIT_STOP_OVERDUE, STOP_METHOD, Ready,
-                             RemoteFailure, Reply, Request, StartupFailed)
+from worker.protocol import (EXIT_DEVICE_ERROR, EXIT_ORPHANED, EXIT_STARTUP_FAILED, EXIT_STOP_OVERDUE,
+                             STOP_METHOD, Ready, RemoteFailure, Reply, Request, StartupFailed)
 from worker.spec import WorkerSpec
 
 
@@ -98,9 +98,12 @@ def entry(spec: WorkerSpec, bcast_handle: Any, death_conn: Any, status_conn: Any
         status.send(StartupFailed(spec.topology.rank, type(exc).__name__, str(exc), traceback.format_exc()))
         status_conn.close()
         os._exit(EXIT_STARTUP_FAILED)
-    status.send(Ready(spec.topology.rank, os.getpid(), reply.export_handle(), str(worker.device),
-                      time.monotonic() - t0))
-    Heartbeat(status, spec.worker.heartbeat_interval_s).start()
+    try:
+        status.send(Ready(spec.topology.rank, os.getpid(), reply.export_handle(), str(worker.device),
+                          time.monotonic() - t0))
+        Heartbeat(status, spec.worker.heartbeat_interval_s).start()
+    except GracefulStop:
+        pass  # stopped the moment READY was out (a group stopped right after it started): _serve stops at once
     _serve(spec, worker, bcast, reply)
 
 
@@ -165,6 +168,8 @@ def _serve(spec: WorkerSpec, worker: Any, bcast: Any, reply: Any) -> None:
 
     code = 0
     try:
+        if _stopping.is_set():
+            raise GracefulStop()  # SIGTERM arrived before we got here
         reply.wait_until_ready(timeout=spec.worker.heartbeat_timeout_s * 4)
         calls = 0
         while True:
@@ -175,6 +180,10 @@ def _serve(spec: WorkerSpec, worker: Any, bcast: Any, reply: Any) -> None:
             out = _call(worker, req, spec.topology.rank)
             if req.reply_rank is None or req.reply_rank == spec.topology.rank:
                 _send_reply(reply, req.call_id, out, _over_budget(spec, calls), spec.topology.rank)
+            if not out[0] and _fatal_device_error(out[1]):
+                # Every later call here would fail too, and a graceful shutdown may hang on the broken context:
+                # leave now (the reply is already out) so the supervisor's policy restarts this rank.
+                lifeline.exit_now(EXIT_DEVICE_ERROR)
     except GracefulStop:
         pass
     except (QueueClosed, PeerDied) as exc:
@@ -209,6 +218,12 @@ def dispatch(worker: Any, method: Any, args: tuple, kwargs: dict | None, rank: i
         raise
     except BaseException as exc:
         return False, RemoteFailure(rank, type(exc).__name__, str(exc), traceback.format_exc())
+
+
+def _fatal_device_error(failure: RemoteFailure) -> bool:
+    """A sticky CUDA error (device-side assert, illegal address, ...) poisons the process's CUDA context;
+    torch raises it as AcceleratorError ("CUDA error: ..."). Out-of-memory is recoverable and is not one."""
+    return failure.exc_type == "AcceleratorError" or "CUDA error: " in failure.message
 
 
 def _send_reply(reply: Any, call_id: int, out: tuple[bool, Any], over: bool, rank: int) -> None:

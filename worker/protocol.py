@@ -90,3 +90,4 @@ STOP_METHOD = "__stop__"  # a Request with this method makes every worker stop g
 EXIT_ORPHANED = 70  # the worker exited because its supervisor vanished
 EXIT_STARTUP_FAILED = 71
 EXIT_STOP_OVERDUE = 72  # a deliberate stop ran past the supervisor's grace: the worker left by itself
+EXIT_DEVICE_ERROR = 73  # a call hit a sticky device error (the CUDA context is unusable): restart this rank
