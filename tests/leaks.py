@@ -57,6 +57,27 @@ def _shm() -> set[str]:
         return set()
 
 
+def _held_by_others(names: set[str]) -> set[str]:
+    """The entries among ``names`` that a live process outside this test's tree has mapped: another test run's
+    (the machine is shared, e.g. benchmarks creating sem.mp-* or rvq-* entries), not ours to account for. An
+    entry that nobody maps, or that one of our own processes maps, is still reported."""
+    try:
+        ours = {os.getpid(), *(p.pid for p in psutil.Process().children(recursive=True))}
+    except psutil.Error:
+        return set()
+    held: set[str] = set()
+    for pid in psutil.pids():
+        if pid in ours:
+            continue
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                maps = f.read()
+        except OSError:
+            continue
+        held |= {n for n in names if f"{SHM_DIR}/{n}" in maps}
+    return held
+
+
 def _fds() -> set[int]:
     return {int(x) for x in os.listdir("/proc/self/fd")}
 
@@ -92,6 +113,7 @@ def _diff(before: Snapshot) -> list[str]:
         except psutil.Error:
             pass
     shm = _shm() - before.shm
+    shm -= _held_by_others(shm) if shm else set()
     if shm:
         problems.append(f"/dev/shm entries {sorted(shm)}")
     fds = _fds() - before.fds

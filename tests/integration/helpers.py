@@ -43,6 +43,13 @@ def gone_within(pids, timeout: float) -> list[int]:
         time.sleep(0.01)
 
 
+def reap_adopted(procs, timeout: float = 10.0) -> None:
+    """Wait for a child interpreter's helpers (its forkserver, slow to exit with torch loaded) to go, reaping the
+    ones this process adopted: once it has run a supervisor it is a child subreaper, so when that child dies its
+    orphans become our children, and unreaped they would count as leaked zombies."""
+    psutil.wait_procs(list(procs), timeout=timeout)
+
+
 def _alive(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
@@ -65,6 +72,7 @@ class TreeInChild:
             self.proc.wait(5)
             raise RuntimeError(f"tree did not start: {err[-3000:]}")
         self.info = json.loads(line)
+        self._tree = psutil.Process(self.proc.pid).children(recursive=True)  # for reap_adopted, after it dies
 
     @property
     def pids(self) -> list[int]:
@@ -83,5 +91,6 @@ class TreeInChild:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(5)
+        reap_adopted(getattr(self, "_tree", ()))
         for f in (self.proc.stdout, self.proc.stderr):
             f.close()
