@@ -810,17 +810,22 @@ def test_group_restart_reinitialises_gloo(method="forkserver"):
 
 
 # -- GPU: rows 23 and the G checks -------------------------------------------------------------------------------------
-def _need_cuda() -> None:
+@pytest.fixture(scope="module")
+def gpu():
+    """Skip without CUDA (asked at run time, not import). Module scope: the driver and NVML open descriptors once,
+    before the per-test leak baseline; they are the measuring tool's, not the product's."""
     import torch
 
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-
-
-def _gpu_freed(pids, baseline: int, timeout: float = 10.0) -> None:
-    """G: none of ``pids`` holds GPU memory, and the device's memory in use is back near ``baseline``."""
     from supervisor import gpu
 
+    gpu.used_bytes(0), gpu.memory_by_pid()  # opens NVML and the device node
+    return gpu
+
+
+def _gpu_freed(gpu, pids, baseline: int, timeout: float = 10.0) -> None:
+    """G: none of ``pids`` holds GPU memory, and the device's memory in use is back near ``baseline``."""
     wait_until(lambda: not set(pids) & set(gpu.memory_by_pid()), timeout, "the workers to leave the GPU")
     wait_until(lambda: gpu.used_bytes(0) <= baseline + (256 << 20), timeout, "GPU memory back to baseline")
 
@@ -834,9 +839,7 @@ def _device_error(w):
 
 
 @pytest.mark.cuda
-def test_cuda_device_error_fails_fast_and_restarts():
-    _need_cuda()
-    from supervisor import gpu
+def test_cuda_device_error_fails_fast_and_restarts(gpu):
     from supervisor.errors import RemoteError
 
     baseline = gpu.used_bytes(0)
@@ -855,7 +858,7 @@ def test_cuda_device_error_fails_fast_and_restarts():
         from worker.tp_mlp import make_input
 
         assert sup.execute_model(make_input(cfg.workload, 0), timeout=60) is not None
-    _gpu_freed([victim], baseline)
+    _gpu_freed(gpu, [victim], baseline)
 
 
 CUDA_FAULTS = [  # (row, overrides, what happens) with a CUDA context and the model on the GPU when it strikes
@@ -868,10 +871,7 @@ CUDA_FAULTS = [  # (row, overrides, what happens) with a CUDA context and the mo
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("overrides,what", CUDA_FAULTS)
-def test_cuda_memory_back(overrides, what):
-    _need_cuda()
-    from supervisor import gpu
-
+def test_cuda_memory_back(gpu, overrides, what):
     baseline, events = gpu.used_bytes(0), EventLog()
     cfg = config("device=cuda", "worker.cls=worker.faults:FaultyTPWorker", *overrides, method="spawn")
     if what == "startup":
@@ -883,4 +883,4 @@ def test_cuda_memory_back(overrides, what):
             assert sup.wait(30) and sup.gave_up
     pids = [e["pid"] for e in events.of_kind("started")]
     assert pids and gone_within(pids, 2.0) == []
-    _gpu_freed(pids, baseline)
+    _gpu_freed(gpu, pids, baseline)
