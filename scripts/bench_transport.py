@@ -40,6 +40,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+def _patch_from_env() -> None:  # EXPERIMENT ONLY: RV_BENCH_PATCH="_SPIN_EWMA=0.125,_SPIN_KEEP=0.3"
+    spec = os.environ.get("RV_BENCH_PATCH")
+    if spec:
+        from transport import message_queue as mq
+
+        for item in spec.split(","):
+            k, v = item.split("=")
+            setattr(mq, k, float(v))
+
+
+_patch_from_env()
 PEERS = ("mpq", "pipe", "zmq", "ours")
 REQUEST = ("call", 0, {"token_ids": [101, 2023, 2003, 1037, 7099, 6254, 102, 0, 2, 1, 7, 333],
                        "positions": list(range(12)), "block_table": [3, 14, 15, 92, 65], "seq_lens": [8, 8, 7],
@@ -144,11 +155,10 @@ class _ZmqEnd:
 
 class _OursEnd:
     def __init__(self, rank, n, handle, boot, opts, reply_opts):
-        OursPeer.reply_opts = reply_opts
         from transport import MessageQueue
 
         self.bcast = MessageQueue.create_from_handle(handle, rank)
-        self.back = MessageQueue(1, RING_SLOT_BYTES, RING_SLOTS, **{**opts, **OursPeer.reply_opts})
+        self.back = MessageQueue(1, RING_SLOT_BYTES, RING_SLOTS, **{**opts, **reply_opts})
         boot.send(self.back.export_handle())
         boot.close()
         self.back.wait_until_ready(timeout=60)
@@ -302,12 +312,13 @@ class OursPeer(Peer):
     name = "ours"
     opts: dict = {}  # MessageQueue keyword arguments (spin policy) from the command line
     reply_opts: dict = {}  # the same, for the reply queues only
+    slot_bytes, slots = RING_SLOT_BYTES, RING_SLOTS  # geometry of the broadcast ring
 
     def __init__(self, ctx, n):
         from transport import MessageQueue
 
         super().__init__(ctx, n)
-        self.bcast = MessageQueue(n, RING_SLOT_BYTES, RING_SLOTS, **self.opts)
+        self.bcast = MessageQueue(n, self.slot_bytes, self.slots, **self.opts)
         boots = [ctx.Pipe(duplex=False) for _ in range(n)]
         handle = self.bcast.export_handle()
         self._spawn(ctx, lambda r: (handle, boots[r][1], self.opts, self.reply_opts))
@@ -528,11 +539,18 @@ def main(argv=None) -> int:
     ap.add_argument("--spin-us", type=float, default=None, help="ours: spin window (default: the queue's auto)")
     ap.add_argument("--spin-yield", type=int, choices=(0, 1), default=None, help="ours: sched_yield while spinning")
     ap.add_argument("--reply-spin-us", type=float, default=None, help="ours: spin window of the reply queues")
+    ap.add_argument("--spin-adaptive", type=int, choices=(0, 1), default=None,
+                    help="ours: stop spinning while spins keep failing")
+    ap.add_argument("--slot-bytes", type=int, default=RING_SLOT_BYTES, help="ours: broadcast ring slot size")
+    ap.add_argument("--slots", type=int, default=RING_SLOTS, help="ours: broadcast ring slot count")
     args = ap.parse_args(argv)
+    OursPeer.slot_bytes, OursPeer.slots = args.slot_bytes, args.slots
     if args.spin_us is not None:
         OursPeer.opts["spin_us"] = args.spin_us
     if args.spin_yield is not None:
         OursPeer.opts["spin_yield"] = bool(args.spin_yield)
+    if args.spin_adaptive is not None:
+        OursPeer.opts["spin_adaptive"] = bool(args.spin_adaptive)
     if args.reply_spin_us is not None:
         OursPeer.reply_opts["spin_us"] = args.reply_spin_us
 

@@ -9,6 +9,7 @@
                64 pub u32             chunks published so far (mod 2**32); a reader's "is there news" check
                68 rwake u32           futex word the readers sleep on; bumped (atomic add) to wake them
                72 writer_sleeping u32 1 while the writer is (about to be) asleep on ``wwake``
+               76 wake_target u32     the chunk count a reader must reach to wake the sleeping writer
     offset 128 line 2, the readers' shared words
                128 sleepers u32       readers (about to be) asleep on ``rwake``; atomic add / sub
                132 wwake u32          futex word the writer sleeps on; bumped (atomic add) to wake it
@@ -56,11 +57,15 @@ Sleeping (Dekker's pattern, so that no wake-up is lost):
 
     reader:  s = rwake; sleepers += 1 (atomic, a full fence); if pub != c: go; else futex_wait(rwake, s)
     writer:  store pub; full fence; if sleepers: rwake += 1 (atomic); futex_wake(rwake, all)
-    writer:  s = wwake; writer_sleeping = 1; full fence; reload consumed[*]; if still full: futex_wait(wwake, s)
-    reader:  store consumed[r]; full fence; if writer_sleeping: wwake += 1 (atomic); futex_wake(wwake)
+    writer:  wake_target = t; s = wwake; writer_sleeping = 1; full fence; reload consumed[*];
+             if some consumed[r] < t: futex_wait(wwake, s)
+    reader:  store consumed[r] = c; full fence; if writer_sleeping and c >= wake_target:
+             wwake += 1 (atomic); futex_wake(wwake)
 
 Either the sleeper sees the news, or the publisher sees the sleeper and changes the futex word, which makes a
-``futex_wait`` that has not started yet return at once. ``close()`` (any party) stores ``closed = 1``, fences,
+``futex_wait`` that has not started yet return at once. A writer that has to sleep on a full ring sets
+``wake_target`` so that it is woken when half the ring is free, not after every slot: one sleep per half ring
+instead of one per message while readers lag (it may spin-poll for a single slot before that). ``close()`` (any party) stores ``closed = 1``, fences,
 and bumps and wakes both futex words: every sleeper in every process wakes up and sees ``closed``.
 
 A message larger than one slot spans consecutive chunks: the first has FIRST, the last LAST, every chunk but
@@ -92,6 +97,7 @@ OFF_WRITER_START = 40
 OFF_PUB = 64
 OFF_RWAKE = 68
 OFF_WRITER_SLEEPING = 72
+OFF_WAKE_TARGET = 76
 # line 2
 OFF_SLEEPERS = 128
 OFF_WWAKE = 132

@@ -36,6 +36,7 @@ from __future__ import annotations
 import os
 import pickle
 import struct
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -47,10 +48,19 @@ from transport.errors import CorruptMessage, PeerDied, QueueClosed, QueueTimeout
 _CANCEL_POLL_S = 0.005  # a threading.Event cannot wake a futex: poll it this often while asleep
 _LIVENESS_POLL_S = 0.25  # how often a sleeper checks that its peer process still exists
 _AUTO_SPIN_US = 50.0  # spin window when spin_us is None
+_SPIN_KEEP = 0.5  # adaptive spinning: keep spinning while the success EWMA stays above this
+_SPIN_EWMA = 0.25  # weight of the latest wait in that EWMA
+# A full ring means the readers already have n_slots chunks of backlog: waiting for space is a throughput
+# situation, not a latency one. Spinning there only takes CPU from the readers that must drain the ring.
+_SPIN_ON_FULL = True
+_REUSE_MIN = 256 << 10  # frames of this size and up are recycled (see _frame)
+_REUSE_MAX = 64 << 20
+_REUSE_COUNT = 3
 _MASK = L.MASK
 _W_PUB = L.OFF_PUB // 4
 _W_RWAKE = L.OFF_RWAKE // 4
 _W_WRITER_SLEEPING = L.OFF_WRITER_SLEEPING // 4
+_W_WAKE_TARGET = L.OFF_WAKE_TARGET // 4
 _W_SLEEPERS = L.OFF_SLEEPERS // 4
 _W_WWAKE = L.OFF_WWAKE // 4
 _W_CLOSED = L.OFF_CLOSED // 4
@@ -77,6 +87,7 @@ class Handle:
     writer_pid: int
     spin_us: float | None
     spin_yield: bool | None = None
+    spin_adaptive: bool = True
 
 
 class MessageQueue:
@@ -95,6 +106,7 @@ class MessageQueue:
         max_message_bytes: int = 1 << 31,
         *,
         spin_yield: bool | None = None,
+        spin_adaptive: bool = True,
         _attach: tuple[Handle, int] | None = None,
     ) -> None:
         self._lock = threading.Lock()
@@ -102,7 +114,7 @@ class MessageQueue:
         self._pid = os.getpid()  # a forked copy of this object must not close or unlink the owner's queue
         if _attach is None:
             self._init_writer(n_reader, max_chunk_bytes, max_chunks, spin_us, max_message_bytes)
-            self.spin_yield = spin_yield
+            self.spin_yield, self.spin_adaptive = spin_yield, spin_adaptive
         else:
             self._init_reader(*_attach)
         self._bind()
@@ -135,8 +147,9 @@ class MessageQueue:
         self.max_message = head.max_message
         self.is_writer, self.reader_rank = False, reader_rank
         self.spin_us = handle.spin_us
-        self.spin_yield = handle.spin_yield
+        self.spin_yield, self.spin_adaptive = handle.spin_yield, handle.spin_adaptive
         self._c = 0  # chunks consumed, mod 2**32
+        self._spare: list = []  # recent big frame buffers, reused once nothing references them (_frame)
 
     def _bind(self) -> None:
         """Cache views, offsets and addresses: the hot path must not recompute them."""
@@ -161,6 +174,9 @@ class MessageQueue:
         self._always_wake = not _sync.HAVE_FENCE
         self._spin_s = max(0.0, _AUTO_SPIN_US if self.spin_us is None else self.spin_us) * 1e-6
         self._spin_yields = True if self.spin_yield is None else bool(self.spin_yield)
+        self._adaptive = self.spin_adaptive
+        self._spin_score = 1.0  # EWMA of "the last spins succeeded"
+        self._probe = 0
         if not self.is_writer:
             self._cw = self._consumed_words[self.reader_rank]
             self._announce_attached()
@@ -171,7 +187,8 @@ class MessageQueue:
         return cls(handle.n_reader, _attach=(handle, reader_rank))
 
     def export_handle(self) -> Handle:
-        return Handle(self._seg.name, self._seg.size, self._n, self.writer_pid, self.spin_us, self.spin_yield)
+        return Handle(self._seg.name, self._seg.size, self._n, self.writer_pid, self.spin_us, self.spin_yield,
+                      self.spin_adaptive)
 
     @property
     def name(self) -> str:
@@ -200,6 +217,7 @@ class MessageQueue:
         if not self.is_writer:
             return
         deadline = None if timeout is None else _mono() + timeout
+        self._W[_W_WAKE_TARGET] = 0
         self._sleep_until(lambda: all(self._attached()), self._wwake, deadline, None, self._unattached,
                           "wait_until_ready", self._writer_sleeping)
         shm.unlink(self._seg.name)
@@ -297,14 +315,16 @@ class MessageQueue:
         """Block until chunk ``w`` may be written: every reader has released chunk ``w - n_slots``."""
         if w < self._refresh_limit(w):
             return
-        if self._spin_s:
-            end = _perf() + self._spin_s
-            while _perf() < end:
-                if self._spin_yields:
-                    _yield()
-                if w < self._refresh_limit(w):
-                    return
-        self._sleep_until(lambda: w < self._refresh_limit(w), self._wwake, deadline, None,
+        if _SPIN_ON_FULL and self._spin_s and self._should_spin():
+            ok = self._spin(lambda: w < self._refresh_limit(w))
+            self._spun(ok)
+            if ok:
+                return
+        # Asleep, wait until half the ring is free, not one slot: a writer ahead of slow readers then sleeps
+        # once per half ring instead of once per message (each wake-up costs two system calls and a switch).
+        need = w - self._nslots + max(1, self._nslots // 2)  # every reader must have released chunk need - 1
+        self._W[_W_WAKE_TARGET] = need & _MASK
+        self._sleep_until(lambda: need <= self._refresh_limit(w) - self._nslots, self._wwake, deadline, None,
                           lambda: self._behind(w), "enqueue", self._writer_sleeping)
 
     def _refresh_limit(self, w: int) -> int:
@@ -410,7 +430,11 @@ class MessageQueue:
         """A one-slot codec frame (it has out-of-band buffers): one copy, so that arrays can keep pointing at
         it after the slot is reused."""
         try:
-            frame = bytearray(self._mv[data:data + length])  # no zero-fill; arrays will point into it
+            if length < _REUSE_MIN:
+                frame = bytearray(self._mv[data:data + length])  # no zero-fill; arrays will point into it
+            else:
+                frame = self._frame(length)
+                memoryview(frame).cast("B")[:] = self._mv[data:data + length]
         finally:
             self._release()
         return codec.decode(frame)
@@ -421,7 +445,7 @@ class MessageQueue:
         total = codec.frame_length(mv[data:data + length], self.max_message)
         if total <= length:
             raise CorruptMessage(f"a {total}-byte frame does not need more than one {length}-byte chunk")
-        frame = codec.alloc(total)
+        frame = self._frame(total)
         fv = memoryview(frame).cast("B")
         got = 0
         while True:
@@ -440,6 +464,26 @@ class MessageQueue:
                 self._release()
                 raise CorruptMessage(f"message ended after {got + length} of {total} bytes")
 
+    def _frame(self, n: int):
+        """A buffer for an ``n``-byte frame. Big frames reuse one of the last few this reader handed out once
+        nothing references it any more (the arrays decoded from it are gone): a fresh big allocation costs page
+        faults and a zero-fill of every page, as much CPU as the copy itself."""
+        if n < _REUSE_MIN:
+            return codec.alloc(n)
+        spare = self._spare
+        for i in range(len(spare)):
+            # 2 = the list's reference + getrefcount's argument: no array, view or memoryview holds it
+            if len(spare[i]) == n and sys.getrefcount(spare[i]) == 2:
+                buf = spare.pop(i)
+                spare.append(buf)
+                return buf
+        buf = codec.alloc(n)
+        if n <= _REUSE_MAX:
+            spare.append(buf)
+            if len(spare) > _REUSE_COUNT:
+                del spare[0]
+        return buf
+
     def _release(self) -> None:
         """Hand the current chunk back to the writer."""
         W = self._W
@@ -451,27 +495,46 @@ class MessageQueue:
         s = self._slot + 1
         self._slot = s if s < self._nslots else 0
         _full_fence()  # store(consumed) -> load(writer_sleeping)
-        if W[_W_WRITER_SLEEPING] or self._always_wake:
+        if (W[_W_WRITER_SLEEPING] and (c - W[_W_WAKE_TARGET]) & _MASK < 0x80000000) or self._always_wake:
             _sync.fetch_add(self._wwake)
             _sync.futex_wake(self._wwake)
 
     def _await_chunk(self, c: int, deadline, cancel) -> None:
         W = self._W
-        if self._spin_s:
-            end = _perf() + self._spin_s
-            if self._spin_yields:
-                while True:
-                    _yield()
-                    if W[_W_PUB] != c:
-                        return
-                    if _perf() >= end:
-                        break
-            else:
-                while _perf() < end:
-                    if W[_W_PUB] != c:
-                        return
+        if self._spin_s and self._should_spin():
+            self._spun(self._spin(lambda: W[_W_PUB] != c))
+            if W[_W_PUB] != c:
+                return
         self._sleep_until(lambda: W[_W_PUB] != c, self._rwake, deadline, cancel, tuple, "dequeue",
                           self._reader_sleeping)
+
+    # -- spinning ----------------------------------------------------------------------------------------------
+    def _should_spin(self) -> bool:
+        """Spin only while it pays off: while most recent spins ended before the window did. Once they mostly
+        fail (the other side takes longer than the window, as when readers outnumber cores and wait for their
+        turn) spinning is CPU thrown away, so sleep at once, and probe with a spin one wait in eight."""
+        if not self._adaptive or self._spin_score >= _SPIN_KEEP:
+            return True
+        self._probe = (self._probe + 1) & 7
+        return not self._probe
+
+    def _spun(self, ok: bool) -> None:
+        self._spin_score = self._spin_score * (1 - _SPIN_EWMA) + (_SPIN_EWMA if ok else 0.0)
+
+    def _spin(self, ready) -> bool:
+        """Poll ``ready()`` for up to the spin window, yielding the CPU between polls (or not)."""
+        end = _perf() + self._spin_s
+        if self._spin_yields:
+            while True:
+                _yield()
+                if ready():
+                    return True
+                if _perf() >= end:
+                    return False
+        while _perf() < end:
+            if ready():
+                return True
+        return False
 
     def _reader_sleeping(self, on: bool) -> None:
         _sync.fetch_add(self._sleepers, 1 if on else -1)  # atomic, and a full fence: store -> load(pub)
