@@ -7,6 +7,7 @@
     python scripts/chaos.py --cycles 1000        # the full soak
     python scripts/chaos.py --seed 7 -v          # replay one schedule, one line per cycle on stderr
     python scripts/chaos.py --worker tp_mlp      # the real tensor-parallel model (slower: torch.distributed/gloo)
+    python scripts/chaos.py --exclude grandchild/stopping --supervisor-phases idle,mid-call   # narrow the deck
 
 The tree runs in this process through the Supervisor API (``restart=one_for_one`` between dp groups, with an
 intensity large enough that random faults never exhaust it; inside a group a failure always restarts the whole
@@ -90,6 +91,7 @@ class SoakOptions:
     start_method: str = "forkserver"
     supervisor_every: int = 20  # every N-th cycle kills the supervisor (0 = never)
     supervisor_phases: tuple = SUPERVISOR_PHASES  # when the supervisor is killed
+    exclude: tuple = ()  # (kind, phase) pairs left out of the deck
     intensity: int = 1000  # restart.intensity / period_s: generous, so random faults never exhaust it
     period_s: float = 1.0
     call_timeout_s: float = 0.0  # 0 = by worker (echo 4 s, tp_mlp 30 s)
@@ -414,10 +416,14 @@ def gone_within(procs, timeout: float) -> tuple[list[psutil.Process], float]:
 
 
 def _describe(p: psutil.Process) -> str:
-    try:
-        return f"{p.pid} {p.name()} ({p.status()}, parent {p.ppid()}) {' '.join(p.cmdline())[:80]}"
-    except psutil.Error:
-        return f"{p.pid} (gone)"
+    parts = [str(p.pid)]
+    for what, get in (("", p.name), ("", p.status), ("parent ", p.ppid),
+                      ("", lambda: " ".join(p.cmdline())[:80])):  # a zombie has no command line
+        try:
+            parts.append(f"{what}{get()}")
+        except psutil.Error:
+            pass
+    return " ".join(parts) if len(parts) > 1 else f"{p.pid} (gone)"
 
 
 def _is_mp_helper(p: psutil.Process) -> bool:
@@ -924,7 +930,7 @@ class Soak:
         if every and (cycle + 1) % every == 0:
             return "supervisor", "sigkill", self.rng.choice(tuple(self.opts.supervisor_phases))
         if not self.deck:
-            self.deck = [(k, p) for k in KINDS for p in PHASES]
+            self.deck = [(k, p) for k in KINDS for p in PHASES if (k, p) not in self.opts.exclude]
             self.rng.shuffle(self.deck)
         kind, phase = self.deck.pop()
         return "rank", kind, phase
@@ -1555,6 +1561,8 @@ def parse_args(argv=None):
                     help="every N-th cycle SIGKILLs a supervisor (0: never)")
     ap.add_argument("--supervisor-phases", default=",".join(SUPERVISOR_PHASES),
                     help="comma-separated phases in which the supervisor is killed: starting,idle,mid-call")
+    ap.add_argument("--exclude", default="", help="comma-separated kind/phase pairs to leave out, e.g. "
+                                                  "grandchild/stopping")
     ap.add_argument("--intensity", type=int, default=1000)
     ap.add_argument("--period", type=float, default=1.0)
     ap.add_argument("--call-timeout", type=float, default=0.0)
@@ -1578,6 +1586,7 @@ def main(argv=None) -> int:
     opts = SoakOptions(seed=seed, cycles=args.cycles, dp=args.dp, tp=args.tp, worker=args.worker,
                        start_method=args.start_method, supervisor_every=args.supervisor_every,
                        supervisor_phases=tuple(p for p in args.supervisor_phases.split(",") if p),
+                       exclude=tuple(tuple(x.split("/", 1)) for x in args.exclude.split(",") if x),
                        intensity=args.intensity, period_s=args.period, call_timeout_s=args.call_timeout,
                        recovery_timeout_s=args.recovery_timeout, verbose=args.verbose, quiet_log=not args.verbose)
     print(f"chaos soak: seed {seed}, {opts.cycles} cycles, worker {opts.worker}, dp={opts.dp} tp={opts.tp}",

@@ -1,10 +1,11 @@
 """A short chaos soak as a test (issue: reliability suite and chaos soak), plus the faults it found.
 
 The soak lives in scripts/chaos.py (``python scripts/chaos.py --cycles 1000`` is the full run); here 30 cycles
-with a fixed seed: every kind of fault (SIGKILL, SIGSEGV, SIGSTOP, SIGTERM, os._exit, a raising call, a hung
-call, a grandchild left behind) in every phase (starting, idle, mid-call, restarting, stopping), and a SIGKILL of
-a supervisor running in a child process. After every cycle the tree must be healthy again, no call may hang, and
-nothing may leak.
+with a fixed seed, drawn from a shuffled deck of (kind, phase) pairs so that every kind of fault (SIGKILL, SIGSEGV,
+SIGSTOP, SIGTERM, os._exit, a raising call, a hung call, a grandchild left behind) and every phase (starting, idle,
+mid-call, restarting, stopping) occurs, and two SIGKILLs of a supervisor running in a child process. After every
+cycle the tree must be healthy again, no call may hang, and nothing may leak. The strict xfail tests pin product
+bugs the soak found; when one starts to pass, remove its marker (and the soak test's exclusion).
 """
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ def _load_chaos():
 
 def test_short_soak_recovers_every_cycle_without_hangs_or_leaks():
     chaos = _load_chaos()
-    opts = chaos.SoakOptions(seed=SEED, cycles=30, supervisor_every=15)
+    # grandchild/stopping hits the zombie-grandchild bug about every other time (pinned by the xfail test below)
+    opts = chaos.SoakOptions(seed=SEED, cycles=30, supervisor_every=15, exclude=(("grandchild", "stopping"),))
     summary = chaos.Soak(opts).run()
     print(summary.table())
     assert len(summary.faults) == 30
@@ -110,3 +112,47 @@ def test_a_call_hung_on_one_rank_names_only_that_rank():
             sup.collective_rpc(chaos._fault_hang, args=(0, 600.0), timeout=1.0)  # rank 0 sleeps, rank 1 answers
         hung = [e["rank"] for e in sup.events.of_kind("hung")]
         assert err.value.ranks == (0,) and hung == [0], (err.value.ranks, hung)
+
+
+def _spawn_sleeper(w):
+    import subprocess as sp
+
+    return sp.Popen(["sleep", "600"], stdin=sp.DEVNULL).pid
+
+
+@pytest.mark.xfail(strict=True, reason="product bug: a grandchild that died before its worker is re-parented to the "
+                                       "supervisor (a child subreaper) as a zombie and never reaped: "
+                                       "escalation.reap_orphans skips it, a zombie's environment cannot be read")
+def test_a_grandchild_that_died_before_its_worker_is_reaped():
+    from supervisor.api import Supervisor
+    from tests.integration.helpers import ECHO, config
+
+    import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    gc = None
+    try:
+        with Supervisor(config(*ECHO, "restart=one_for_one")) as sup:
+            gc = sup.collective_rpc(_spawn_sleeper, timeout=30)[0]
+            worker = psutil.Process(sup.pids()[0])
+            psutil.Process(gc).kill()  # the grandchild dies first: a zombie under its worker...
+            time.sleep(0.2)
+            worker.kill()  # ...the worker dies: the zombie is re-parented to us, the supervisor
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and sup.pids()[0] == worker.pid:
+                time.sleep(0.05)
+            sup.check_health(timeout=30)  # the group restarted: its orphans should have been reaped by now
+            assert not _our_zombie(gc), f"grandchild {gc} is an unreaped zombie child of the supervisor"
+        assert not _our_zombie(gc), f"grandchild {gc} is still an unreaped zombie after shutdown"
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+        if gc is not None and _our_zombie(gc):
+            os.waitpid(gc, 0)  # clean up after the product
+
+
+def _our_zombie(pid: int) -> bool:
+    try:
+        p = psutil.Process(pid)
+        return p.status() == psutil.STATUS_ZOMBIE and p.ppid() == os.getpid()
+    except psutil.Error:
+        return False
