@@ -35,7 +35,7 @@ MAX_BUFFERS = 1 << 16
 _BIG_FRAME = 32 << 20
 
 
-_PLAIN = (str, bytes, int, float, bool, type(None))
+PLAIN = _PLAIN = (str, bytes, int, float, bool, type(None))  # never hold a tensor: skip the tensor pickler
 
 
 def _pad(n: int) -> int:

@@ -5,6 +5,7 @@
     offset 0   line 0, written once by the writer at creation (``closed`` by any party, 0 -> 1 only)
                0 magic "RVRING02"   8 version u32   12 n_readers u32   16 n_slots u32   20 slot_bytes u32
                24 writer_pid u32    28 closed u32   32 max_message_bytes u64   40 writer_start u64
+               48 asym u32 (1: sleepers use heavy_fence, hot paths of registered processes skip the fence)
     offset 64  line 1, the writer's words
                64 pub u32             chunks published so far (mod 2**32); a reader's "is there news" check
                68 rwake u32           futex word the readers sleep on; bumped (atomic add) to wake them
@@ -62,6 +63,10 @@ Sleeping (Dekker's pattern, so that no wake-up is lost):
     reader:  store consumed[r] = c; full fence; if writer_sleeping and c >= wake_target:
              wwake += 1 (atomic); futex_wake(wwake)
 
+When ``asym`` is set (the writer registered for ``membarrier``, transport/_sync.py), "full fence" above means
+``heavy_fence()`` on the sleeper's side, and nothing at all on the hot paths of registered processes: the
+sleeper's membarrier puts a full barrier on their CPUs at that moment, which is what Dekker needs.
+
 Either the sleeper sees the news, or the publisher sees the sleeper and changes the futex word, which makes a
 ``futex_wait`` that has not started yet return at once. A writer that has to sleep on a full ring sets
 ``wake_target`` so that it is woken when half the ring is free, not after every slot: one sleep per half ring
@@ -93,6 +98,7 @@ OFF_WRITER_PID = 24
 OFF_CLOSED = 28
 OFF_MAX_MESSAGE = 32
 OFF_WRITER_START = 40
+OFF_ASYM = 48
 # line 1
 OFF_PUB = 64
 OFF_RWAKE = 68

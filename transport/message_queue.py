@@ -12,20 +12,27 @@ The same class serves the supervisor's 1->N broadcast of requests and each worke
 Layout, protocol and state table: transport/layout.py. Waits and fences: transport/_sync.py. Framing:
 transport/codec.py.
 
-Waiting is adaptive: poll the counter for up to ``spin_us``, yielding the CPU (``os.sched_yield``) between polls,
-then announce "I sleep", fence, re-check, and sleep in the kernel on a futex word. The other side, after
-publishing, fences and wakes only if someone announced sleep, so the common case costs no system call and an
-idle reader costs no CPU. One FUTEX_WAKE reaches every sleeping reader. A sleeper also wakes every
-``_LIVENESS_POLL_S`` to check that its peer process still exists (``PeerDied``), and every ``_CANCEL_POLL_S``
-while it has a ``threading.Event`` cancel to look at; ``close()`` / ``cancel_all()`` from any thread or process
-wakes every sleeper at once through the futex words.
+Waiting is adaptive: poll the counter for up to ``spin_us`` (default 200 us), yielding the CPU
+(``os.sched_yield``) between polls, then announce "I sleep", fence, re-check, and sleep in the kernel on a futex
+word. The other side, after publishing, fences and wakes only if someone announced sleep, so the common case
+costs no system call and an idle reader costs no CPU. One FUTEX_WAKE reaches every sleeping reader. A sleeper
+also wakes every ``_LIVENESS_POLL_S`` to check that its peer process still exists (``PeerDied``), and every
+``_CANCEL_POLL_S`` while it has a ``threading.Event`` cancel to look at; ``close()`` / ``cancel_all()`` from any
+thread or process wakes every sleeper at once through the futex words.
 
-Why yield while spinning: on a machine with fewer cores than busy processes (2 cores, a writer and N readers), a
-pure busy-poll holds a core for its whole window while the very process it waits for sits in the run queue, so
-a 50 us pure spin measured several times slower than no spin at all. A yielding poll hands the core to whoever
-is runnable and costs one cheap system call when nobody is; it measured best at every N we tried (see
-scripts/bench_transport.py and the issue note). ``spin_yield=False`` gives a pure spin, ``spin_us=0`` sleeps at
-once.
+The spin policy, measured on 2 cores with 1..8 readers (scripts/bench_transport.py):
+
+* Yield between polls. A pure busy-poll holds a core for its whole window while the very process it waits for
+  sits in the run queue: with more processes than cores it measured 2-3x slower than the pipe it should beat.
+  A yielding poll hands the core to whoever is runnable and costs one cheap system call when nobody is.
+* Do spin, even with more readers than cores: a futex wake-up costs tens of microseconds here (an idle vCPU
+  has to be woken), and "spin 0" lost to every spinning variant at every N.
+* Spin only while it pays off: each end keeps an EWMA of "the last spins ended before the window did"; once
+  it falls under ``_SPIN_KEEP`` (the other side is consistently slower than the window, e.g. requests that
+  come every few milliseconds) it sleeps at once and probes with a spin one wait in eight.
+* A writer that finds the ring full sleeps until half the ring is free (``wake_target``), not one slot.
+
+``spin_us=0`` never spins, ``spin_yield=False`` busy-polls, ``spin_adaptive=False`` always spins the window.
 
 ``close()`` by any party closes the queue for every party (it is how a shutdown wakes everyone). Messages
 already published stay readable. A ``dequeue`` that times out in the middle of a multi-slot message drops
@@ -47,9 +54,9 @@ from transport.errors import CorruptMessage, PeerDied, QueueClosed, QueueTimeout
 
 _CANCEL_POLL_S = 0.005  # a threading.Event cannot wake a futex: poll it this often while asleep
 _LIVENESS_POLL_S = 0.25  # how often a sleeper checks that its peer process still exists
-_AUTO_SPIN_US = 50.0  # spin window when spin_us is None
-_SPIN_KEEP = 0.5  # adaptive spinning: keep spinning while the success EWMA stays above this
-_SPIN_EWMA = 0.25  # weight of the latest wait in that EWMA
+_AUTO_SPIN_US = 200.0  # spin window when spin_us is None (measured: 50..1000 us all beat no spin; see below)
+_SPIN_KEEP = 0.3  # adaptive spinning: keep spinning while the success EWMA stays above this
+_SPIN_EWMA = 0.125  # weight of the latest wait in that EWMA (a few unlucky waits do not stop the spinning)
 # A full ring means the readers already have n_slots chunks of backlog: waiting for space is a throughput
 # situation, not a latency one. Spinning there only takes CPU from the readers that must drain the ring.
 _SPIN_ON_FULL = True
@@ -69,6 +76,8 @@ _PICKLED = L.PICKLED
 _NEED_ORDER_FENCES = _sync.NEED_ORDER_FENCES
 _full_fence = _sync.full_fence
 _dumps = codec.dumps
+_pdumps = pickle.dumps
+_modules = sys.modules
 _FIRST = L.FIRST
 _LAST = L.LAST
 _perf = time.perf_counter
@@ -128,6 +137,9 @@ class MessageQueue:
         self._seg = shm.create(self.layout.size)
         self.writer_pid, self.writer_start = os.getpid(), _proc.start_time()
         L.write_geometry(self._seg.map, self.layout, self.writer_pid, self.writer_start, max_message)
+        # Asymmetric fences (transport/_sync.py): if this process is registered, its hot path skips the
+        # store->load fence, and every sleeper of this ring must use heavy_fence(); the header says so.
+        struct.pack_into("<I", self._seg.map, L.OFF_ASYM, int(_sync.register_asymmetric()))
         self.is_writer, self.reader_rank = True, None
         self.max_message = max_message
         self.spin_us = spin_us
@@ -172,6 +184,8 @@ class MessageQueue:
         self._wwake = _sync.address(self._base + L.OFF_WWAKE)
         self._sleepers = _sync.address(self._base + L.OFF_SLEEPERS)
         self._always_wake = not _sync.HAVE_FENCE
+        self._heavy = bool(self._W[L.OFF_ASYM // 4])  # sleepers must fence the other CPUs too
+        self._light = self._heavy and _sync.register_asymmetric()  # our hot paths may skip the fence
         self._spin_s = max(0.0, _AUTO_SPIN_US if self.spin_us is None else self.spin_us) * 1e-6
         self._spin_yields = True if self.spin_yield is None else bool(self.spin_yield)
         self._adaptive = self.spin_adaptive
@@ -228,11 +242,17 @@ class MessageQueue:
         object raises here and leaves the ring usable. Blocks (bounded by ``timeout``) while the ring is full."""
         if not self.is_writer:
             raise RuntimeError("enqueue on a reader end of the queue")
-        main, bufs = _dumps(obj)
+        if "torch" in _modules and not isinstance(obj, codec.PLAIN):
+            main, bufs = _dumps(obj)
+        else:
+            bufs = []
+            main = _pdumps(obj, 5, buffer_callback=bufs.append)
         n = len(main)
         if bufs or n > self._slot_bytes:
             return self._enqueue_frame(main, bufs, timeout)
-        with self._lock:  # the hot path, inlined: a small message without buffers goes as a bare pickle
+        # The hot path, inlined (it is most of the cost of a small message): a bare pickle in one slot.
+        # Same steps as _publish; keep the two in step.
+        with self._lock:
             if self._closed_here:
                 raise QueueClosed("queue closed")
             w = self._w
@@ -241,7 +261,22 @@ class MessageQueue:
             s = self._slot
             off = self._datas[s]
             self._mv[off:off + n] = main
-            self._publish(w, s, n, _PICKLED)
+            W = self._W
+            m = self._metas[s]
+            W[m] = w & _MASK
+            W[m + 1] = n
+            W[m + 2] = _PICKLED
+            if _NEED_ORDER_FENCES:
+                _sync.release_fence()  # payload and record before pub
+            w += 1
+            W[_W_PUB] = w & _MASK
+            self._w = w
+            self._slot = s + 1 if s + 1 < self._nslots else 0
+            if not self._light:
+                _full_fence()  # store(pub) -> load(sleepers)
+            if W[_W_SLEEPERS] or self._always_wake:
+                _sync.fetch_add(self._rwake)
+                _sync.futex_wake(self._rwake)
 
     def _enqueue_frame(self, main, bufs, timeout: float | None) -> None:
         """A message with out-of-band buffers or larger than a slot: a codec frame, in one slot or streamed."""
@@ -279,7 +314,8 @@ class MessageQueue:
         W[_W_PUB] = w & _MASK
         self._w = w
         self._slot = s + 1 if s + 1 < self._nslots else 0
-        _full_fence()  # store(pub) -> load(sleepers): Dekker with the reader's announce-then-check
+        if not self._light:
+            _full_fence()  # store(pub) -> load(sleepers): Dekker with the reader's announce-then-check
         if W[_W_SLEEPERS] or self._always_wake:
             _sync.fetch_add(self._rwake)
             _sync.futex_wake(self._rwake)
@@ -347,8 +383,8 @@ class MessageQueue:
 
     def _writer_sleeping(self, on: bool) -> None:
         self._W[_W_WRITER_SLEEPING] = 1 if on else 0
-        if on:
-            _sync.full_fence()  # store(writer_sleeping) -> load(consumed[*])
+        if on:  # store(writer_sleeping) -> load(consumed[*]), on this CPU and on the readers' (light hot paths)
+            _sync.heavy_fence() if self._heavy else _sync.full_fence()
 
     # -- reader ------------------------------------------------------------------------------------------------
     def dequeue(self, timeout: float | None = None, cancel: threading.Event | None = None) -> Any:
@@ -382,7 +418,18 @@ class MessageQueue:
                 raise CorruptMessage(f"cannot unpickle message: {type(exc).__name__}: {exc}") from exc
             finally:
                 view.release()
-                self._release()
+                # release, inlined: same steps as _release; keep the two in step
+                if _NEED_ORDER_FENCES:
+                    _sync.release_fence()  # our copy is complete before the writer may reuse the slot
+                c = (c + 1) & _MASK
+                W[self._cw] = c
+                self._c = c
+                self._slot = s + 1 if s + 1 < self._nslots else 0
+                if not self._light:
+                    _full_fence()  # store(consumed) -> load(writer_sleeping)
+                if (W[_W_WRITER_SLEEPING] and (c - W[_W_WAKE_TARGET]) & _MASK < 0x80000000) or self._always_wake:
+                    _sync.fetch_add(self._wwake)
+                    _sync.futex_wake(self._wwake)
 
     def _dequeue_frame(self, timeout, cancel) -> Any:
         """Anything but a bare pickle: a one-slot frame, a stream of chunks, stray tails, corruption."""
@@ -494,7 +541,8 @@ class MessageQueue:
         self._c = c
         s = self._slot + 1
         self._slot = s if s < self._nslots else 0
-        _full_fence()  # store(consumed) -> load(writer_sleeping)
+        if not self._light:
+            _full_fence()  # store(consumed) -> load(writer_sleeping)
         if (W[_W_WRITER_SLEEPING] and (c - W[_W_WAKE_TARGET]) & _MASK < 0x80000000) or self._always_wake:
             _sync.fetch_add(self._wwake)
             _sync.futex_wake(self._wwake)
@@ -538,6 +586,8 @@ class MessageQueue:
 
     def _reader_sleeping(self, on: bool) -> None:
         _sync.fetch_add(self._sleepers, 1 if on else -1)  # atomic, and a full fence: store -> load(pub)
+        if on and self._heavy:
+            _sync.heavy_fence()  # ... also on the writer's CPU, whose publish path has no fence
 
     # -- waiting -----------------------------------------------------------------------------------------------
     def _sleep_until(self, ready, futex, deadline, cancel, pending, what, announce) -> None:

@@ -30,7 +30,8 @@ def test_offsets_are_aligned_and_disjoint(n, slots, size):
     assert lay.size == lay.data + slots * size
     # hot words sit on separate cache lines: the writer's, the readers' shared ones, and each reader's own
     assert L.OFF_PUB // 64 != L.OFF_SLEEPERS // 64 != L.OFF_READERS // 64
-    for off in (L.OFF_PUB, L.OFF_RWAKE, L.OFF_WRITER_SLEEPING, L.OFF_SLEEPERS, L.OFF_WWAKE, L.OFF_CLOSED):
+    for off in (L.OFF_PUB, L.OFF_RWAKE, L.OFF_WRITER_SLEEPING, L.OFF_WAKE_TARGET, L.OFF_SLEEPERS, L.OFF_WWAKE,
+                L.OFF_CLOSED, L.OFF_ASYM):
         assert off % 4 == 0  # futex words and u32 counters must be naturally aligned
 
 
