@@ -117,10 +117,13 @@ class MessageQueue:
         spin_yield: bool | None = None,
         spin_adaptive: bool = True,
         _attach: tuple[Handle, int] | None = None,
+        _fences: str = "auto",
     ) -> None:
         self._lock = threading.Lock()
         self._closed_here = False
         self._pid = os.getpid()  # a forked copy of this object must not close or unlink the owner's queue
+        self._fences = _fences  # "auto": asymmetric fences where membarrier works; "full": always full fences
+        self.late_wakeups = 0  # sleeps that ended by timeout although the news was there (must stay 0)
         if _attach is None:
             self._init_writer(n_reader, max_chunk_bytes, max_chunks, spin_us, max_message_bytes)
             self.spin_yield, self.spin_adaptive = spin_yield, spin_adaptive
@@ -139,7 +142,8 @@ class MessageQueue:
         L.write_geometry(self._seg.map, self.layout, self.writer_pid, self.writer_start, max_message)
         # Asymmetric fences (transport/_sync.py): if this process is registered, its hot path skips the
         # store->load fence, and every sleeper of this ring must use heavy_fence(); the header says so.
-        struct.pack_into("<I", self._seg.map, L.OFF_ASYM, int(_sync.register_asymmetric()))
+        asym = self._fences == "auto" and _sync.register_asymmetric()
+        struct.pack_into("<I", self._seg.map, L.OFF_ASYM, int(asym))
         self.is_writer, self.reader_rank = True, None
         self.max_message = max_message
         self.spin_us = spin_us
@@ -185,7 +189,7 @@ class MessageQueue:
         self._sleepers = _sync.address(self._base + L.OFF_SLEEPERS)
         self._always_wake = not _sync.HAVE_FENCE
         self._heavy = bool(self._W[L.OFF_ASYM // 4])  # sleepers must fence the other CPUs too
-        self._light = self._heavy and _sync.register_asymmetric()  # our hot paths may skip the fence
+        self._light = self._heavy and self._fences == "auto" and _sync.register_asymmetric()  # hot paths skip it
         self._spin_s = max(0.0, _AUTO_SPIN_US if self.spin_us is None else self.spin_us) * 1e-6
         self._spin_yields = True if self.spin_yield is None else bool(self.spin_yield)
         self._adaptive = self.spin_adaptive
@@ -196,9 +200,9 @@ class MessageQueue:
             self._announce_attached()
 
     @classmethod
-    def create_from_handle(cls, handle: Handle, reader_rank: int) -> "MessageQueue":
+    def create_from_handle(cls, handle: Handle, reader_rank: int, *, _fences: str = "auto") -> "MessageQueue":
         """Attach to a queue as reader ``reader_rank`` (0-based), in any process (spawn, forkserver or fork)."""
-        return cls(handle.n_reader, _attach=(handle, reader_rank))
+        return cls(handle.n_reader, _attach=(handle, reader_rank), _fences=_fences)
 
     def export_handle(self) -> Handle:
         return Handle(self._seg.name, self._seg.size, self._n, self.writer_pid, self.spin_us, self.spin_yield,
@@ -614,7 +618,9 @@ class MessageQueue:
                     self._check_peer(pending)
                     next_liveness = now + _LIVENESS_POLL_S
                 nap = nap_max if deadline is None else min(nap_max, deadline - now)
-                _sync.futex_wait(futex, seq, nap)
+                if not _sync.futex_wait(futex, seq, nap) and ready():
+                    self.late_wakeups += 1  # news that came without a wake-up: a protocol bug (tests assert 0)
+                    return
             finally:
                 announce(False)
 

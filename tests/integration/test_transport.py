@@ -22,7 +22,7 @@ import time
 import numpy as np
 import pytest
 
-from transport import MessageQueue, PeerDied, QueueClosed, QueueTimeout, layout as L, shm
+from transport import MessageQueue, PeerDied, QueueClosed, QueueTimeout, _sync, layout as L, shm
 from transport.errors import TransportError
 
 pytestmark = pytest.mark.timeout(120)
@@ -226,6 +226,22 @@ def writer_to_reader_in_parent(handle_out, ready, n):
     ready.send("sent")
     ready.close()
     q.close()
+
+
+def echo_sleepy(handle, fences, out):
+    """The far end of a ping-pong that never spins: every wait is a futex sleep, so every message exercises the
+    announce / fence / re-check protocol. Reports the queues' late wake-ups (sleeps that missed their news)."""
+    req = MessageQueue.create_from_handle(handle, 0, _fences=fences)
+    rep = MessageQueue(1, 4096, 4, spin_us=0, _fences=fences)
+    out.send(rep.export_handle())
+    rep.wait_until_ready(timeout=30)
+    while True:
+        msg = req.dequeue(timeout=30)
+        if msg is None:
+            break
+        rep.enqueue(msg, timeout=30)
+    out.send((req.late_wakeups, rep.late_wakeups))
+    out.close()
 
 
 # -- basic behaviour, one process ---------------------------------------------------------------------------------
@@ -650,6 +666,32 @@ def test_close_from_a_reader_process_wakes_the_writer(procs):
         _rounds(one, "close() from a reader process")
     finally:
         ctl.send(None)
+
+
+@pytest.mark.parametrize("fences", ["auto", "full"])
+def test_no_wake_up_is_lost_when_every_wait_sleeps(procs, fences):
+    """Ping-pong with spinning off, with asymmetric (membarrier) and with plain full fences. A lost wake-up would
+    show as a sleep that ends by timeout with the news already there; there must be none."""
+    q = MessageQueue(1, 4096, 4, spin_us=0, _fences=fences)
+    r, w = procs.pipe()
+    procs.start(echo_sleepy, q.export_handle(), fences, w)
+    back = MessageQueue.create_from_handle(procs.result(r), 0, _fences=fences)
+    worst = 0.0
+    try:
+        q.wait_until_ready(timeout=30)
+        for i in range(3000):
+            t0 = time.monotonic()
+            q.enqueue(i, timeout=10)
+            assert back.dequeue(timeout=10) == i
+            worst = max(worst, time.monotonic() - t0)
+        q.enqueue(None, timeout=10)
+        child_late = procs.result(r)
+    finally:
+        back.close()
+        q.close()
+    assert (q.late_wakeups, back.late_wakeups, *child_late) == (0, 0, 0, 0)
+    assert q._light == (fences == "auto" and _sync.HAVE_HEAVY_FENCE)
+    assert worst < 0.2, f"a round trip took {worst:.3f} s"
 
 
 # -- idle cost ----------------------------------------------------------------------------------------------------
