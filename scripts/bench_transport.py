@@ -40,17 +40,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-def _patch_from_env() -> None:  # EXPERIMENT ONLY: RV_BENCH_PATCH="_SPIN_EWMA=0.125,_SPIN_KEEP=0.3"
-    spec = os.environ.get("RV_BENCH_PATCH")
-    if spec:
-        from transport import message_queue as mq
-
-        for item in spec.split(","):
-            k, v = item.split("=")
-            setattr(mq, k, float(v))
-
-
-_patch_from_env()
 PEERS = ("mpq", "pipe", "zmq", "ours")
 REQUEST = ("call", 0, {"token_ids": [101, 2023, 2003, 1037, 7099, 6254, 102, 0, 2, 1, 7, 333],
                        "positions": list(range(12)), "block_table": [3, 14, 15, 92, 65], "seq_lens": [8, 8, 7],

@@ -294,6 +294,33 @@ def test_message_larger_than_the_ring_streams_to_a_reader_thread():
         q.close()
 
 
+def read_two_and_close_inherited(handle, inherited_writer, out):
+    """In a forked child: the parent's writer object came along with the fork. Closing that copy must not close
+    the parent's queue; a reader attached from the handle works as in any other process."""
+    inherited_writer.close()
+    q = MessageQueue.create_from_handle(handle, 0)
+    got = [q.dequeue(timeout=10) for _ in range(2)]
+    out.send(got)
+    out.close()
+
+
+def test_reader_in_a_forked_child_and_the_inherited_writer_copy():
+    p = Procs(mp.get_context("fork"))
+    q = MessageQueue(1, 4096, 4)
+    try:
+        r, w = p.pipe()
+        p.start(read_two_and_close_inherited, q.export_handle(), q, w)
+        q.wait_until_ready(timeout=30)
+        q.enqueue("a", timeout=5)
+        q.enqueue(np.arange(3), timeout=5)
+        got = p.result(r)
+        assert got[0] == "a" and list(got[1]) == [0, 1, 2]
+        assert not q.closed
+    finally:
+        q.close()
+        p.close()
+
+
 def test_messages_published_before_a_reader_attaches_are_delivered_in_order():
     q = MessageQueue(2, 4096, 4)
     r0 = MessageQueue.create_from_handle(q.export_handle(), 0)
