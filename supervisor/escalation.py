@@ -102,34 +102,54 @@ def kill(workers: Sequence[WorkerProcess], reap_s: float) -> None:
 
 def reap_orphans(timeout: float = 0.5) -> list[int]:
     """Kill and reap descendants of our workers that were re-parented to us (we are a child subreaper) after
-    their worker died. Recognised by the tree marker in their environment, so a user's own children are safe."""
+    their worker died. A live one is recognised by the tree marker in its environment; a zombie (it died before its
+    worker) has no readable environment, so by its session: a worker's descendants stay in the session the worker
+    opened with setsid, whose id is the worker's pid. A user's own children match neither and are left alone."""
     me = str(os.getpid())
-    found = []
+    found, zombies = [], []
     try:
         children = psutil.Process().children()
     except psutil.Error:
         return []
     for p in children:
+        if p.pid in _LIVE_WORKER_PIDS:
+            continue  # live workers are handled through their handles
         try:
-            if p.environ().get(TREE_ENV) == me and not _is_worker_entry(p):
+            if p.status() == psutil.STATUS_ZOMBIE:
+                if _session(p.pid) in _EVER_WORKER_PIDS:
+                    zombies.append(p.pid)
+            elif p.environ().get(TREE_ENV) == me:
                 found.append(p)
         except psutil.Error:
             continue
+    for pid in zombies:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
     _signal_all(found, signal.SIGKILL)
     psutil.wait_procs(found, timeout=timeout)
-    return [p.pid for p in found]
+    return [p.pid for p in found] + zombies
 
 
-def _is_worker_entry(p: psutil.Process) -> bool:
-    """Live workers are handled by their handles, not by the orphan sweep."""
-    return p.pid in _LIVE_WORKER_PIDS
+def _session(pid: int) -> int | None:
+    """The session id of ``pid`` (field 6 of /proc/PID/stat), readable even for a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[3])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 _LIVE_WORKER_PIDS: set[int] = set()
+_EVER_WORKER_PIDS: set[int] = set()  # sessions our workers opened (bounded: see register_worker)
 
 
 def register_worker(pid: int) -> None:
     _LIVE_WORKER_PIDS.add(pid)
+    if len(_EVER_WORKER_PIDS) > 100_000:  # a very long soak: forget the oldest sessions rather than grow
+        _EVER_WORKER_PIDS.clear()
+    _EVER_WORKER_PIDS.add(pid)
 
 
 def forget_worker(pid: int) -> None:

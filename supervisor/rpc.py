@@ -115,6 +115,7 @@ class RpcChannel:
             try:
                 reply = self.replies[r].dequeue(timeout=remaining)
             except QueueTimeout:
+                self._collect_ready(call)  # name only the ranks that really did not answer
                 self._timeout(call, remaining)
             except (QueueClosed, PeerDied):
                 raise self.failure or WorkerFailed(
@@ -159,6 +160,15 @@ class RpcChannel:
             target.results[r] = reply
         if reply.over_budget:
             self.over_budget = True
+
+    def _collect_ready(self, call: PendingCall) -> None:
+        """Route the replies that already arrived from the other ranks (drain lock held; never blocks)."""
+        for r in call.missing():
+            while r not in call.results:
+                try:
+                    self._route(r, self.replies[r].dequeue(timeout=0))
+                except (QueueTimeout, QueueClosed, PeerDied):
+                    break
 
     def _timeout(self, call: PendingCall, waited: float | None) -> None:
         call.abandoned = True

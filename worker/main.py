@@ -85,12 +85,12 @@ def entry(spec: WorkerSpec, bcast_handle: Any, death_conn: Any, status_conn: Any
     watch = lifeline.DeathWatch(death_conn, spec.worker.orphan_grace_s,
                                 lambda: signal.pthread_kill(main_ident, signal.SIGTERM), EXIT_ORPHANED,
                                 EXIT_STOP_OVERDUE)
-    signal.signal(signal.SIGTERM, _request_stop)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
-    watch.start()
-    lifeline.arm_parent_death_signal(signal.SIGTERM)
-    _setup_environment(spec)
     try:
+        signal.signal(signal.SIGTERM, _request_stop)  # from here on a SIGTERM is a graceful stop, at any point
+        watch.start()
+        lifeline.arm_parent_death_signal(signal.SIGTERM)
+        _setup_environment(spec)
         worker, bcast, reply = _start(spec, bcast_handle)
     except GracefulStop:
         os._exit(0)
