@@ -134,6 +134,7 @@ class MessageQueue:
         self._pid = os.getpid()  # a forked copy of this object must not close or unlink the owner's queue
         self._fences = _fences  # "auto": asymmetric fences where membarrier works; "full": always full fences
         self.late_wakeups = 0  # sleeps that ended by timeout although the news was there (must stay 0)
+        self._watches: dict[int, _proc.Watch] = {}  # liveness of the peers this end has waited for
         if _attach is None:
             self._init_writer(n_reader, max_chunk_bytes, max_chunks, spin_us, max_message_bytes)
             self.spin_yield, self.spin_adaptive = spin_yield, spin_adaptive
@@ -653,13 +654,21 @@ class MessageQueue:
 
     def _check_peer(self, pending) -> None:
         if not self.is_writer:
-            if not _proc.alive(self.writer_pid, self.writer_start):
+            if not self._watch(0, self.writer_pid, self.writer_start).alive():
                 raise PeerDied(f"writer process {self.writer_pid} died", self.writer_pid)
             return
         for r in pending():
             pid, start = struct.unpack_from("<IQ", self._mv, self.layout.reader(r) + L.R_PID)
-            if pid and not _proc.alive(pid, start):
+            if pid and not self._watch(r, pid, start).alive():
                 raise PeerDied(f"reader {r} (pid {pid}) died", pid, r)
+
+    def _watch(self, key: int, pid: int, start: int) -> _proc.Watch:
+        w = self._watches.get(key)
+        if w is None or (w.pid, w.start) != (pid, start):
+            if w is not None:
+                w.close()
+            w = self._watches[key] = _proc.Watch(pid, start)
+        return w
 
     # -- closing -----------------------------------------------------------------------------------------------
     def cancel_all(self) -> None:
@@ -693,6 +702,9 @@ class MessageQueue:
             self._lock.release()
 
     def _unmap(self) -> None:
+        for w in self._watches.values():
+            w.close()
+        self._watches.clear()
         try:
             self._W.release()
             self._mv.release()
