@@ -264,11 +264,11 @@ class Lifecycle:
         clean = all(w.exit_info().clean for w in workers)
         self.inbox.put(("failure", [ChildExit(group.index, now, phase, clean, desc)]))
 
-    def _on_hung(self, group: WorkerGroup, workers, why: str = "missed its heartbeat deadline") -> None:
+    def _on_hung(self, group: WorkerGroup, workers) -> None:
         for w in workers:
-            self.events.emit("hung", group=group.index, rank=group.rank_offset + w.rank, pid=w.pid, why=why)
-            logger.error(f"rank {group.rank_offset + w.rank} (pid {w.pid}) {why}; stacks dumped to its log; "
-                         "killing it")
+            self.events.emit("hung", group=group.index, rank=group.rank_offset + w.rank, pid=w.pid)
+            logger.error(f"rank {group.rank_offset + w.rank} (pid {w.pid}) missed its heartbeat deadline; "
+                         "stacks dumped to its log; killing it")
             w.kill()
 
     def declare_hung(self, group: WorkerGroup, ranks: tuple[int, ...]) -> None:
@@ -278,7 +278,7 @@ class Lifecycle:
             w.hung = True
             w.dump_stack()
         time.sleep(0.05)
-        self._on_hung(group, workers, "did not answer a call within its deadline")
+        self._on_hung(group, workers)
 
     def _handle_failure(self, exits: list[ChildExit]) -> None:
         """One recovery, charged once, for every failure seen until the broken groups are down: ranks killed "at
@@ -288,7 +288,8 @@ class Lifecycle:
             for child in sorted({e.child for e in exits} - stopped):
                 self._stop_group(child, graceful=False)  # survivors of a broken collective are killed
                 stopped.add(child)
-            exits += self._current(self._more_failures(wait_s=_COALESCE_S))
+            healthy = set(self.live) - stopped  # only they can still fail into this recovery (dp=1: no wait)
+            exits += self._current(self._more_failures(wait_s=_COALESCE_S if healthy else 0.0))
         if exits:
             self._run_callbacks(exits)
             self._converge([], exits)

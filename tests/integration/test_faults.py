@@ -245,11 +245,11 @@ def test_cli_sigint_during_startup_exits_130(tmp_path, method):
         wait_until(lambda: len(_workers_of(cli)) == 2, 60, "both workers to start")
         everyone = cli.descendants()
         cli.proc.send_signal(signal.SIGINT)
-        assert cli.wait(20) == 130
+        assert cli.wait(20) == 130, cli.stderr()[-3000:]
     finally:
         cli.close()
     assert gone_within([p.pid for p in everyone], 2.0) == []
-    assert "leaked" not in cli.stderr() and "Traceback" not in cli.stderr()
+    assert "leaked" not in cli.stderr() and "Traceback" not in cli.stderr(), cli.stderr()[-3000:]
 
 
 @pytest.mark.parametrize("override,key", [("parallel.tp=0", "parallel.tp"), ("restart=sometimes", "restart"),
@@ -275,12 +275,12 @@ def test_cli_signal_stops_gracefully_with_128_plus_signal(tmp_path, sig, code, m
     try:
         pids = cli.ready_pids(2)
         cli.proc.send_signal(sig)
-        assert cli.wait(30) == code
+        assert cli.wait(30) == code, cli.stderr()[-3000:]
     finally:
         cli.close()
     assert gone_within(pids, 2.0) == []
     assert [e["reasons"] for e in cli.events("stopped")] == [["exit 0", "exit 0"]]  # graceful: nobody killed
-    assert "leaked" not in cli.stderr() and "Traceback" not in cli.stderr()
+    assert "leaked" not in cli.stderr() and "Traceback" not in cli.stderr(), cli.stderr()[-3000:]
 
 
 def test_cli_gives_up_exit_1(tmp_path, method="spawn"):
@@ -292,7 +292,7 @@ def test_cli_gives_up_exit_1(tmp_path, method="spawn"):
         os.kill(first[0], signal.SIGKILL)
         second = cli.ready_pids(2)
         os.kill(second[1], signal.SIGKILL)  # the second crash in the window: over intensity 1
-        assert cli.wait(30) == 1
+        assert cli.wait(30) == 1, cli.stderr()[-3000:]
     finally:
         cli.close()
     assert gone_within(second, 2.0) == []
