@@ -264,11 +264,11 @@ class Lifecycle:
         clean = all(w.exit_info().clean for w in workers)
         self.inbox.put(("failure", [ChildExit(group.index, now, phase, clean, desc)]))
 
-    def _on_hung(self, group: WorkerGroup, workers) -> None:
+    def _on_hung(self, group: WorkerGroup, workers, why: str = "missed its heartbeat deadline") -> None:
         for w in workers:
-            self.events.emit("hung", group=group.index, rank=group.rank_offset + w.rank, pid=w.pid)
-            logger.error(f"rank {group.rank_offset + w.rank} (pid {w.pid}) missed its heartbeat deadline; "
-                         "stacks dumped to its log; killing it")
+            self.events.emit("hung", group=group.index, rank=group.rank_offset + w.rank, pid=w.pid, why=why)
+            logger.error(f"rank {group.rank_offset + w.rank} (pid {w.pid}) {why}; stacks dumped to its log; "
+                         "killing it")
             w.kill()
 
     def declare_hung(self, group: WorkerGroup, ranks: tuple[int, ...]) -> None:
@@ -278,7 +278,7 @@ class Lifecycle:
             w.hung = True
             w.dump_stack()
         time.sleep(0.05)
-        self._on_hung(group, workers)
+        self._on_hung(group, workers, "did not answer a call within its deadline")
 
     def _handle_failure(self, exits: list[ChildExit]) -> None:
         """One recovery, charged once, for every failure seen until the broken groups are down: ranks killed "at
