@@ -30,9 +30,9 @@ The spin policy, measured on 2 cores with 1..8 readers (scripts/bench_transport.
 * Spin only while it pays off: each end keeps an EWMA of "the last spins ended before the window did"; once
   it falls under ``_SPIN_KEEP`` (the other side is consistently slower than the window, e.g. requests that
   come every few milliseconds) it sleeps at once and probes with a spin one wait in eight.
-* Stop at once when a yield loses the CPU for longer than ``_YIELD_LOST_S``: a CPU-bound process outside the
-  queue holds the cores, every yield then waits out its time slice (4 ms medians with two hogs on two cores),
-  and a woken futex sleeper is scheduled sooner than a yielder. Probing drops to one wait in 64.
+* Back off when a yield loses the CPU for longer than ``_YIELD_LOST_S`` (the score is halved): a CPU-bound
+  process outside the queue holds the cores, every yield then waits out its time slice (4 ms medians with two
+  hogs on two cores), and a woken futex sleeper is scheduled sooner than a yielder.
 * A writer that finds the ring full sleeps until half the ring is free (``wake_target``), not one slot.
 
 ``spin_us=0`` never spins, ``spin_yield=False`` busy-polls, ``spin_adaptive=False`` always spins the window.
@@ -67,9 +67,8 @@ _SPIN_EWMA = 0.125  # weight of the latest wait in that EWMA (a few unlucky wait
 _SPIN_ON_FULL = True
 # A yield that keeps us off the CPU this long means something outside the queue holds the cores (a CPU-bound
 # process): a yielder then waits a whole time slice behind it each time (4 ms medians measured with two hogs on
-# two cores), while a woken futex sleeper gets to run soon. Longer than a round of our own peers, far shorter
-# than a slice.
-_YIELD_LOST_S = 0.0005
+# two cores), while a woken futex sleeper gets to run soon. Longer than a round of our own peers, about a slice.
+_YIELD_LOST_S = 0.001
 _REUSE_MIN = 256 << 10  # frames of this size and up are recycled (see _frame)
 _REUSE_MAX = 64 << 20
 _REUSE_COUNT = 3
@@ -204,7 +203,6 @@ class MessageQueue:
         self._adaptive = self.spin_adaptive
         self._spin_score = 1.0  # EWMA of "the last spins succeeded"
         self._probe = 0
-        self._probe_mask = 7  # while not spinning, spin anyway one wait in (mask + 1)
         if not self.is_writer:
             self._cw = self._consumed_words[self.reader_rank]
             self._announce_attached()
@@ -577,13 +575,11 @@ class MessageQueue:
         turn) spinning is CPU thrown away, so sleep at once, and probe with a spin one wait in eight."""
         if not self._adaptive or self._spin_score >= _SPIN_KEEP:
             return True
-        self._probe = (self._probe + 1) & self._probe_mask
+        self._probe = (self._probe + 1) & 7
         return not self._probe
 
     def _spun(self, ok: bool) -> None:
         self._spin_score = self._spin_score * (1 - _SPIN_EWMA) + (_SPIN_EWMA if ok else 0.0)
-        if self._spin_score >= _SPIN_KEEP:
-            self._probe_mask = 7
 
     def _spin(self, ready) -> bool:
         """Poll ``ready()`` for up to the spin window, yielding the CPU between polls (or not)."""
@@ -597,8 +593,7 @@ class MessageQueue:
                     # That yield gave our CPU away for a whole time slice: something outside this queue keeps the
                     # cores busy, and a yielder queues behind it each time, while a futex sleeper that is woken
                     # gets to run first. Stop spinning until a probe says otherwise.
-                    self._spin_score = 0.0
-                    self._probe_mask = 63  # and probe rarely: each probe may lose a slice again
+                    self._spin_score *= 0.5  # a few of these in a row and the spinning stops
                     return ready()
                 if ready():
                     return True
