@@ -70,8 +70,9 @@ sleeper's membarrier puts a full barrier on their CPUs at that moment, which is 
 Either the sleeper sees the news, or the publisher sees the sleeper and changes the futex word, which makes a
 ``futex_wait`` that has not started yet return at once. A writer that has to sleep on a full ring sets
 ``wake_target`` so that it is woken when half the ring is free, not after every slot: one sleep per half ring
-instead of one per message while readers lag (it may spin-poll for a single slot before that). ``close()`` (any party) stores ``closed = 1``, fences,
-and bumps and wakes both futex words: every sleeper in every process wakes up and sees ``closed``.
+instead of one per message while readers lag (it may spin-poll for a single slot before that). ``close()``
+(any party) stores ``closed = 1``, fences, and bumps and wakes both futex words: every sleeper in every process
+wakes up and sees ``closed``.
 
 A message larger than one slot spans consecutive chunks: the first has FIRST, the last LAST, every chunk but
 the last is full. A reader that finds FIRST where it expected a continuation drops the partial message (the
