@@ -24,7 +24,7 @@ def _need_gpu():
     open for the whole session and are the measuring tool's, not the product's)."""
     if visible_gpus() == 0:
         pytest.skip("no NVIDIA GPU visible")
-    gpu.device_count()
+    gpu.memory_by_pid()  # NVML opens each device node on first use: do it for every GPU now
 
 
 def _hold(nbytes: int):
