@@ -13,6 +13,8 @@ import os
 import secrets
 from dataclasses import dataclass
 
+from transport import _proc
+
 SHM_DIR = "/dev/shm"
 PREFIX = "rvq-"
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
@@ -94,16 +96,6 @@ def owner_pid(name: str) -> int | None:
         return None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def list_segments(owner: int | None = None) -> list[str]:
     try:
         names = os.listdir(SHM_DIR)
@@ -117,7 +109,7 @@ def sweep_dead() -> list[str]:
     removed = []
     for name in list_segments():
         pid = owner_pid(name)
-        if pid is not None and not _alive(pid) and unlink(name):
+        if pid is not None and not _proc.alive(pid) and unlink(name):  # a zombie owner counts as dead
             removed.append(name)
     return removed
 
