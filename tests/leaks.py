@@ -15,24 +15,11 @@ SHM_DIR = "/dev/shm"
 
 def helper_pids() -> set[int]:
     """multiprocessing's long-lived helpers (forkserver, resource tracker): shared by every test, not leaks."""
-    pids = set()
-    try:
-        from multiprocessing import forkserver
+    from multiprocessing import forkserver, resource_tracker
 
-        pid = getattr(forkserver._forkserver, "_forkserver_pid", None)
-        if pid:
-            pids.add(pid)
-    except Exception:
-        pass
-    try:
-        from multiprocessing import resource_tracker
-
-        pid = getattr(resource_tracker._resource_tracker, "_pid", None)
-        if pid:
-            pids.add(pid)
-    except Exception:
-        pass
-    return pids
+    found = (getattr(forkserver._forkserver, "_forkserver_pid", None),
+             getattr(resource_tracker._resource_tracker, "_pid", None))
+    return {pid for pid in found if pid}
 
 
 def _children() -> dict[int, psutil.Process]:
