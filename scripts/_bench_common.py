@@ -518,3 +518,12 @@ def _torchrun_worker() -> int:
 
 if __name__ == "__main__":
     sys.exit(_torchrun_worker())
+
+
+def cleanup(tmp) -> None:
+    """End of a benchmark run: our forkserver, every process we recorded, the scratch folder."""
+    stop_forkserver()
+    killed = REAPER.kill_all()
+    if killed:
+        log(f"cleanup: killed leftover processes {killed}")
+    tmp.remove()

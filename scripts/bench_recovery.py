@@ -634,11 +634,7 @@ def main() -> int:
                 t, fd = table_d(part_d(phases, per_phase))
                 tables.append(t)
         finally:
-            C.stop_forkserver()
-            killed = C.REAPER.kill_all()
-            if killed:
-                C.log(f"cleanup: killed leftover processes {killed}")
-            tmp.remove()
+            C.cleanup(tmp)
     tables.append(summary_table(fa, fb, fc, fd, tps))
     print("\n\n".join(tables), flush=True)
     return 0

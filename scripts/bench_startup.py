@@ -451,11 +451,7 @@ def main() -> int:
             if "4" in parts:
                 tables.append(t4)
         finally:
-            C.stop_forkserver()
-            killed = C.REAPER.kill_all()
-            if killed:
-                C.log(f"cleanup: killed leftover processes {killed}")
-            tmp.remove()
+            C.cleanup(tmp)
     tables.append(summary_table(st_f, idle_f, deaf_f, k9_f, tps))
     print("\n\n".join(tables), flush=True)
     return 0
