@@ -846,7 +846,10 @@ class Soak:
             if pid in allowed:
                 continue
             try:
-                zombie_orphan = p.status() == psutil.STATUS_ZOMBIE and p.ppid() == self.my_pid
+                zombie = p.status() == psutil.STATUS_ZOMBIE
+                zombie_orphan = zombie and p.ppid() == self.my_pid
+                if zombie and p.ppid() in allowed:
+                    continue  # a live worker's own exited child: the worker reaps it (or dies and we do)
             except psutil.Error:
                 continue
             if zombie_orphan and pid in self.child_pids:

@@ -113,7 +113,7 @@ class WorkerGroup:
         try:
             msg = w.read_status()
         except (EOFError, OSError):
-            w.proc.join(timeout=1.0)  # the process is exiting: report its exit reason
+            w.reap(1.0)  # the process is exiting: report its exit reason
             raise StartupError(f"rank {self._g(w.rank)} ({w.spec.topology.name}) exited during start-up: "
                                f"{w.exit_info().reason}", self._g(w.rank)) from None
         if isinstance(msg, StartupFailed):

@@ -120,7 +120,7 @@ class Monitor(threading.Thread):
         if not exited:
             return
         for w in exited:
-            w.proc.join(timeout=1.0)  # confirm the exit status before acting on it
+            w.reap(1.0)  # confirm the exit status before acting on it
         by_group: dict[int, tuple[object, list[WorkerProcess]]] = {}
         for w in exited:
             group = watched[w]

@@ -65,13 +65,19 @@ class WorkerProcess:
     def exitcode(self) -> int | None:
         """multiprocessing's exit code (negative: the signal), kept after the process object is closed."""
         if self._exitcode is None and not self._closed:
-            self._exitcode = self.proc.exitcode
+            try:
+                self._exitcode = self.proc.exitcode
+            except ValueError:  # closed by another thread after it cached the status
+                pass
         return self._exitcode
 
     def reap(self, timeout: float) -> None:
         """Collect the exit status (bounded)."""
         if self._exitcode is None and not self._closed:
-            self.proc.join(timeout)
+            try:
+                self.proc.join(timeout)
+            except ValueError:  # closed by another thread (shutdown) meanwhile: its status was kept
+                pass
 
     def is_alive(self) -> bool:
         return self.exitcode is None
