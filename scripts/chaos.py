@@ -69,12 +69,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from supervisor.topology import TREE_ENV  # noqa: E402  (every worker descendant carries its supervisor's pid)
+from transport.shm import SHM_DIR  # noqa: E402
+from transport.shm import owner_pid as shm_owner  # noqa: E402
+
 KINDS = ("sigkill", "sigsegv", "sigstop", "sigterm", "exit", "raise", "hang", "grandchild")
 PHASES = ("starting", "idle", "mid-call", "restarting", "stopping")
 SUPERVISOR_PHASES = ("starting", "idle", "mid-call")
-TREE_ENV = "RANKVISOR_TREE"  # supervisor.topology.TREE_ENV: every worker descendant carries its supervisor's pid
-SHM_DIR = "/dev/shm"
-SHM_PREFIX = "rvq-"
 RDZV_PREFIX = "rankvisor-rdzv-"
 _mono = time.monotonic
 _FD_SLACK = 2  # descriptors a live tree may hold beyond the baseline at a cycle's end (see check_leaks)
@@ -472,15 +473,6 @@ def shm_entries() -> set[str]:
         return set(os.listdir(SHM_DIR))
     except FileNotFoundError:
         return set()
-
-
-def shm_owner(name: str) -> int | None:
-    if not name.startswith(SHM_PREFIX):
-        return None
-    try:
-        return int(name[len(SHM_PREFIX):].split("-", 1)[0])
-    except ValueError:
-        return None
 
 
 def rendezvous_dirs(owners: set[int]) -> list[str]:
