@@ -21,7 +21,8 @@ from supervisor.topology import TREE_ENV
 
 
 def _descendants(workers: Iterable[WorkerProcess]) -> list[psutil.Process]:
-    """Every live process below the workers, deepest first (the workers themselves are not included)."""
+    """Every live process below the workers, deepest first (the workers themselves are not included). Each is
+    remembered, so that its zombie can be reaped once it is re-parented to us (see reap_orphans)."""
     tree: list[psutil.Process] = []
     for w in workers:
         root = w.psutil_process()
@@ -31,6 +32,8 @@ def _descendants(workers: Iterable[WorkerProcess]) -> list[psutil.Process]:
             tree.extend(reversed(root.children(recursive=True)))
         except psutil.Error:
             pass
+    for p in tree:
+        _remember_descendant(p)
     return tree
 
 
@@ -103,8 +106,9 @@ def kill(workers: Sequence[WorkerProcess], reap_s: float) -> None:
 def reap_orphans(timeout: float = 0.5) -> list[int]:
     """Kill and reap descendants of our workers that were re-parented to us (we are a child subreaper) after
     their worker died. A live one is recognised by the tree marker in its environment; a zombie (it died before its
-    worker) has no readable environment, so by its session: a worker's descendants stay in the session the worker
-    opened with setsid, whose id is the worker's pid. A user's own children match neither and are left alone."""
+    worker) has no readable environment, so by its session (a worker's descendants stay in the session the worker
+    opened with setsid, whose id is the worker's pid) or, for one that opened a session of its own, because we saw
+    it below a worker while it lived (pid + create time). A user's own children match none of these."""
     me = str(os.getpid())
     found, zombies = [], []
     try:
@@ -116,9 +120,10 @@ def reap_orphans(timeout: float = 0.5) -> list[int]:
             continue  # live workers are handled through their handles
         try:
             if p.status() == psutil.STATUS_ZOMBIE:
-                if _session(p.pid) in _EVER_WORKER_PIDS:
+                if _session(p.pid) in _EVER_WORKER_PIDS or _was_descendant(p):
                     zombies.append(p.pid)
             elif p.environ().get(TREE_ENV) == me:
+                _remember_descendant(p)  # if it dies before we kill it, its zombie is still recognised
                 found.append(p)
         except psutil.Error:
             continue
@@ -143,11 +148,31 @@ def _session(pid: int) -> int | None:
 
 _LIVE_WORKER_PIDS: set[int] = set()
 _EVER_WORKER_PIDS: set[int] = set()  # sessions our workers opened (bounded: see register_worker)
+_DESCENDANTS: dict[int, float] = {}  # pid -> create time of every process seen below a worker (bounded likewise)
+_REGISTRY_CAP = 100_000  # a very long soak: forget the oldest entries rather than grow
+
+
+def _remember_descendant(p: psutil.Process) -> None:
+    try:
+        created = p.create_time()
+    except psutil.Error:
+        return
+    if len(_DESCENDANTS) > _REGISTRY_CAP:
+        _DESCENDANTS.clear()
+    _DESCENDANTS[p.pid] = created
+
+
+def _was_descendant(p: psutil.Process) -> bool:
+    """Seen below a worker while alive; the create time (readable for a zombie) rules out a reused pid."""
+    try:
+        return _DESCENDANTS.get(p.pid) == p.create_time()
+    except psutil.Error:
+        return False
 
 
 def register_worker(pid: int) -> None:
     _LIVE_WORKER_PIDS.add(pid)
-    if len(_EVER_WORKER_PIDS) > 100_000:  # a very long soak: forget the oldest sessions rather than grow
+    if len(_EVER_WORKER_PIDS) > _REGISTRY_CAP:
         _EVER_WORKER_PIDS.clear()
     _EVER_WORKER_PIDS.add(pid)
 

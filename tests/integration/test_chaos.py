@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -111,10 +112,10 @@ def test_a_call_hung_on_one_rank_names_only_that_rank():
         assert err.value.ranks == (0,) and hung == [0], (err.value.ranks, hung)
 
 
-def _spawn_sleeper(w):
+def _spawn_sleeper(w, detach: bool = False):
     import subprocess as sp
 
-    return sp.Popen(["sleep", "600"], stdin=sp.DEVNULL).pid
+    return sp.Popen(["sleep", "600"], stdin=sp.DEVNULL, start_new_session=detach).pid
 
 
 def test_a_grandchild_that_died_before_its_worker_is_reaped():
@@ -138,6 +139,30 @@ def test_a_grandchild_that_died_before_its_worker_is_reaped():
             sup.collective_rpc("ping", timeout=30)  # waits for the restart: its orphans are reaped by now
             assert not _our_zombie(gc), f"grandchild {gc} is an unreaped zombie child of the supervisor"
         assert not _our_zombie(gc), f"grandchild {gc} is still an unreaped zombie after shutdown"
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+        if gc is not None and _our_zombie(gc):
+            os.waitpid(gc, 0)  # clean up after the product
+
+
+def test_a_detached_grandchild_stopped_with_its_killed_worker_is_reaped():
+    """The soak's grandchild/stopping cycle: the worker is SIGKILLed and shutdown starts at once, while the kernel
+    still tears the worker down; shutdown SIGTERMs the grandchild (it opened its own session), which dies a zombie
+    under its worker and comes back to us when the worker is gone. Its session is not a worker's, so only the
+    supervisor's memory of having seen it below a worker identifies it."""
+    from supervisor.api import Supervisor
+    from tests.integration.helpers import ECHO, config
+
+    import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    gc = None
+    try:
+        with Supervisor(config(*ECHO)) as sup:
+            gc = sup.collective_rpc(_spawn_sleeper, args=(True,), timeout=30)[0]
+            os.kill(sup.pids()[0], signal.SIGKILL)
+        assert not _our_zombie(gc), f"detached grandchild {gc} is an unreaped zombie after shutdown"
+        assert not psutil.pid_exists(gc) or psutil.Process(gc).ppid() != os.getpid()
     finally:
         cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
         if gc is not None and _our_zombie(gc):
