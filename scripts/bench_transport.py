@@ -7,6 +7,9 @@ Peers (one writer process broadcasting to N reader processes, each reader answer
     pipe   one duplex multiprocessing Pipe per reader (requests and replies)
     zmq    pyzmq PUB/SUB for requests + PUSH/PULL for replies, over ipc:// in a temp dir
     ours   one MessageQueue(N) for requests; each reader owns a 1-reader MessageQueue back
+    zcopy  the same, but the readers attach with zero_copy=True: arrays of one-slot frames are views into the
+           ring (transport/zero_copy.py), the slot pinned until the reader drops them (here: at the next one);
+           its ring has 16 MiB + 64 KiB slots (x 8) so that a 16 MiB payload is a one-slot frame too
 
 Measurements (every peer's workers stay alive for the whole N; batches are interleaved A B C D, rotating the
 order each round, so that machine noise hits every peer alike):
@@ -57,13 +60,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-PEERS = ("mpq", "pipe", "zmq", "ours")
+PEERS = ("mpq", "pipe", "zmq", "ours", "zcopy")
 REQUEST = ("call", 0, {"token_ids": [101, 2023, 2003, 1037, 7099, 6254, 102, 0, 2, 1, 7, 333],
                        "positions": list(range(12)), "block_table": [3, 14, 15, 92, 65], "seq_lens": [8, 8, 7],
                        "slots": [480, 481, 482, 483, 484, 485]})
 SIZES = (1 << 10, 1 << 16, 1 << 20, 1 << 24)
 RING_SLOT_BYTES = 4 << 20  # ours: 4 MiB slots x 8 (a 32 MiB ring); 16 MiB payloads span slots
 RING_SLOTS = 8
+ZC_SLOT_BYTES = (16 << 20) + (64 << 10)  # zcopy: slots of 16 MiB + room for the frame header, x 8
 ZMQ_COPY_THRESHOLD = 1 << 16
 
 
@@ -160,10 +164,10 @@ class _ZmqEnd:
 
 
 class _OursEnd:
-    def __init__(self, rank, n, handle, boot, opts, reply_opts):
+    def __init__(self, rank, n, handle, boot, opts, reply_opts, zero_copy=False):
         from transport import MessageQueue
 
-        self.bcast = MessageQueue.create_from_handle(handle, rank)
+        self.bcast = MessageQueue.create_from_handle(handle, rank, zero_copy=zero_copy)
         self.back = MessageQueue(1, RING_SLOT_BYTES, RING_SLOTS, **{**opts, **reply_opts})
         boot.send(self.back.export_handle())
         boot.close()
@@ -175,7 +179,7 @@ class _OursEnd:
         self.back.close()
 
 
-_END_FACTORY = {"pipe": _PipeEnd, "mpq": _MpqEnd, "zmq": _ZmqEnd, "ours": _OursEnd}
+_END_FACTORY = {"pipe": _PipeEnd, "mpq": _MpqEnd, "zmq": _ZmqEnd, "ours": _OursEnd, "zcopy": _OursEnd}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -319,6 +323,7 @@ class OursPeer(Peer):
     opts: dict = {}  # MessageQueue keyword arguments (spin policy) from the command line
     reply_opts: dict = {}  # the same, for the reply queues only
     slot_bytes, slots = RING_SLOT_BYTES, RING_SLOTS  # geometry of the broadcast ring
+    zero_copy = False
 
     def __init__(self, ctx, n):
         from transport import MessageQueue
@@ -327,7 +332,7 @@ class OursPeer(Peer):
         self.bcast = MessageQueue(n, self.slot_bytes, self.slots, **self.opts)
         boots = [ctx.Pipe(duplex=False) for _ in range(n)]
         handle = self.bcast.export_handle()
-        self._spawn(ctx, lambda r: (handle, boots[r][1], self.opts, self.reply_opts))
+        self._spawn(ctx, lambda r: (handle, boots[r][1], self.opts, self.reply_opts, self.zero_copy))
         self.replies = []
         for r, (rd, wr) in enumerate(boots):
             wr.close()
@@ -348,7 +353,13 @@ class OursPeer(Peer):
             q.close()
 
 
-PEER_CLASSES = {"mpq": MpqPeer, "pipe": PipePeer, "zmq": ZmqPeer, "ours": OursPeer}
+class ZeroCopyPeer(OursPeer):
+    name = "zcopy"
+    zero_copy = True
+    slot_bytes = ZC_SLOT_BYTES  # a 16 MiB payload fits one slot, so it is lent out too (bigger ones stream)
+
+
+PEER_CLASSES = {"mpq": MpqPeer, "pipe": PipePeer, "zmq": ZmqPeer, "ours": OursPeer, "zcopy": ZeroCopyPeer}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -522,9 +533,11 @@ def check_targets(results: dict) -> list[str]:
         if n == 1:
             verdict(ours["median_us"] <= 20, f"N=1 round-trip median <= 20 us: {ours['median_us']:.1f} us")
     for (n, size), lim in (((2, 1 << 24), 8.0), ((2, 1 << 20), 20.0)):
-        tp = results["tp"].get((n, size), {}).get("ours")
-        if tp:
-            verdict(tp["gb_s"] >= lim, f"{_size(size)} to {n} readers >= {lim:g} GB/s: {tp['gb_s']:.2f} GB/s")
+        for name in ("ours", "zcopy"):
+            tp = results["tp"].get((n, size), {}).get(name)
+            if tp:
+                verdict(tp["gb_s"] >= lim,
+                        f"{_size(size)} to {n} readers >= {lim:g} GB/s ({name}): {tp['gb_s']:.2f} GB/s")
     idle = results.get("idle", {}).get("ours")
     if idle:
         verdict(idle["idle_cpu_s"] <= 0.05, f"idle CPU of 4 readers over 5 s <= 0.05 s: {idle['idle_cpu_s']:.4f} s")

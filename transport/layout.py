@@ -18,6 +18,8 @@
                +0 consumed u32        chunks this reader has released (mod 2**32)
                +4 pid u32   +8 start_time u64 (clock ticks after boot: tells a reused pid apart)
                +16 attached u32       1 once the reader has mapped the segment
+               +20 lends u32          1 if the reader lends slots out (transport/zero_copy.py): a slot may stay
+                                      pinned, so a writer on a full ring waits for one free slot, not half
     META       (64-aligned) n_slots chunk records of 16 bytes:  seq u32, length u32, kind u32, 0 u32
     DATA       (page-aligned) n_slots payloads of slot_bytes bytes
 
@@ -70,7 +72,9 @@ sleeper's membarrier puts a full barrier on their CPUs at that moment, which is 
 Either the sleeper sees the news, or the publisher sees the sleeper and changes the futex word, which makes a
 ``futex_wait`` that has not started yet return at once. A writer that has to sleep on a full ring sets
 ``wake_target`` so that it is woken when half the ring is free, not after every slot: one sleep per half ring
-instead of one per message while readers lag (it may spin-poll for a single slot before that). ``close()``
+instead of one per message while readers lag (it may spin-poll for a single slot before that). If a reader
+lends slots out, half the ring may never come free while that reader waits for news: then the writer waits for
+one slot. ``close()``
 (any party) stores ``closed = 1``, fences, and bumps and wakes both futex words: every sleeper in every process
 wakes up and sees ``closed``.
 
@@ -115,6 +119,7 @@ R_CONSUMED = 0
 R_PID = 4
 R_START = 8
 R_ATTACHED = 16
+R_LENDS = 20
 # chunk records
 META_STRIDE = 16
 M_SEQ = 0

@@ -208,8 +208,17 @@ class MessageQueue:
             self._announce_attached()
 
     @classmethod
-    def create_from_handle(cls, handle: Handle, reader_rank: int, *, _fences: str = "auto") -> "MessageQueue":
-        """Attach to a queue as reader ``reader_rank`` (0-based), in any process (spawn, forkserver or fork)."""
+    def create_from_handle(cls, handle: Handle, reader_rank: int, *, zero_copy: bool = False,
+                           _fences: str = "auto") -> "MessageQueue":
+        """Attach to a queue as reader ``reader_rank`` (0-based), in any process (spawn, forkserver or fork).
+
+        ``zero_copy=True``: big arrays and tensors come back as views straight into the ring instead of copies;
+        each such message keeps its slot from being reused until its arrays are dropped (see
+        transport/zero_copy.py for the rules)."""
+        if zero_copy:
+            from transport.zero_copy import ZeroCopyReader
+
+            cls = ZeroCopyReader
         return cls(handle.n_reader, _attach=(handle, reader_rank), _fences=_fences)
 
     def export_handle(self) -> Handle:
@@ -370,10 +379,15 @@ class MessageQueue:
                 return
         # Asleep, wait until half the ring is free, not one slot: a writer ahead of slow readers then sleeps
         # once per half ring instead of once per message (each wake-up costs two system calls and a switch).
-        need = w - self._nslots + max(1, self._nslots // 2)  # every reader must have released chunk need - 1
+        # Not with a reader that lends slots out: its pinned slots may keep half the ring busy indefinitely.
+        need = w - self._nslots + (1 if self._some_reader_lends() else max(1, self._nslots // 2))
         self._W[_W_WAKE_TARGET] = need & _MASK
         self._sleep_until(lambda: need <= self._refresh_limit(w) - self._nslots, self._wwake, deadline, None,
                           lambda: self._behind(w), "enqueue", self._writer_sleeping)
+
+    def _some_reader_lends(self) -> bool:
+        W, lay = self._W, self.layout
+        return any(W[(lay.reader(r) + L.R_LENDS) // 4] for r in range(self._n))
 
     def _refresh_limit(self, w: int) -> int:
         """Read every reader's counter; the slowest one bounds how far the writer may run ahead."""
@@ -430,7 +444,7 @@ class MessageQueue:
                 raise CorruptMessage(f"cannot unpickle message: {type(exc).__name__}: {exc}") from exc
             finally:
                 view.release()
-                # release, inlined: same steps as _release; keep the two in step
+                # release, inlined: same steps as _release (_advance + _store_consumed); keep them in step
                 if _NEED_ORDER_FENCES:
                     _sync.release_fence()  # our copy is complete before the writer may reuse the slot
                 c = (c + 1) & _MASK
@@ -545,14 +559,21 @@ class MessageQueue:
 
     def _release(self) -> None:
         """Hand the current chunk back to the writer."""
+        self._advance()
+        self._store_consumed(self._c)
+
+    def _advance(self) -> None:
+        """Move past the current chunk (this process's cursor only)."""
+        self._c = (self._c + 1) & _MASK
+        s = self._slot + 1
+        self._slot = s if s < self._nslots else 0
+
+    def _store_consumed(self, c: int) -> None:
+        """Tell the writer that every chunk below ``c`` is released; wake it if it waits for that."""
         W = self._W
         if _NEED_ORDER_FENCES:
             _sync.release_fence()  # our copy of the payload is complete before the writer may reuse the slot
-        c = (self._c + 1) & _MASK
         W[self._cw] = c
-        self._c = c
-        s = self._slot + 1
-        self._slot = s if s < self._nslots else 0
         if not self._light:
             _full_fence()  # store(consumed) -> load(writer_sleeping)
         if (W[_W_WRITER_SLEEPING] and (c - W[_W_WAKE_TARGET]) & _MASK < 0x80000000) or self._always_wake:

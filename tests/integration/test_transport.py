@@ -121,12 +121,15 @@ def _cpu_s(pid: int) -> float:
 
 
 # -- child processes (module level: spawn and forkserver import them by name) ------------------------------------
-def reader_verify(handle, rank, seed, delay_prob, delay_max_s, out):
-    """Read (index, array, digest) messages until None; check order and bytes; report (count, nbytes, errors)."""
-    q = MessageQueue.create_from_handle(handle, rank)
+def reader_verify(handle, rank, seed, delay_prob, delay_max_s, out, zero_copy=False, hold=0):
+    """Read (index, array, digest) messages until None; check order and bytes; report (count, nbytes, errors).
+    ``hold``: keep up to that many recent messages alive (a random number of them) and check their bytes again
+    when they are dropped: with ``zero_copy`` they are views into pinned slots that the writer must not reuse."""
+    q = MessageQueue.create_from_handle(handle, rank, zero_copy=zero_copy)
     rng = random.Random(seed * 7919 + rank)
     count = nbytes = 0
     errors: list[str] = []
+    kept: list = []
     try:
         while True:
             msg = q.dequeue(timeout=60)
@@ -140,8 +143,19 @@ def reader_verify(handle, rank, seed, delay_prob, delay_max_s, out):
                 errors.append(f"reader {rank}: message {i} ({arr.nbytes} bytes) differs from what was sent")
             count += 1
             nbytes += arr.nbytes
+            kept.append(msg)
+            while len(kept) > rng.randint(0, hold):
+                j, old, old_want = kept.pop(0)
+                if digest(old) != old_want:
+                    errors.append(f"reader {rank}: message {j} changed while it was held")
+                del old  # dropped for real: a view left in a variable would keep its slot pinned
+            del msg, arr
             if rng.random() < delay_prob:
                 time.sleep(rng.uniform(0, delay_max_s))
+        for j, old, old_want in kept:
+            if digest(old) != old_want:
+                errors.append(f"reader {rank}: message {j} changed while it was held")
+        kept.clear()
     except Exception as exc:
         errors.append(f"reader {rank}: {type(exc).__name__}: {exc}")
     finally:
@@ -752,12 +766,14 @@ def test_idle_reader_and_blocked_writer_cost_about_zero_cpu(procs):
 
 
 # -- bulk traffic -------------------------------------------------------------------------------------------------
-def _bulk(procs, *, n_readers, slot_bytes, n_slots, sizes, seed, delay_prob, delay_max_s):
+def _bulk(procs, *, n_readers, slot_bytes, n_slots, sizes, seed, delay_prob, delay_max_s, zero_copy=(), hold=0):
+    """``zero_copy``: the ranks that read with zero_copy=True (holding up to ``hold`` messages)."""
     q = MessageQueue(n_readers, slot_bytes, n_slots)
     outs = []
     for rank in range(n_readers):
         r, w = procs.pipe()
-        procs.start(reader_verify, q.export_handle(), rank, seed, delay_prob, delay_max_s, w)
+        zc = rank in zero_copy
+        procs.start(reader_verify, q.export_handle(), rank, seed, delay_prob, delay_max_s, w, zc, hold if zc else 0)
         outs.append(r)
     rng = np.random.default_rng(seed)
     sent = 0
@@ -803,6 +819,62 @@ def test_bulk_random_arrays_larger_than_the_ring(procs):
     sent = _bulk(procs, n_readers=2, slot_bytes=256 << 10, n_slots=4, sizes=sizes, seed=seed, delay_prob=0.02,
                  delay_max_s=0.005)
     print(f"{len(sizes)} arrays, {sent / 1e6:.0f} MB to each of 2 readers")
+
+
+def test_zero_copy_readers_get_views_that_stay_intact_while_held(procs):
+    """Two zero-copy readers beside a copying one: arrays of 1 B .. 1 MiB through 8 x 256 KiB slots (one-slot
+    frames are lent out as views, bigger ones stream in up to 5 chunks and are copied); the zero-copy readers
+    keep the last message alive at random (so a pinned slot sees at most 5 more chunks: within the rule) and
+    check its bytes again when they drop it: a pinned slot is never reused."""
+    seed = _seed()
+    rng = np.random.default_rng(seed + 3)
+    sizes = [int(np.exp(rng.uniform(0, np.log(1 << 20)))) for _ in range(3000)]
+    _bulk(procs, n_readers=3, slot_bytes=256 << 10, n_slots=8, sizes=sizes, seed=seed, delay_prob=0.01,
+          delay_max_s=0.003, zero_copy=(0, 2), hold=1)
+
+
+def test_zero_copy_pins_a_slot_until_its_arrays_are_dropped():
+    q = MessageQueue(1, 256 << 10, 4)
+    r = MessageQueue.create_from_handle(q.export_handle(), 0, zero_copy=True)
+    try:
+        q.wait_until_ready(timeout=5)
+        arr = np.arange(50_000, dtype=np.int32)  # 200 kB: a one-slot frame, lent out
+        q.enqueue(arr, timeout=5)
+        view = r.dequeue(timeout=5)
+        assert r.pinned == 1 and np.array_equal(view, arr)
+        for i in range(3):  # three more slots: the ring is full behind the pinned one
+            q.enqueue(np.full(20_000, i), timeout=5)
+            got = r.dequeue(timeout=5)
+            assert got[0] == i
+        del got
+        assert r.pinned == 1
+        with pytest.raises(QueueTimeout, match=r"readers \[0\]"):
+            q.enqueue(arr, timeout=0.2)  # the slot of `view` is the next to write: pinned
+        del view
+        assert r.pinned == 0
+        q.enqueue(arr * 2, timeout=1)  # released: the writer goes on
+        assert np.array_equal(r.dequeue(timeout=5), arr * 2)
+        q.enqueue({"small": np.arange(10)}, timeout=1)  # small frames are copied: nothing pinned
+        small = r.dequeue(timeout=5)
+        assert r.pinned == 0 and list(small["small"]) == list(range(10))
+    finally:
+        r.close()
+        q.close()
+
+
+def test_zero_copy_views_outlive_close():
+    q = MessageQueue(1, 256 << 10, 4)
+    r = MessageQueue.create_from_handle(q.export_handle(), 0, zero_copy=True)
+    q.wait_until_ready(timeout=5)
+    arr = np.arange(50_000, dtype=np.float64)
+    q.enqueue(arr, timeout=5)
+    view = r.dequeue(timeout=5)
+    r.close()
+    q.close()
+    with pytest.raises(QueueClosed):
+        r.dequeue(timeout=0.1)
+    assert np.array_equal(view, arr)  # the mapping stays until the last view is gone
+    del view
 
 
 def test_256_mib_message(procs):
