@@ -1003,6 +1003,7 @@ class Soak:
             rec = f"{fault.recovery_s:.2f} s" if fault.recovery_s is not None else "-"
             print(f"cycle {cycle:4d} {fault.target:<10} {kind:<10} {phase:<10} via {fault.via:<8} "
                   f"recovered={fault.recovered} in {rec}  ({_mono() - t0:.1f} s)"
+                  + ("  GAVE UP (tree replaced)" if fault.gave_up else "")
                   + (f"  {'; '.join(fault.notes)}" if fault.notes else ""), file=sys.stderr, flush=True)
         elif (cycle + 1) % 10 == 0:
             print(f"  {cycle + 1}/{self.opts.cycles} cycles, {len(self.violations)} violations",

@@ -17,7 +17,7 @@ from supervisor import escalation
 from supervisor.errors import StartupError
 from supervisor.process import WorkerProcess, parent_fds
 from supervisor.rpc import RpcChannel
-from transport import MessageQueue, sweep_owner
+from transport import MessageQueue, TransportError, sweep_owner
 from worker.protocol import Ready, StartupFailed, WorkerState
 from worker.spec import WorkerSpec
 
@@ -75,9 +75,9 @@ class WorkerGroup:
                 self.workers.append(WorkerProcess(spec, self.ctx, bcast.export_handle(), parent_fds()))
                 escalation.register_worker(self.workers[-1].pid)
             readies = self._await_ready(deadline)
-            for ready in readies:
-                replies.append(MessageQueue.create_from_handle(ready.reply_handle, 0))
-            bcast.wait_until_ready(timeout=max(0.1, deadline - time.monotonic()))
+            for rank, ready in enumerate(readies):
+                replies.append(self._attach_reply(rank, ready))
+            self._await_attached(bcast, deadline)
         except BaseException:
             for q in (bcast, *replies):
                 q.close()
@@ -108,6 +108,28 @@ class WorkerGroup:
                     raise StartupError(f"rank {self._g(w.rank)} ({w.spec.topology.name}) exited during start-up: "
                                        f"{w.exit_info().reason}", self._g(w.rank))
         return [readies[r] for r in range(self.world)]
+
+    def _attach_reply(self, rank: int, ready: Ready) -> MessageQueue:
+        """Open rank's reply queue. A worker that dies right after READY takes the queue's name with it (its
+        segment is swept once it is gone): that is a start-up failure of that rank, for the policy to handle."""
+        try:
+            return MessageQueue.create_from_handle(ready.reply_handle, 0)
+        except (OSError, TransportError) as exc:
+            raise self._lost_during_startup(rank, exc) from None
+
+    def _await_attached(self, bcast: MessageQueue, deadline: float) -> None:
+        try:
+            bcast.wait_until_ready(timeout=max(0.1, deadline - time.monotonic()))
+        except TransportError as exc:  # a rank died (PeerDied) or never attached (QueueTimeout names it)
+            ranks = getattr(exc, "pending", ()) or (getattr(exc, "reader", None),)
+            raise self._lost_during_startup(ranks[0] if ranks[0] is not None else 0, exc) from None
+
+    def _lost_during_startup(self, rank: int, exc: BaseException) -> StartupError:
+        w = self.workers[rank]
+        w.reap(1.0)  # it is exiting, most likely: report how it ended
+        why = w.exit_info().reason if not w.is_alive() else f"{type(exc).__name__}: {exc}"
+        return StartupError(f"rank {self._g(rank)} ({w.spec.topology.name}) exited during start-up: {why}",
+                            self._g(rank))
 
     def _take_status(self, w: WorkerProcess, readies: dict[int, Ready]) -> None:
         try:

@@ -169,6 +169,37 @@ def test_a_detached_grandchild_stopped_with_its_killed_worker_is_reaped():
             os.waitpid(gc, 0)  # clean up after the product
 
 
+def test_a_reply_queue_gone_before_the_supervisor_opens_it_is_a_startup_failure(monkeypatch):
+    """The 1000-cycle soak (SIGTERM during a restart): a rank sent READY and was stopped at once, closing its reply
+    queue, so opening that queue raised FileNotFoundError in the supervisor's manager thread, which died; the tree
+    gave up. Now it is that rank's start-up failure: the policy restarts the group and the tree serves again."""
+    from supervisor.api import Supervisor
+    from tests.integration.helpers import ECHO, config
+    from transport import MessageQueue
+
+    real = MessageQueue.create_from_handle.__func__
+    armed = {"left": 0}
+
+    def vanished(cls, handle, reader_rank, **kw):
+        if armed["left"] > 0:
+            armed["left"] -= 1
+            raise FileNotFoundError(2, "No such file or directory", f"/dev/shm/{handle.name}")
+        return real(cls, handle, reader_rank, **kw)
+
+    monkeypatch.setattr(MessageQueue, "create_from_handle", classmethod(vanished))
+    with Supervisor(config(*ECHO, "parallel.tp=2", "restart=one_for_one")) as sup:
+        old = sup.pids()
+        armed["left"] = 1  # the restart's first reply queue is gone
+        os.kill(old[0], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while (set(old) & set(sup.pids()) or not sup._life.gates[0].is_open) and not sup.gave_up:
+            assert time.monotonic() < deadline, "the group did not come back"
+            time.sleep(0.05)
+        assert not sup.gave_up, sup.error
+        assert sup.collective_rpc("ping", timeout=30) == [0, 1]
+        assert armed["left"] == 0
+
+
 def _our_zombie(pid: int) -> bool:
     try:
         p = psutil.Process(pid)
