@@ -55,6 +55,7 @@ class ZeroCopyReader(MessageQueue):
         return sum(not dropped for _, dropped in self._held)
 
     def dequeue(self, timeout: float | None = None, cancel: threading.Event | None = None) -> Any:
+        """As MessageQueue.dequeue; the arrays of a one-slot frame of BORROW_MIN bytes or more are views."""
         if self.is_writer:
             raise RuntimeError("dequeue on the writer end of the queue")
         with self._lock:
