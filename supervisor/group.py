@@ -120,9 +120,11 @@ class WorkerGroup:
     def _await_attached(self, bcast: MessageQueue, deadline: float) -> None:
         try:
             bcast.wait_until_ready(timeout=max(0.1, deadline - time.monotonic()))
-        except TransportError as exc:  # a rank died (PeerDied) or never attached (QueueTimeout names it)
-            ranks = getattr(exc, "pending", ()) or (getattr(exc, "reader", None),)
-            raise self._lost_during_startup(ranks[0] if ranks[0] is not None else 0, exc) from None
+        except TransportError as exc:  # a rank died (PeerDied names it) or never attached (QueueTimeout does)
+            named = [*getattr(exc, "pending", ()), getattr(exc, "reader", None)]
+            dead = [w.rank for w in self.workers if not w.is_alive()]
+            rank = next((r for r in [*named, *dead] if r is not None), 0)
+            raise self._lost_during_startup(rank, exc) from None
 
     def _lost_during_startup(self, rank: int, exc: BaseException) -> StartupError:
         w = self.workers[rank]
