@@ -103,10 +103,8 @@ class WorkerGroup:
                 if obj in by_conn:
                     self._take_status(by_conn.pop(obj), readies)
                 elif by_sentinel[obj].rank not in readies:
-                    w = by_sentinel[obj]
-                    w.reap(1.0)  # the sentinel can fire before the exit status is there: confirm it first
-                    raise StartupError(f"rank {self._g(w.rank)} ({w.spec.topology.name}) exited during start-up: "
-                                       f"{w.exit_info().reason}", self._g(w.rank))
+                    # the sentinel can fire before the exit status is there: _exited confirms it first
+                    raise self._exited(by_sentinel[obj])
         return [readies[r] for r in range(self.world)]
 
     def _attach_reply(self, rank: int, ready: Ready) -> MessageQueue:
@@ -115,7 +113,7 @@ class WorkerGroup:
         try:
             return MessageQueue.create_from_handle(ready.reply_handle, 0)
         except (OSError, TransportError) as exc:
-            raise self._lost_during_startup(rank, exc) from None
+            raise self._exited(self.workers[rank], exc) from None
 
     def _await_attached(self, bcast: MessageQueue, deadline: float) -> None:
         try:
@@ -124,22 +122,21 @@ class WorkerGroup:
             named = [*getattr(exc, "pending", ()), getattr(exc, "reader", None)]
             dead = [w.rank for w in self.workers if not w.is_alive()]
             rank = next((r for r in [*named, *dead] if r is not None), 0)
-            raise self._lost_during_startup(rank, exc) from None
+            raise self._exited(self.workers[rank], exc) from None
 
-    def _lost_during_startup(self, rank: int, exc: BaseException) -> StartupError:
-        w = self.workers[rank]
-        w.reap(1.0)  # it is exiting, most likely: report how it ended
-        why = w.exit_info().reason if not w.is_alive() else f"{type(exc).__name__}: {exc}"
-        return StartupError(f"rank {self._g(rank)} ({w.spec.topology.name}) exited during start-up: {why}",
-                            self._g(rank))
+    def _exited(self, w: WorkerProcess, exc: BaseException | None = None) -> StartupError:
+        """Rank ``w`` is gone (or going) during start-up: reap it (bounded) and name how it ended; if it is somehow
+        still alive, name ``exc``, the symptom we saw."""
+        w.reap(1.0)
+        why = f"{type(exc).__name__}: {exc}" if exc is not None and w.is_alive() else w.exit_info().reason
+        return StartupError(f"rank {self._g(w.rank)} ({w.spec.topology.name}) exited during start-up: {why}",
+                            self._g(w.rank))
 
     def _take_status(self, w: WorkerProcess, readies: dict[int, Ready]) -> None:
         try:
             msg = w.read_status()
         except (EOFError, OSError):
-            w.reap(1.0)  # the process is exiting: report its exit reason
-            raise StartupError(f"rank {self._g(w.rank)} ({w.spec.topology.name}) exited during start-up: "
-                               f"{w.exit_info().reason}", self._g(w.rank)) from None
+            raise self._exited(w) from None  # the process is exiting: report its exit reason
         if isinstance(msg, StartupFailed):
             raise StartupError(f"rank {self._g(w.rank)} ({w.spec.topology.name}) failed during start-up: "
                                f"{msg.exc_type}: {msg.message}", self._g(w.rank), msg.traceback)
