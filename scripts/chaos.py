@@ -69,7 +69,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from supervisor.topology import TREE_ENV  # noqa: E402  (every worker descendant carries its supervisor's pid)
+from supervisor.core.topology import TREE_ENV  # noqa: E402  (every worker descendant carries its supervisor's pid)
 from transport.shm import SHM_DIR  # noqa: E402
 from transport.shm import owner_pid as shm_owner  # noqa: E402
 
@@ -964,7 +964,7 @@ class Soak:
 
     def _warm_up(self) -> None:
         """Boot the long-lived helpers (forkserver) first: they are not leaks."""
-        from supervisor import startmethod
+        from supervisor.backends.local import startmethod
 
         if startmethod.resolve(self.opts.start_method) == "forkserver":
             from multiprocessing import forkserver
@@ -1184,7 +1184,7 @@ class Soak:
 
     def _await_starting(self, sup, f: Fault, is_new: Callable[[Any], bool]) -> psutil.Process | None:
         """Poll (bounded) until the target's group is STARTING with its processes spawned; the target then."""
-        from supervisor.group import GroupState
+        from supervisor.backends.local.group import GroupState
 
         deadline = _mono() + self.opts.start_bound()
         want = self.rng.randint(1, self.opts.world)  # hit it after this many ranks were spawned

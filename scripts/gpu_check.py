@@ -14,7 +14,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from supervisor import gpu  # noqa: E402
-from supervisor.topology import visible_gpus  # noqa: E402
+from supervisor.core.topology import visible_gpus  # noqa: E402
 
 GIB = 1 << 30
 ROWS: list[tuple[str, str]] = []

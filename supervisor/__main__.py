@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [a for a in args if a not in ("-m", "--multirun")]
     signals = SignalState()
     signals.install()
-    from supervisor import startmethod
+    from supervisor.backends.local import startmethod
 
     forkserver_pid = startmethod.prestart(args)
     try:
@@ -83,8 +83,8 @@ class _BadConfig(Exception):
 
 def _load_all(overrides: list[str], multirun: bool):
     from supervisor.config import ConfigError, expand_sweep, load_config, validate
-    from supervisor.startmethod import cuda_initialized
-    from supervisor.topology import visible_gpus
+    from supervisor.backends.local.startmethod import cuda_initialized
+    from supervisor.core.topology import visible_gpus
 
     try:
         runs = expand_sweep(overrides) if multirun else [overrides]

@@ -22,10 +22,10 @@ from typing import Any, Callable
 import psutil
 
 from supervisor.errors import RpcTimeout, ShutdownInProgress, WorkerFailed
-from supervisor.events import EventLog
-from supervisor.group import GroupState, WorkerGroup
-from supervisor.lifecycle import Lifecycle, SupervisorState
-from supervisor.rpc import PendingCall, RpcFuture
+from supervisor.core.events import EventLog
+from supervisor.backends.local.group import GroupState, WorkerGroup
+from supervisor.core.lifecycle import Lifecycle, SupervisorState
+from supervisor.core.rpc import PendingCall, RpcFuture
 from supervisor.settings import Config
 
 _LIVE: "weakref.WeakSet[Supervisor]" = weakref.WeakSet()

@@ -21,7 +21,7 @@ faulthandler.enable()
 def _warm_helpers():
     """Start multiprocessing's forkserver (with our preload) and resource tracker once, before any baseline is
     taken: they live for the whole session and their descriptors are not leaks."""
-    from supervisor import startmethod
+    from supervisor.backends.local import startmethod
 
     ctx = startmethod.context("forkserver", ("torch",))
     p = ctx.Process(target=os.getpid)

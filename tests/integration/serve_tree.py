@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 
 def main() -> int:
-    from supervisor import escalation
+    from supervisor.backends.local import escalation
     from supervisor.api import Supervisor
     from supervisor.config import load_config
 

@@ -11,7 +11,7 @@ import pytest
 
 from supervisor import gpu
 from supervisor.api import Supervisor
-from supervisor.topology import visible_gpus
+from supervisor.core.topology import visible_gpus
 from tests.integration.helpers import TreeInChild, config, gone_within
 
 pytestmark = [pytest.mark.cuda, pytest.mark.timeout(300)]

@@ -63,8 +63,8 @@ import pytest
 
 from supervisor.api import Supervisor
 from supervisor.errors import RpcTimeout, ShutdownInProgress, StartupError, WorkerFailed
-from supervisor.events import EventLog
-from supervisor.lifecycle import SupervisorState
+from supervisor.core.events import EventLog
+from supervisor.core.lifecycle import SupervisorState
 from tests.integration.helpers import ECHO, REPO, TreeInChild, config, fault_env, gone_within, reap_adopted
 from worker.faults import crash
 
@@ -190,7 +190,7 @@ def test_startup_crash_names_rank_and_stops_siblings(fault, says, method):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_spawn_of_kth_process_fails_stops_the_started_ones(monkeypatch, method):
-    from supervisor import group as group_module
+    from supervisor.backends.local import group as group_module
 
     real, made = group_module.WorkerProcess, []
 

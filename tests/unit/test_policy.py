@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
-from supervisor.policy import (
+from supervisor.core.policy import (
     Action,
     Budget,
     ChildExit,

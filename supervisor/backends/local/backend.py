@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import os
 
-from supervisor import escalation, startmethod
-from supervisor.group import WorkerGroup
-from supervisor.monitor import Monitor
+from supervisor.backends.local import escalation
+from supervisor.backends.local import startmethod
+from supervisor.backends.local.group import WorkerGroup
+from supervisor.backends.local.monitor import Monitor
 from supervisor.settings import Config
 
 
@@ -40,10 +41,3 @@ class LocalBackend:
     def close(self) -> None:
         pass
 
-
-def make_backend(cfg: Config):
-    if cfg.backend == "ray":
-        from supervisor.backend_ray import RayBackend  # imports ray: only for backend=ray
-
-        return RayBackend(cfg)
-    return LocalBackend(cfg)

@@ -13,10 +13,10 @@ import time
 from multiprocessing.connection import wait as mp_wait
 from typing import Sequence
 
-from supervisor import escalation
+from supervisor.backends.local import escalation
 from supervisor.errors import StartupError
-from supervisor.process import WorkerProcess, parent_fds
-from supervisor.rpc import RpcChannel
+from supervisor.backends.local.process import WorkerProcess, parent_fds
+from supervisor.core.rpc import RpcChannel
 from transport import MessageQueue, TransportError, sweep_owner
 from worker.protocol import Ready, StartupFailed, WorkerState
 from worker.spec import WorkerSpec

@@ -25,8 +25,8 @@ from typing import Any
 from loguru import logger
 
 from supervisor.errors import RemoteError, RpcTimeout, StartupError, WorkerFailed
-from supervisor.exits import ExitInfo
-from supervisor.group import ALLOWED_GROUP_TRANSITIONS, GroupState
+from supervisor.core.exits import ExitInfo
+from supervisor.backends.local.group import ALLOWED_GROUP_TRANSITIONS, GroupState
 from supervisor.settings import Config
 from worker.protocol import ALLOWED_WORKER_TRANSITIONS, RemoteFailure, WorkerState
 

@@ -16,7 +16,7 @@ from typing import Callable
 
 from loguru import logger
 
-from supervisor.process import WorkerProcess
+from supervisor.backends.local.process import WorkerProcess
 
 _STACK_DUMP_WAIT_S = 0.05  # give faulthandler a moment to write before the kill
 

@@ -16,8 +16,8 @@ from typing import Iterable, Sequence
 import psutil
 from multiprocessing.connection import wait as mp_wait
 
-from supervisor.process import WorkerProcess
-from supervisor.topology import TREE_ENV
+from supervisor.backends.local.process import WorkerProcess
+from supervisor.core.topology import TREE_ENV
 
 
 def _descendants(workers: Iterable[WorkerProcess]) -> list[psutil.Process]:

@@ -13,7 +13,7 @@ import time
 
 import psutil
 
-from supervisor.exits import ExitInfo
+from supervisor.core.exits import ExitInfo
 from worker.main import entry
 from worker.protocol import ALLOWED_WORKER_TRANSITIONS, WorkerState
 from worker.spec import WorkerSpec

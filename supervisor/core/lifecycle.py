@@ -24,14 +24,14 @@ from typing import Any, Callable
 
 from loguru import logger
 
-from supervisor.backend_local import make_backend
+from supervisor.backends import make_backend
 from supervisor.errors import GaveUp, StartupError, WorkerFailed
-from supervisor.events import EventLog
-from supervisor.gate import GroupGate
-from supervisor.group import GroupState, WorkerGroup
-from supervisor.policy import Action, ChildExit, Decision, Phase, PolicySpec, PolicyState, decide_many
+from supervisor.core.events import EventLog
+from supervisor.core.gate import GroupGate
+from supervisor.backends.local.group import GroupState, WorkerGroup
+from supervisor.core.policy import Action, ChildExit, Decision, Phase, PolicySpec, PolicyState, decide_many
 from supervisor.settings import Config
-from supervisor.topology import build_specs, resolve_device
+from supervisor.core.topology import build_specs, resolve_device
 from worker.protocol import WorkerState
 
 
