@@ -34,6 +34,25 @@ class WorkloadSettings:
 
 
 @dataclass(frozen=True)
+class LLMSettings:
+    """The Llama-architecture decoder (``workload=llm``): which checkpoint, how it runs, what it is asked."""
+
+    checkpoint: str = ""  # a local Hugging Face-format folder (config.json + *.safetensors); "" = the preset
+    preset: str = "tiny"  # without a checkpoint: tiny | llama-3.2-1b (1b) | llama-3.1-8b (8b), seeded random weights
+    cache_dir: str = ""  # where preset checkpoints are written once; "" = ~/.cache/rankvisor/llm
+    dtype: str = "auto"  # auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16
+    batch: int = 2  # prompts per step
+    prompt_len: int = 16  # tokens of each seeded random prompt (when no prompt_ids / prompt_text is given)
+    prompt_ids: tuple[int, ...] = ()  # one prompt as token ids, used for every row of the batch
+    prompt_text: tuple[str, ...] = ()  # prompts as text (needs a tokenizer in the checkpoint folder), cycled
+    max_new_tokens: int = 32  # greedy tokens generated per prompt
+    max_seq_len: int = 0  # KV cache length; 0 = the prompt plus max_new_tokens
+    seed: int = 0  # seed of the random checkpoint and the random prompts
+    cuda_graphs: bool = True  # capture the decode step in a CUDA graph (device=cuda only; CPU runs eagerly)
+    check: bool = True  # compare the greedy tokens with transformers' LlamaForCausalLM.generate
+
+
+@dataclass(frozen=True)
 class WorkerSettings:
     """How a worker process runs: which class, how it proves liveness, when it is recycled."""
 
@@ -93,6 +112,7 @@ class WorkerSpec:
     transport: TransportSettings = field(default_factory=TransportSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     workload: WorkloadSettings = field(default_factory=WorkloadSettings)
+    llm: LLMSettings = field(default_factory=LLMSettings)
     env: tuple[tuple[str, str], ...] = ()  # extra environment, set before torch is imported
     attempt: int = 0  # restart attempt of the group, for logs and events
     log_level: str = "INFO"
