@@ -40,6 +40,10 @@ class RuntimeSettings:
 class ShutdownSettings:
     grace_s: float = 3.0  # SIGTERM -> SIGKILL
     reap_s: float = 1.0  # after SIGKILL, how long to wait for the kernel to reap
+    # shutdown(drain=True) and the CLI's first SIGTERM: new calls are refused at once (ShutdownInProgress) and calls
+    # in flight get this long to finish before the stop above. Kept with grace_s + reap_s under Kubernetes' default
+    # 30 s termination grace. An idle tree skips it; a second SIGTERM or Ctrl-C cuts it short.
+    drain_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,15 @@ class RestartSettings:
     backoff_factor: float = 2.0
     backoff_max_s: float = 5.0
     calls_during_restart: str = "wait"  # wait (bounded by the call's timeout) | fail
+
+
+@dataclass(frozen=True)
+class RpcSettings:
+    """Retryable calls (supervisor/core/retry.py): a call whose group fails before it answered is sent again."""
+
+    retry: bool = False  # collective_rpc's default for retry= (a retried method must be safe to run twice)
+    retry_execute_model: str = "auto"  # execute_model's default: auto (on for workload=llm) | always | never
+    retry_attempts: int = 3  # attempts of a retryable call, the first included, all within the call's deadline
 
 
 @dataclass(frozen=True)
@@ -80,6 +93,7 @@ class Config:
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     workload: WorkloadSettings = field(default_factory=WorkloadSettings)
     restart: RestartSettings = field(default_factory=RestartSettings)
+    rpc: RpcSettings = field(default_factory=RpcSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     backend: str = "local"  # local | ray
     ray: RaySettings = field(default_factory=RaySettings)
