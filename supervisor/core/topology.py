@@ -1,13 +1,17 @@
 """Who runs where: the dp × pp × tp layout turned into one WorkerSpec per rank. Pure functions."""
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
+import socket
 
 from supervisor.settings import Config
 from worker.spec import Topology, WorkerSpec
 
 TREE_ENV = "RANKVISOR_TREE"
+LOOPBACK = "127.0.0.1"
+TORCHRUN_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def visible_gpus() -> int:
@@ -52,10 +56,63 @@ def worker_env(cfg: Config, device: str, backend: str = "local") -> tuple[tuple[
     return tuple(sorted(env.items()))
 
 
+def free_port(host: str = LOOPBACK) -> int:
+    """A TCP port free on ``host`` right now (the kernel picks it; torchrun's own way). It can be taken by someone
+    else before it is used: callers that bind it must cope, as torchrun's do."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def torchrun_env(topo: Topology, local_rank: int, local_world_size: int, master_addr: str,
+                 master_port: int) -> dict[str, str]:
+    """The variables torchrun gives each process, for one rank of this layout.
+
+    A dp group is one torch.distributed world (the groups of a dp > 1 run are independent replicas, restarted
+    apart), so RANK / WORLD_SIZE are the rank and size inside that world, exactly what init_process_group sees.
+    LOCAL_RANK is the rank's index on its host, and with CUDA the index of its card, so the usual
+    ``torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))`` picks the card the supervisor assigned.
+    MASTER_ADDR / MASTER_PORT name a port free at spawn time, one per group start: our own world meets through a
+    private file:// rendezvous instead, so the port is there for code that opens its own store or second world.
+    RANKVISOR_DP_RANK and RANKVISOR_GLOBAL_RANK carry what torchrun has no name for."""
+    return {
+        "RANK": str(topo.rank),
+        "WORLD_SIZE": str(topo.world_size),
+        "LOCAL_RANK": str(local_rank),
+        "LOCAL_WORLD_SIZE": str(local_world_size),
+        "MASTER_ADDR": master_addr,
+        "MASTER_PORT": str(master_port),
+        "RANKVISOR_DP_RANK": str(topo.dp_rank),
+        "RANKVISOR_GLOBAL_RANK": str(topo.dp_rank * topo.world_size + topo.rank),
+    }
+
+
+def _master(rendezvous: str) -> tuple[str, int]:
+    """The group's meeting point: a tcp:// rendezvous's own address (Ray), else a free loopback port."""
+    if rendezvous.startswith("tcp://"):
+        host, _, port = rendezvous[len("tcp://"):].rpartition(":")
+        return host, int(port)
+    return LOOPBACK, free_port()
+
+
 def build_specs(cfg: Config, dp_rank: int, attempt: int, rendezvous: str, device: str,
                 backend: str = "local") -> list[WorkerSpec]:
     n_gpus = visible_gpus() if device == "cuda" else 0
-    env = worker_env(cfg, device, backend)
+    shared = worker_env(cfg, device, backend)
+    addr, port = _master(rendezvous)
+    user = {k for k, _ in cfg.runtime.env}
+    specs = _specs(cfg, dp_rank, attempt, rendezvous, device, n_gpus, shared)
+    out = []
+    for spec in specs:  # torchrun's variables, unless the user set one explicitly in runtime.env
+        local = spec.local_rank if device == "cuda" else spec.topology.rank
+        tr = torchrun_env(spec.topology, local, cfg.parallel.group_world, addr, port)
+        env = dict(shared) | {k: v for k, v in tr.items() if k not in user}
+        out.append(dataclasses.replace(spec, env=tuple(sorted(env.items()))))
+    return out
+
+
+def _specs(cfg: Config, dp_rank: int, attempt: int, rendezvous: str, device: str, n_gpus: int,
+           env: tuple[tuple[str, str], ...]) -> list[WorkerSpec]:
     return [
         WorkerSpec(
             topology=topo,
@@ -65,6 +122,7 @@ def build_specs(cfg: Config, dp_rank: int, attempt: int, rendezvous: str, device
             transport=cfg.transport,
             worker=cfg.worker,
             workload=cfg.workload,
+            llm=cfg.llm,
             env=env,
             attempt=attempt,
             log_level=cfg.logging.level,
