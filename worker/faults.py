@@ -3,11 +3,11 @@
 Configured through the worker environment (``+runtime.env.RV_FAULT=...`` on the command line):
 
     RV_FAULT           raise_init | exit_init | segv_init | hang_init | dist_fail_init
-                       | ignore_sigterm | slow_stop | grandchild
+                       | ignore_sigterm | slow_stop | grandchild | slow_execute
     RV_FAULT_RANK      comma-separated group-local ranks that misbehave (default: all)
     RV_FAULT_ATTEMPTS  comma-separated group restart attempts that misbehave (default: all), e.g. "0" = only the
                        first start, so a restart recovers
-    RV_FAULT_ARG       a number for faults that take one (slow_stop: seconds)
+    RV_FAULT_ARG       a number for faults that take one (slow_stop, slow_execute: seconds)
 
 Run-time faults (raise in a call, exit, a signal, a hang) need no class: send a callable through collective_rpc.
 
@@ -77,6 +77,11 @@ class _Faults:
 
     def children(self) -> list[int]:
         return list(self.grandchildren)
+
+    def execute_model(self, *args: Any, **kwargs: Any) -> Any:
+        if self.fault == "slow_execute":  # a step that takes time, so a kill or a SIGTERM lands mid-call
+            time.sleep(self.arg)
+        return super().execute_model(*args, **kwargs)
 
     def shutdown(self) -> None:
         if self.fault == "ignore_sigterm":
