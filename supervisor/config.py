@@ -41,7 +41,7 @@ RESTART_TYPES = ("permanent", "transient", "temporary")
 CALLS_DURING_RESTART = ("wait", "fail")
 LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")  # loguru's built-in levels
 BACKENDS = ("local", "ray")
-WORKLOADS = ("tp_mlp", "echo", "serve", "bench")
+WORKLOADS = ("tp_mlp", "echo", "serve", "bench", "llm")
 MIN_SLOT_BYTES = 4096  # one page: smaller slots make every message span many slots
 SLOT_ALIGN = 64  # cache line: slot payloads stay aligned so readers and the writer never share a line
 
@@ -367,13 +367,18 @@ def validate(cfg: Config, visible_gpus: int | None = None, cuda_initialized: boo
     _check_runtime(cfg, cuda_initialized)
     _check_gpus(cfg, visible_gpus)
     _check_worker_cls(cfg.worker.cls)
+    if cfg.workload.name == "llm":  # the checkpoint against the layout and the memory, before anything loads
+        from supervisor.llm_workload import check_config
+
+        check_config(cfg, visible_gpus)
 
 
 def _check_relations(cfg: Config) -> None:
     par, load, tr, rs = cfg.parallel, cfg.workload, cfg.transport, cfg.restart
-    _require(load.layers % par.pp == 0, "workload.layers",
+    mlp = load.name != "llm"  # the MLP's sizes; the decoder checks its own shape (supervisor/llm_workload.py)
+    _require(not mlp or load.layers % par.pp == 0, "workload.layers",
              f"{load.layers} layers cannot be split evenly over parallel.pp={par.pp} stages")
-    _require(load.hidden % par.tp == 0, "workload.hidden",
+    _require(not mlp or load.hidden % par.tp == 0, "workload.hidden",
              f"{load.hidden} is not divisible by parallel.tp={par.tp}")
     _require(tr.slot_bytes % SLOT_ALIGN == 0, "transport.slot_bytes",
              f"must be a multiple of {SLOT_ALIGN}, got {tr.slot_bytes}")

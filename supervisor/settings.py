@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from worker.spec import TransportSettings, WorkerSettings, WorkloadSettings
+from worker.spec import LLMSettings, TransportSettings, WorkerSettings, WorkloadSettings
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,7 @@ class Config:
     shutdown: ShutdownSettings = field(default_factory=ShutdownSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     workload: WorkloadSettings = field(default_factory=WorkloadSettings)
+    llm: LLMSettings = field(default_factory=LLMSettings)  # workload=llm: the Llama decoder
     restart: RestartSettings = field(default_factory=RestartSettings)
     rpc: RpcSettings = field(default_factory=RpcSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)

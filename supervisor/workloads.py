@@ -15,6 +15,7 @@ from loguru import logger
 
 from supervisor.api import Supervisor
 from supervisor.errors import ShutdownInProgress
+from supervisor.llm_workload import run_llm
 
 
 @dataclass
@@ -102,6 +103,7 @@ WORKLOADS: dict[str, Callable[[Supervisor, threading.Event], Report]] = {
     "bench": run_tp_mlp,
     "echo": run_echo,
     "serve": run_serve,
+    "llm": run_llm,  # supervisor/llm_workload.py: the Llama decoder, checked against transformers
 }
 
 

@@ -1,0 +1,242 @@
+"""``workload=llm``: drive the Llama decoder the vLLM way and check it against transformers.
+
+::
+
+    check_config (parent, before anything is spawned): shape of the checkpoint or preset -> Llama-family?
+        heads / kv-heads / MLP columns divisible by tp? layers >= pp? weights + KV cache fit each device?
+    run_llm (after READY):
+        prompts ─▶ execute_model(prefill) ──▶ first tokens          (TTFT)
+                ─▶ execute_model(decode) × (max_new_tokens - 1)      (inter-token latency, decode tokens/s)
+                ─▶ python -m worker.llm.reference (transformers.generate, same checkpoint, own process) ─▶ the check
+
+Each step is one broadcast to every rank; the answer comes from the first TP rank of the last PP stage.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from supervisor.config import ConfigError
+from worker.llm.shape import DTYPE_BYTES, LlamaShape, ShapeError, check_layout, preset, read_shape
+
+if TYPE_CHECKING:
+    from supervisor.api import Supervisor
+    from supervisor.settings import Config
+    from supervisor.workloads import Report
+
+DTYPES = ("auto", *DTYPE_BYTES)
+STEP_TIMEOUT_S = 120.0  # one prefill or decode step (the first decode on CUDA also captures the graph)
+REFERENCE_TIMEOUT_S = 900.0  # transformers: import, load the checkpoint, generate
+MEMORY_HEADROOM = 0.9  # plan to use at most this share of a device's free memory (activations, allocator slack)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# -- validation (parent, before spawning) ------------------------------------------------------------------------
+def check_config(cfg: "Config", visible_gpus: int | None = None) -> None:
+    """Raise ConfigError (one line, exit 2 from the CLI) for an llm run that cannot work."""
+    llm = cfg.llm
+    _require(llm.dtype in DTYPES, "llm.dtype", f"must be one of {', '.join(DTYPES)}, got {llm.dtype!r}")
+    for key in ("batch", "max_new_tokens", "prompt_len"):
+        _require(getattr(llm, key) >= 1, f"llm.{key}", f"must be >= 1, got {getattr(llm, key)}")
+    try:
+        shape = _shape(llm)
+        check_layout(shape, cfg.parallel.tp, cfg.parallel.pp)
+    except ShapeError as exc:
+        raise ConfigError(exc.key, exc.problem) from None
+    _check_prompts(llm, shape)
+    _check_memory(cfg, shape)
+
+
+def _require(ok: bool, key: str, problem: str) -> None:
+    if not ok:
+        raise ConfigError(key, problem)
+
+
+def _shape(llm: Any) -> LlamaShape:
+    if not llm.checkpoint:
+        return preset(llm.preset)
+    path = os.path.expanduser(llm.checkpoint)
+    _require(os.path.isdir(path), "llm.checkpoint", f"{llm.checkpoint!r} is not a directory")
+    return read_shape(path)
+
+
+def _check_prompts(llm: Any, shape: LlamaShape) -> None:
+    bad = [t for t in llm.prompt_ids if not 0 <= t < shape.vocab_size]
+    _require(not bad, "llm.prompt_ids", f"token id {bad[:1]} is outside the vocabulary (0..{shape.vocab_size - 1})")
+    if llm.prompt_text:
+        folder = os.path.expanduser(llm.checkpoint) if llm.checkpoint else ""
+        has = folder and any(os.path.isfile(os.path.join(folder, f)) for f in TOKENIZER_FILES)
+        _require(bool(has), "llm.prompt_text", "needs a tokenizer in llm.checkpoint's folder; give llm.prompt_ids")
+    from worker.llm.worker import planned_prompt_len
+
+    need = planned_prompt_len(llm) + llm.max_new_tokens
+    _require(llm.max_seq_len == 0 or llm.max_seq_len >= need, "llm.max_seq_len",
+             f"{llm.max_seq_len} is shorter than the prompt plus llm.max_new_tokens ({need})")
+    _require(need <= shape.max_position_embeddings, "llm.max_new_tokens",
+             f"prompt + new tokens = {need} exceeds the model's {shape.max_position_embeddings} positions")
+
+
+def _check_memory(cfg: "Config", shape: LlamaShape) -> None:
+    from supervisor.core.topology import resolve_device
+    from worker.llm.worker import planned_prompt_len, resolve_dtype
+
+    llm, par = cfg.llm, cfg.parallel
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(llm.dtype, device)
+    max_seq = llm.max_seq_len or planned_prompt_len(llm) + llm.max_new_tokens
+    per_rank = shape.rank_bytes(par.tp, par.pp, dtype, llm.batch, max_seq)
+    if device == "cuda":
+        free = _gpu_free_bytes(min(par.group_world, max(1, _gpu_count())))
+        where, need = "the emptiest GPU's free memory", per_rank
+    else:
+        import psutil
+
+        free, where, need = psutil.virtual_memory().available, "available host memory", per_rank * par.total
+    if free is None:
+        return  # no NVML: nothing to measure against (the load itself would then fail with CUDA's own error)
+    _require(need <= free * MEMORY_HEADROOM, "llm.preset" if not llm.checkpoint else "llm.checkpoint",
+             f"{_gib(need)} of weights + KV cache ({dtype}, tp={par.tp} pp={par.pp}, batch {llm.batch}) "
+             f"do not fit in {_gib(free)} of {where}")
+
+
+def _gib(n: float) -> str:
+    return f"{n / (1 << 30):.1f} GiB"
+
+
+def _gpu_count() -> int:
+    from supervisor import gpu
+
+    return gpu.device_count()
+
+
+def _gpu_free_bytes(n: int) -> int | None:
+    """The smallest free memory over GPUs 0..n-1, from NVML (no CUDA context in the supervisor)."""
+    import ctypes
+
+    from supervisor import gpu
+
+    frees = []
+    for index in range(n):
+        handle = gpu._handle(index)  # reuse gpu.py's NVML binding; it has no public free-memory reader yet
+        mem = gpu._Memory()
+        if handle is None or gpu._nvml().nvmlDeviceGetMemoryInfo(handle, ctypes.byref(mem)) != 0:
+            return None
+        frees.append(mem.free)
+    return min(frees) if frees else None
+
+
+# -- the run ---------------------------------------------------------------------------------------------------
+def make_prompts(llm: Any, shape: LlamaShape, checkpoint: str) -> list[list[int]]:
+    """The batch's prompts: the given ids (every row), the given texts (tokenized, cycled), or seeded random ids."""
+    if llm.prompt_ids:
+        return [list(llm.prompt_ids) for _ in range(llm.batch)]
+    if llm.prompt_text:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(checkpoint)
+        return [tok(llm.prompt_text[i % len(llm.prompt_text)])["input_ids"] for i in range(llm.batch)]
+    rng = random.Random(llm.seed)
+    return [[rng.randrange(1, shape.vocab_size) for _ in range(llm.prompt_len)] for _ in range(llm.batch)]
+
+
+def generate(sup: "Supervisor", prompts: list[list[int]], max_new_tokens: int,
+             stop: threading.Event | None = None) -> tuple[list[list[int]], float, list[float]]:
+    """Greedy generation through the tree: (tokens per row, TTFT seconds, inter-token latencies)."""
+    t0 = time.perf_counter()
+    first = sup.execute_model({"op": "prefill", "prompts": prompts, "max_new_tokens": max_new_tokens},
+                              timeout=STEP_TIMEOUT_S)
+    ttft = time.perf_counter() - t0
+    rows, itl = [[t] for t in first], []
+    for _ in range(max_new_tokens - 1):
+        if stop is not None and stop.is_set():
+            break
+        t = time.perf_counter()
+        nxt = sup.execute_model({"op": "decode", "tokens": [r[-1] for r in rows]}, timeout=STEP_TIMEOUT_S)
+        itl.append(time.perf_counter() - t)
+        for row, tok in zip(rows, nxt):
+            row.append(tok)
+    return rows, ttft, itl
+
+
+def run_llm(sup: "Supervisor", stop: threading.Event) -> "Report":
+    from supervisor.workloads import Report, percentile
+
+    llm, par = sup.cfg.llm, sup.cfg.parallel
+    output_rank = (par.pp - 1) * par.tp
+    info = sup.collective_rpc("model_info", timeout=30, unique_reply_rank=output_rank)
+    phases = sup.collective_rpc("phase_timings", timeout=30)
+    shape = read_shape(info["checkpoint"])
+    prompts = make_prompts(llm, shape, info["checkpoint"])
+    rows, ttft, itl = generate(sup, prompts, llm.max_new_tokens, stop)
+    report = Report()
+    report.add("model", f"{llm.checkpoint or llm.preset} ({shape.total_params() / 1e9:.3g} B params, "
+                        f"{info['dtype']}, CUDA graphs {'on' if info['cuda_graphs'] else 'off'})")
+    write = max(p.get("checkpoint_write_s", 0.0) for p in phases)
+    report.add("load time (weights, slowest rank)", f"{max(p['weight_load_s'] for p in phases):.3f} s"
+               + (f" (+ {write:.1f} s writing the random checkpoint once)" if write > 0.5 else ""))
+    report.add("time to first token", f"{ttft * 1e3:.1f} ms (prefill, batch {len(prompts)} x "
+                                      f"{max(map(len, prompts))} tokens)")
+    total = sum(itl)
+    report.add("decode tokens/s", f"{len(prompts) * len(itl) / total:.1f} (batch {len(prompts)})" if total else "n/a")
+    report.add("inter-token latency p50 / p99",
+               f"{percentile(itl, .5) * 1e3:.2f} ms / {percentile(itl, .99) * 1e3:.2f} ms")
+    _check(report, llm, sup.device, info, prompts, rows, stop)
+    return report
+
+
+def _check(report: "Report", llm: Any, device: str, info: dict, prompts: list[list[int]],
+           rows: list[list[int]], stop: threading.Event) -> None:
+    key = "check vs transformers"
+    if not llm.check or stop.is_set():
+        report.add(key, "skipped (llm.check=false)" if not llm.check else "skipped (stopped)")
+        return
+    if importlib.util.find_spec("transformers") is None:
+        report.add(key, "skipped: transformers is not installed (pip install -e '.[llm]')")
+        return
+    ref = run_reference(info["checkpoint"], prompts, len(rows[0]), info["dtype"], device)
+    agree = agreement(rows, ref)
+    n = len(rows[0])
+    if agree == n:
+        report.add(key, f"PASS: greedy tokens identical ({len(rows)} rows x {n} tokens)")
+    elif info["dtype"] == "float32":
+        report.ok = False
+        report.failure = f"greedy tokens differ from transformers after {agree} of {n} tokens"
+        report.add(key, f"FAIL: {report.failure}")
+    else:  # bf16/fp16: summation order differs (fused QKV, SDPA kernel choice), and a near-tie can flip a token
+        report.add(key, f"{agree} of {n} tokens identical in every row ({info['dtype']}: rounding differs from "
+                        "transformers' kernels; a near-tie then flips a token and the rows diverge)")
+
+
+def agreement(ours: list[list[int]], ref: list[list[int]]) -> int:
+    """How many leading tokens are identical in every row."""
+    n = 0
+    for cols in zip(*(zip(a, b) for a, b in zip(ours, ref))):
+        if any(a != b for a, b in cols):
+            break
+        n += 1
+    return n
+
+
+def run_reference(checkpoint: str, prompts: list[list[int]], max_new_tokens: int, dtype: str,
+                  device: str) -> list[list[int]]:
+    """transformers' greedy tokens, from ``python -m worker.llm.reference`` in a process of its own."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump({"checkpoint": checkpoint, "prompts": prompts, "max_new_tokens": max_new_tokens,
+                   "dtype": dtype, "device": device}, f)
+    try:
+        done = subprocess.run([sys.executable, "-m", "worker.llm.reference", f.name], cwd=REPO, capture_output=True,
+                              text=True, timeout=REFERENCE_TIMEOUT_S)
+    finally:
+        os.unlink(f.name)
+    if done.returncode != 0:
+        raise RuntimeError(f"transformers reference failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])["tokens"]
