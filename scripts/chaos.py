@@ -389,6 +389,17 @@ def _proc(pid: int) -> psutil.Process | None:
         return None
 
 
+def _verified(w) -> psutil.Process | None:
+    """The live process of a worker view, verified by create time (a recycled pid is never signalled)."""
+    try:
+        p = psutil.Process(w.pid)
+        if w.create_time is not None and abs(p.create_time() - w.create_time) > 0.01:
+            return None
+        return p
+    except psutil.Error:
+        return None
+
+
 def _running(p: psutil.Process) -> bool:
     try:
         return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
@@ -747,9 +758,9 @@ class Soak:
 
     def _tree_procs(self, sup) -> list[psutil.Process]:
         out = []
-        for g in list(sup._life.groups.values()):
-            for w in list(g.workers):
-                p = w.psutil_process() if w.is_alive() else None
+        for g in sup.groups():
+            for w in g.workers:
+                p = _verified(w) if w.alive else None
                 if p is not None:
                     out.append(p)
                     try:
@@ -764,12 +775,12 @@ class Soak:
             return
         for e in sup.events.of_kind("started"):
             self.our_pids.add(e["pid"])
-        for g in list(sup._life.groups.values()):
-            self.our_pids.update(w.pid for w in list(g.workers))
+        for g in sup.groups():
+            self.our_pids.update(w.pid for w in g.workers)
 
     def restarts(self) -> int:
         sup = self.sup
-        return sum(sup._life.restarts) if sup is not None else 0
+        return sum(g.restarts for g in sup.groups()) if sup is not None else 0
 
     def live_workers(self, group: int | None = None) -> list[tuple[int, int, psutil.Process]]:
         """(group, local rank, process) of every running worker (of one group)."""
@@ -777,13 +788,13 @@ class Soak:
         out = []
         if sup is None:
             return out
-        for gi, g in sorted(list(sup._life.groups.items())):
-            if group is not None and gi != group:
+        for g in sup.groups():
+            if group is not None and g.index != group:
                 continue
-            for w in list(g.workers):
-                p = w.psutil_process() if w.is_alive() else None
+            for w in g.workers:
+                p = _verified(w) if w.alive else None
                 if p is not None and _running(p):
-                    out.append((gi, w.rank, p))
+                    out.append((g.index, w.local_rank, p))
         return out
 
     def current_worker_pids(self) -> set[int]:
@@ -852,7 +863,7 @@ class Soak:
             if p.pid not in allowed:
                 procs.setdefault(p.pid, p)
         shm = sorted(n for n in shm_entries() if shm_owner(n) in self.our_pids)
-        current = os.path.basename(self.sup._life._tmp) if self.sup is not None else None
+        current = os.path.basename(self.sup.rendezvous_dir) if self.sup is not None else None
         rdzv = [n for n in rendezvous_dirs(self.our_pids) if n != current]
         fds = len(os.listdir("/proc/self/fd")) - self.base_fds
         threads = threading.active_count() - self.base_threads
@@ -1176,29 +1187,29 @@ class Soak:
     def phase_starting(self, f: Fault) -> None:
         if self.rng.random() < 0.4:
             return self._starting_fresh_tree(f)
-        old_group = self.sup._life.groups.get(f.group)
+        old_attempts = self.sup.groups()[f.group].attempts
         first = self._target(f)
         _signal(first, signal.SIGKILL)  # the group restarts: hit it while its new workers are starting
-        proc = self._await_starting(self.sup, f, lambda g: g is not old_group)
+        proc = self._await_starting(self.sup, f, lambda g: g.attempts > old_attempts)
         self._inject(f, proc)
 
     def _await_starting(self, sup, f: Fault, is_new: Callable[[Any], bool]) -> psutil.Process | None:
         """Poll (bounded) until the target's group is STARTING with its processes spawned; the target then."""
-        from supervisor.backends.local.group import GroupState
+        from supervisor.core.states import GroupState
 
         deadline = _mono() + self.opts.start_bound()
         want = self.rng.randint(1, self.opts.world)  # hit it after this many ranks were spawned
         while _mono() < deadline:
-            g = sup._life.groups.get(f.group)
-            if g is not None and is_new(g):
+            g = sup.groups()[f.group]
+            if g.state is not None and is_new(g):
                 if g.state is not GroupState.STARTING:
                     f.missed_window = True
                     break
-                workers = list(g.workers)
+                workers = g.workers
                 if len(workers) >= want:
                     w = workers[min(f.rank, len(workers) - 1)]
-                    f.rank = w.rank
-                    return w.psutil_process()
+                    f.rank = w.local_rank
+                    return _verified(w)
             time.sleep(0.001)
         f.notes.append("missed the start-up window")
         f.missed_window = True

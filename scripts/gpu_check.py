@@ -96,7 +96,7 @@ def measure_kill_restart(tp: int, label: str) -> None:
             t0_unix = time.time()
             os.kill(old[-1], signal.SIGKILL)
             freed.append(gone_from_gpu(old, t0))
-            while not sup._life.gates[0].is_open or set(old) & set(sup.pids()):
+            while not sup.serving(0) or set(old) & set(sup.pids()):
                 time.sleep(0.002)
                 if time.monotonic() - t0 > 120:
                     break

@@ -41,13 +41,12 @@ class SignalState:
         self.stop.set()
         sup = self.supervisor
         if sup is not None:
-            sup._life.request_shutdown()  # non-blocking: the main thread finishes the stop
+            sup.request_shutdown()  # non-blocking: the main thread finishes the stop
 
     def _kill_now(self) -> None:
         sup = self.supervisor
         if sup is not None:
-            workers = [w for g in sup._life.groups.values() for w in g.workers]
-            sup._life.backend.stop_workers(workers, 0.0, 0.5)
+            sup.force_stop()
         os._exit(128 + signal.SIGINT)
 
 
@@ -136,16 +135,16 @@ def _finish(cfg, sup, report, ready_s: float, shutdown_s: float, signals: Signal
     from supervisor.workloads import format_report
 
     p = cfg.parallel
-    gave_up = sup._life.error if not signals.signum and sup._life.error is not None else None
-    items = [("world", f"tp={p.tp} pp={p.pp} dp={p.dp} ({p.total} workers, device {sup._life.device}, "
-                       f"{sup._life.backend.name} backend, {sup._life.backend.describe()})"),
+    outcome = sup.outcome
+    items = [("world", f"tp={p.tp} pp={p.pp} dp={p.dp} ({p.total} workers, device {sup.device}, "
+                       f"{sup.describe_backend()})"),
              ("start-up to READY (from the command's start)", f"{ready_s:.3f} s"), *report.lines, ("shutdown", f"{shutdown_s:.3f} s")]
     print(f"\n{cfg.workload.name} summary\n" + format_report(items), flush=True)
     if signals.signum:
-        return 128 + signals.signum
-    if gave_up is not None:
-        print(f"error: {str(gave_up).splitlines()[0]}", file=sys.stderr)
-        return 1
+        return outcome.exit_code(signals.signum)
+    if outcome.gave_up:
+        print(f"error: {str(outcome.error).splitlines()[0]}", file=sys.stderr)
+        return outcome.exit_code()
     if not report.ok:
         print(f"error: {report.failure}", file=sys.stderr)
         return 1

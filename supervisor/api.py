@@ -23,8 +23,12 @@ import psutil
 
 from supervisor.errors import RpcTimeout, ShutdownInProgress, WorkerFailed
 from supervisor.core.events import EventLog
-from supervisor.backends.local.group import GroupState, WorkerGroup
-from supervisor.core.lifecycle import Lifecycle, SupervisorState
+from supervisor.core.gate import Closed
+from supervisor.backends.base import Group as WorkerGroup
+from supervisor.core.states import GroupState
+from supervisor.core.lifecycle import Lifecycle, Outcome
+from supervisor.core.states import SupervisorState
+from supervisor.core.views import GroupView, PolicyWindow, group_view
 from supervisor.core.rpc import PendingCall, RpcFuture
 from supervisor.settings import Config
 
@@ -65,7 +69,7 @@ class Supervisor:
             life.request_shutdown()
             if threading.current_thread() is life.thread:
                 return  # called from a failure callback: the manager stops right after it
-            life.finished.wait(timeout=self.cfg.shutdown.grace_s + self.cfg.shutdown.reap_s * 3 + 10)
+            life.finished.wait(timeout=life.teardown_bound_s())
             self.events.close()
 
     def __enter__(self) -> "Supervisor":
@@ -74,23 +78,99 @@ class Supervisor:
     def __exit__(self, *exc: Any) -> None:
         self.shutdown()
 
+    # -- lifecycle views --------------------------------------------------------------------------------------
     @property
     def state(self) -> SupervisorState:
         return self._life.state
 
     @property
+    def outcome(self) -> Outcome:
+        """How the run ended (``Ending.RUNNING`` while it has not): ending, the error if it gave up, restarts."""
+        return self._life.outcome
+
+    @property
     def error(self) -> BaseException | None:
         """Why the supervisor gave up (None while healthy or after a clean stop)."""
-        return self._life.error if self._life.state in (SupervisorState.GAVE_UP,) or self._life.finished.is_set() else None
+        return self.outcome.error
 
     @property
     def gave_up(self) -> bool:
-        return self._life.finished.is_set() and self._life.error is not None and not self._life.stop_requested.is_set() \
-            or self._life.state is SupervisorState.GAVE_UP
+        return self.outcome.gave_up
+
+    @property
+    def stopping(self) -> bool:
+        """A stop was asked for (or the tree gave up): no new call will be accepted."""
+        return self._life.stop_requested.is_set() or self._life.state is not SupervisorState.RUNNING \
+            and self._life.started.is_set()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the supervisor has stopped (by shutdown or by giving up). False on timeout."""
         return self._life.finished.wait(timeout)
+
+    @property
+    def finished(self) -> threading.Event:
+        """Set once the tree has stopped. It holds no reference to the Supervisor: it can still be waited on
+        after the Supervisor itself was dropped (its tree is then stopped for it)."""
+        return self._life.finished
+
+    @property
+    def device(self) -> str:
+        """The device the workers use, as resolved ("cpu" or "cuda")."""
+        return self._life.device
+
+    def describe_backend(self) -> str:
+        """The backend's name and what it runs on, e.g. "local backend, start method forkserver"."""
+        backend = self._life.backend
+        return f"{backend.name} backend, {backend.describe()}"
+
+    @property
+    def live_groups(self) -> list[int]:
+        """The dp groups the restart policy still supervises (a temporary child that ended is removed)."""
+        return list(self._life.live)
+
+    def groups(self) -> list[GroupView]:
+        """A snapshot of every dp group: state, serving, attempts, restarts, and its workers."""
+        return [group_view(self._life, i) for i in range(self.cfg.parallel.dp)]
+
+    def serving(self, group: int | None = None) -> bool:
+        """Whether ``group`` (default: every live group) accepts calls now."""
+        life = self._life
+        if life.state is not SupervisorState.RUNNING or life.stop_requested.is_set():
+            return False
+        return all(life.gates[i].is_open for i in ([group] if group is not None else life.live))
+
+    def wait_until_serving(self, group: int | None = None, timeout: float | None = None) -> bool:
+        """Block until ``group`` (default: every live group) serves again, e.g. after a restart. False when the
+        timeout passed, or the group or the tree stopped for good (it will never serve again)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        life = self._life
+        for i in ([group] if group is not None else list(life.live)):
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not life.gates[i].wait_open(remaining):
+                return False
+        return self.serving(group)
+
+    def policy_window(self) -> PolicyWindow:
+        """Failures the restart policy currently counts against its budget (start-up and run-time apart)."""
+        return PolicyWindow(len(self._life.pstate.startup), len(self._life.pstate.runtime))
+
+    @property
+    def rendezvous_dir(self) -> str:
+        """The private folder (mode 0700) holding the groups' torch.distributed rendezvous files."""
+        return self._life._tmp
+
+    def transport_handles(self, group: int) -> list[Any]:
+        """The handles of ``group``'s rings (broadcast first, then each rank's reply ring), for diagnostics."""
+        channel = self._life.groups[group].channel
+        return [channel.bcast.export_handle(), *(q.export_handle() for q in channel.replies)]
+
+    def request_shutdown(self) -> None:
+        """Begin a graceful stop and return at once (e.g. from a signal handler); ``wait()`` for its end."""
+        self._life.request_shutdown()
+
+    def force_stop(self) -> None:
+        """SIGKILL every worker now (a second Ctrl-C); the stop then completes without the grace period."""
+        self._life.force_stop()
 
     def register_failure_callback(self, callback: Callable[..., Any]) -> None:
         """Called from the supervisor's manager thread whenever a group fails (before the policy acts). It may take
@@ -162,7 +242,7 @@ class Supervisor:
         if not gate.enter(deadline, wait):
             if life.stop_requested.is_set():
                 raise ShutdownInProgress(f"{name}: the supervisor is shutting down")
-            raise WorkerFailed(f"{name}: group {gi} is {gate.closed_reason}", restarting=gate.closed_reason == "restarting")
+            raise WorkerFailed(f"{name}: group {gi} is {gate.closed_reason}", restarting=gate.closed_reason is Closed.RESTARTING)
         try:
             group = life.groups[gi]
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -181,7 +261,7 @@ class Supervisor:
         finally:
             if group.channel.over_budget and self._life.gates[group.index].is_open:
                 group.channel.over_budget = False
-                self._life.inbox.put(("recycle", group.index))
+                self._life.request_recycle(group.index)
 
     # -- views -----------------------------------------------------------------------------------------------
     def status(self) -> list[dict[str, Any]]:

@@ -17,34 +17,6 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 
-class WorkerState(enum.Enum):
-    """A worker process's lifecycle, as the supervisor tracks it.
-
-    Allowed transitions (anything else is a bug)::
-
-        STARTING -> READY -> RUNNING -> STOPPING -> STOPPED
-            |          |        |           |
-            +----------+--------+-----------+------> FAILED
-    """
-
-    STARTING = "starting"
-    READY = "ready"
-    RUNNING = "running"
-    STOPPING = "stopping"
-    STOPPED = "stopped"
-    FAILED = "failed"
-
-
-ALLOWED_WORKER_TRANSITIONS: dict[WorkerState, frozenset[WorkerState]] = {
-    WorkerState.STARTING: frozenset({WorkerState.READY, WorkerState.STOPPING, WorkerState.FAILED}),
-    WorkerState.READY: frozenset({WorkerState.RUNNING, WorkerState.STOPPING, WorkerState.FAILED}),
-    WorkerState.RUNNING: frozenset({WorkerState.STOPPING, WorkerState.FAILED}),
-    WorkerState.STOPPING: frozenset({WorkerState.STOPPED, WorkerState.FAILED}),
-    WorkerState.STOPPED: frozenset(),
-    WorkerState.FAILED: frozenset(),
-}
-
-
 @dataclass(frozen=True)
 class Ready:
     """Start-up succeeded: the worker's reply queue is ready for the supervisor to attach."""
@@ -54,6 +26,26 @@ class Ready:
     reply_handle: Any  # transport.Handle
     device: str
     startup_s: float  # seconds from process entry to READY, as the worker measured it
+
+
+class StartupPhase(enum.Enum):
+    """Where a rank is in its start-up, in order. The supervisor marks SPAWNED; the worker reports the next three
+    on the status pipe as it enters them (``PhaseReached``); ``Ready`` is READY."""
+
+    SPAWNED = "spawned"  # the process exists (the supervisor's side)
+    IMPORTED = "imported"  # interpreter, environment and the worker class imported; constructing it
+    INIT_DEVICE = "init_device"  # in Worker.init_device (device, torch.distributed)
+    LOAD_MODEL = "load_model"  # in Worker.load_model
+    READY = "ready"
+
+
+@dataclass(frozen=True)
+class PhaseReached:
+    """Start-up progress, sent as the worker enters ``phase``; ``elapsed_s`` counts from process entry."""
+
+    rank: int
+    phase: str  # a StartupPhase value
+    elapsed_s: float
 
 
 @dataclass(frozen=True)
@@ -91,3 +83,14 @@ EXIT_ORPHANED = 70  # the worker exited because its supervisor vanished
 EXIT_STARTUP_FAILED = 71
 EXIT_STOP_OVERDUE = 72  # a deliberate stop ran past the supervisor's grace: the worker left by itself
 EXIT_DEVICE_ERROR = 73  # a call hit a sticky device error (the CUDA context is unusable): restart this rank
+EXIT_SHUTDOWN_RAISED = 1  # Worker.shutdown() raised after a stop was asked for (its traceback is in the rank's log)
+
+# What each exit code of ours means, in words for events, logs and the README's table.
+EXIT_MEANINGS: dict[int, str] = {
+    0: "stopped cleanly",
+    EXIT_SHUTDOWN_RAISED: "shutdown() raised or an uncaught Python exception; see the rank's log",
+    EXIT_ORPHANED: "its supervisor vanished: the death pipe closed without a stop request",
+    EXIT_STARTUP_FAILED: "start-up failed: init_device or load_model raised",
+    EXIT_STOP_OVERDUE: "did not finish stopping within the grace (shutdown.grace_s) and left by itself",
+    EXIT_DEVICE_ERROR: "a fatal device error, e.g. a device-side assert: its CUDA context was unusable",
+}

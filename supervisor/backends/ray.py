@@ -16,6 +16,7 @@ rings; hang detection relies on per-call deadlines (no heartbeat pipe); escalati
 from __future__ import annotations
 
 import dataclasses
+import enum
 import os
 import socket
 import threading
@@ -26,9 +27,9 @@ from loguru import logger
 
 from supervisor.errors import RemoteError, RpcTimeout, StartupError, WorkerFailed
 from supervisor.core.exits import ExitInfo
-from supervisor.backends.local.group import ALLOWED_GROUP_TRANSITIONS, GroupState
 from supervisor.settings import Config
-from worker.protocol import ALLOWED_WORKER_TRANSITIONS, RemoteFailure, WorkerState
+from supervisor.core.states import GroupState, WorkerState
+from worker.protocol import RemoteFailure
 
 _POLL_S = 0.05  # ray.wait slices: a failure or a shutdown is noticed this fast
 
@@ -77,8 +78,16 @@ class RankActor:
             self.worker.shutdown()
 
 
+class Death(enum.Enum):
+    """How an actor ended, as far as the supervisor can know it."""
+
+    STOPPED = "stopped"  # we asked it to stop and it did (or was killed after the grace): a clean end
+    KILLED = "killed by the supervisor"
+    DIED = "died"  # Ray reported the actor (or its node) dead: the cause is kept beside it
+
+
 class RayWorker:
-    """The handle of one rank's actor, with the attributes the lifecycle uses for local processes."""
+    """The handle of one rank's actor (the WorkerHandle contract of supervisor/backends/base.py)."""
 
     def __init__(self, spec, actor) -> None:
         self.spec, self.actor = spec, actor
@@ -86,15 +95,18 @@ class RayWorker:
         self.pid = 0
         self.state = WorkerState.STARTING
         self.hung = False
-        self._death: str | None = None
+        self._death: Death | None = None
+        self._cause = ""
 
     def transition(self, new: WorkerState) -> None:
-        if new not in ALLOWED_WORKER_TRANSITIONS[self.state]:
-            raise RuntimeError(f"rank {self.rank}: illegal transition {self.state.name} -> {new.name}")
-        self.state = new
+        self.state = self.state.to(new, f"rank {self.rank}")
 
-    def mark_dead(self, cause: str) -> None:
-        self._death = self._death or cause
+    def settle(self) -> None:
+        self.state = self.state.settle(self.exit_info().clean, f"rank {self.rank}")
+
+    def mark_dead(self, death: Death, cause: str = "") -> None:
+        if self._death is None:
+            self._death, self._cause = death, cause or death.value
 
     def is_alive(self) -> bool:
         return self._death is None
@@ -102,15 +114,16 @@ class RayWorker:
     def exit_info(self) -> ExitInfo:
         if self._death is None:
             return ExitInfo(None)
-        return ExitInfo(0 if self._death == "stopped" else -9, hung=self.hung,
-                        detail="" if self._death == "stopped" else self._death)
+        if self._death is Death.STOPPED:
+            return ExitInfo(0, hung=self.hung)
+        return ExitInfo(-9, hung=self.hung, detail=self._cause)
 
     def kill(self) -> None:
         try:
             _ray().kill(self.actor, no_restart=True)
         except Exception:
             pass
-        self.mark_dead("killed by the supervisor")
+        self.mark_dead(Death.KILLED)
 
     def dump_stack(self) -> None:
         """Remote stacks: see `ray stack` on the actor's node; nothing to signal from here."""
@@ -127,20 +140,40 @@ class RayCall:
 
 
 class RayChannel:
+    """The Channel contract of supervisor/backends/base.py over Ray actor calls."""
+
     def __init__(self, workers: list[RayWorker], rank_offset: int) -> None:
         self.workers = workers
         self.rank_offset = rank_offset
         self.failure: WorkerFailed | None = None
         self.over_budget = False
+        self._inflight: dict[int, RayCall] = {}  # sent, not yet collected by wait(): settle() waits for them
 
     def send(self, method, args, kwargs, reply_rank, timeout, method_name) -> RayCall:
         if self.failure is not None:
             raise self.failure
         refs = [w.actor.call.remote(method, args, kwargs or {}) for w in self.workers]  # a collective: all ranks
         expected = tuple(range(len(refs))) if reply_rank is None else (reply_rank,)
-        return RayCall(refs, expected, method_name)
+        call = RayCall(refs, expected, method_name)
+        self._inflight[id(call)] = call
+        return call
+
+    def settle(self, timeout: float) -> bool:
+        """Results of finished calls live in the object store, owned by us: stopping the actors loses none once
+        every call in flight has finished. Wait for that."""
+        refs = [ref for call in list(self._inflight.values()) for ref in call.refs]
+        if not refs:
+            return True
+        _, not_ready = _ray().wait(refs, num_returns=len(refs), timeout=timeout)
+        return not not_ready
 
     def wait(self, call: RayCall, timeout: float | None) -> list[Any]:
+        try:
+            return self._wait(call, timeout)
+        finally:
+            self._inflight.pop(id(call), None)
+
+    def _wait(self, call: RayCall, timeout: float | None) -> list[Any]:
         ray = _ray()
         deadline = None if timeout is None else time.monotonic() + timeout
         pending = [call.refs[r] for r in call.expected]
@@ -193,14 +226,7 @@ class RayGroup:
         self.ready_at: float | None = None
 
     def transition(self, new: GroupState) -> None:
-        if new not in ALLOWED_GROUP_TRANSITIONS[self.state]:
-            raise RuntimeError(f"group {self.index}: illegal transition {self.state.name} -> {new.name}")
-        self.state = new
-
-    @property
-    def output_rank(self) -> int:
-        topo = self.specs[0].topology
-        return (topo.pp - 1) * topo.tp
+        self.state = self.state.to(new, f"group {self.index}")
 
     def start(self, timeout_s: float, abort: threading.Event | None = None) -> None:
         deadline = time.monotonic() + timeout_s
@@ -269,8 +295,7 @@ class RayGroup:
     def stop(self, graceful: bool = True) -> None:
         if self.state is GroupState.STOPPED:
             return
-        if self.state is not GroupState.STOPPING:
-            self.transition(GroupState.STOPPING)
+        self.state = self.state.towards(GroupState.STOPPING, f"group {self.index}")
         c = self.backend.cfg.shutdown
         self.backend.stop_workers(self.workers, c.grace_s if graceful else 0.0, c.reap_s)
         self.finish_stop()
@@ -285,13 +310,8 @@ class RayGroup:
                 pass
             self.pg = None
         for w in self.workers:
-            if w.state not in (WorkerState.STOPPED, WorkerState.FAILED):
-                w.state = WorkerState.STOPPED if w.exit_info().clean else WorkerState.FAILED
-        if self.state is not GroupState.STOPPED:
-            self.transition(GroupState.STOPPED)
-
-    def live_pids(self) -> list[int]:
-        return [w.pid for w in self.workers if w.is_alive()]
+            w.settle()
+        self.state = self.state.towards(GroupState.STOPPED, f"group {self.index}")
 
 
 class RayMonitor(threading.Thread):
@@ -346,7 +366,7 @@ class RayMonitor(threading.Thread):
                 cause = "actor returned from watch"
             except Exception as exc:
                 cause = f"actor died ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
-            w.mark_dead(cause)
+            w.mark_dead(Death.DIED, cause)
             by_group.setdefault(id(group), (group, []))[1].append(w)
         for group, workers in by_group.values():
             self.on_exit(group, workers)
@@ -400,7 +420,7 @@ class RayBackend:
             except Exception:
                 pass
             if stopped:
-                w.mark_dead("stopped")
+                w.mark_dead(Death.STOPPED)
 
     def close(self) -> None:
         self.describe()

@@ -2,9 +2,10 @@
 
 ::
 
-    monitor thread ──(exits, hangs)──> contain: fail pending calls, close the gate ──> inbox
-    API threads ──(shutdown, recycle)────────────────────────────────────────────────> inbox
+    monitor thread ──(exits, hangs)──> contain: fail pending calls, close the gate ──> inbox: Failure
+    API threads ──(shutdown, recycle)──────────────────────────────────────────────> inbox: Shutdown | Recycle
     manager thread: inbox -> [kill broken groups] -> callbacks -> policy.decide_many -> restart | remove | give up
+                    ... -> stop everything -> Outcome (how the run ended: read by the API, the CLI, the exit code)
 
 Every process is started and stopped from the manager thread, which lives as long as the supervisor: the kernel
 ties PR_SET_PDEATHSIG to the thread that forked, so a short-lived thread must never spawn workers. Policy (what to
@@ -13,48 +14,86 @@ do) is the pure function in policy.py; this module is the mechanism (doing it).
 from __future__ import annotations
 
 import enum
-import os
 import inspect
+import os
 import queue
 import shutil
 import tempfile
 import threading
 import time
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Union
 
 from loguru import logger
 
 from supervisor.backends import make_backend
 from supervisor.errors import GaveUp, StartupError, WorkerFailed
 from supervisor.core.events import EventLog
-from supervisor.core.gate import GroupGate
-from supervisor.backends.local.group import GroupState, WorkerGroup
+from supervisor.core.gate import Closed, GroupGate
 from supervisor.core.policy import Action, ChildExit, Decision, Phase, PolicySpec, PolicyState, decide_many
-from supervisor.settings import Config
+from supervisor.core.states import GroupState, SupervisorState, WorkerState
 from supervisor.core.topology import build_specs, resolve_device
-from worker.protocol import WorkerState
+from supervisor.settings import Config
+from worker.protocol import StartupPhase
 
 
 _COALESCE_S = 0.05  # after a failure, wait this long for more: they join the same recovery
+# A planned restart (recycle) lets the calls in flight finish first. Their own deadlines bound them; this bounds
+# the wait when they have none: a few missed heartbeats' worth, after which the monitor would have acted anyway.
+_RECYCLE_DRAIN_HEARTBEATS = 4
+# How long start() waits for the manager to finish tearing down after a failed start: the escalation's own bound
+# (grace, then reap) plus slack for the bookkeeping around it.
+_TEARDOWN_SLACK_S = 10.0
 
 
-class SupervisorState(enum.Enum):
-    """STARTING -> RUNNING -> STOPPING -> STOPPED; STARTING|RUNNING -> GAVE_UP (policy budget spent) -> STOPPED."""
-
-    STARTING = "starting"
-    RUNNING = "running"
-    STOPPING = "stopping"
-    STOPPED = "stopped"
-    GAVE_UP = "gave_up"
+# -- the manager's inbox: typed messages ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Shutdown:
+    """Stop everything (a caller, a signal, the end of the workload, a collected Supervisor)."""
 
 
-ALLOWED_SUPERVISOR_TRANSITIONS = {
-    SupervisorState.STARTING: {SupervisorState.RUNNING, SupervisorState.STOPPING, SupervisorState.GAVE_UP},
-    SupervisorState.RUNNING: {SupervisorState.STOPPING, SupervisorState.GAVE_UP},
-    SupervisorState.GAVE_UP: {SupervisorState.STOPPING},
-    SupervisorState.STOPPING: {SupervisorState.STOPPED},
-    SupervisorState.STOPPED: set(),
-}
+@dataclass(frozen=True)
+class Failure:
+    """The monitor saw ranks die or hang; the exits are for the policy."""
+
+    exits: tuple[ChildExit, ...]
+
+
+@dataclass(frozen=True)
+class Recycle:
+    """A worker crossed max_rss / max_calls: restart its group between calls."""
+
+    group: int
+
+
+Message = Union[Shutdown, Failure, Recycle]
+
+
+# -- how a run ended --------------------------------------------------------------------------------------------
+class Ending(enum.Enum):
+    RUNNING = "running"  # not ended (yet)
+    STOPPED = "stopped"  # a stop was asked for: by the caller, a signal, the end of the workload
+    GAVE_UP = "gave_up"  # the restart policy's budget was spent (start-up failures included)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How the tree's run ended: the one record the API (``Supervisor.outcome``), the CLI's summary and its exit
+    code read, so that "did it give up?" is answered in one place."""
+
+    ending: Ending
+    error: BaseException | None = None  # why it gave up: StartupError or GaveUp
+    restarts: tuple[int, ...] = ()  # restarts per dp group
+
+    @property
+    def gave_up(self) -> bool:
+        return self.ending is Ending.GAVE_UP
+
+    def exit_code(self, signum: int | None = None) -> int:
+        """The command's exit code: 128+N when stopped by signal N, 1 when it gave up, else 0."""
+        if signum:
+            return 128 + signum
+        return 1 if self.gave_up else 0
 
 
 class Lifecycle:
@@ -72,48 +111,69 @@ class Lifecycle:
         self.policy = PolicySpec.from_settings(cfg.restart)
         self.pstate = PolicyState()
         self.state = SupervisorState.STARTING
-        self.error: BaseException | None = None  # why we gave up (StartupError / GaveUp)
+        self.error: BaseException | None = None  # the latest start-up failure; why we gave up once we did
+        self.ending = Ending.RUNNING
         self.callbacks: list[Callable[..., Any]] = []
-        self.inbox: queue.Queue = queue.Queue()
+        self.inbox: "queue.Queue[Message]" = queue.Queue()
         self.stop_requested = threading.Event()
         self.started = threading.Event()
         self.finished = threading.Event()
-        _sweep_dead_owners()
         self._tmp = tempfile.mkdtemp(prefix=f"{_RDZV_PREFIX}{os.getpid()}-")
         self.monitor = self.backend.new_monitor(self._on_exit, self._on_hung)
         self.thread = threading.Thread(target=self._run, name="supervisor-manager", daemon=True)
 
     def transition(self, new: SupervisorState) -> None:
-        if new not in ALLOWED_SUPERVISOR_TRANSITIONS[self.state]:
-            raise RuntimeError(f"supervisor: illegal transition {self.state.name} -> {new.name}")
-        self.state = new
+        self.state = self.state.to(new, "supervisor")
+
+    @property
+    def outcome(self) -> Outcome:
+        return Outcome(self.ending, self.error if self.ending is Ending.GAVE_UP else None, tuple(self.restarts))
 
     # -- driving ---------------------------------------------------------------------------------------------
     def start(self) -> None:
+        _sweep_dead_owners()
         self.monitor.start()
         self.thread.start()
         self.started.wait()
         if self.state is not SupervisorState.RUNNING and self.error is not None:
-            self.finished.wait(timeout=self.cfg.shutdown.grace_s + self.cfg.shutdown.reap_s + 5)
+            self.finished.wait(timeout=self.teardown_bound_s())
             raise self.error
+
+    def teardown_bound_s(self) -> float:
+        """How long stopping everything can take: the escalation (grace, then reap), reaping adopted orphans and
+        the monitor's exit (a reap each), plus the bookkeeping. Only an upper bound: waiters return when it is done."""
+        return self.cfg.shutdown.grace_s + 3 * self.cfg.shutdown.reap_s + _TEARDOWN_SLACK_S
 
     def request_shutdown(self) -> None:
         self.stop_requested.set()
-        self.inbox.put(("shutdown", None))
+        self.inbox.put(Shutdown())
         for gate in self.gates:
             gate.wake_all()
+
+    def request_recycle(self, group: int) -> None:
+        self.inbox.put(Recycle(group))
+
+    def force_stop(self) -> None:
+        """SIGKILL every worker at once (a second Ctrl-C): safe from any thread, including a signal handler's;
+        the manager then finds them dead and finishes the stop."""
+        self.stop_requested.set()
+        workers = [w for g in list(self.groups.values()) for w in list(g.workers)]
+        self.events.emit("forced_stop", pids=[w.pid for w in workers])
+        self.backend.stop_workers(workers, 0.0, self.cfg.shutdown.reap_s)
+        self.request_shutdown()
 
     def _run(self) -> None:
         try:
             self._converge(list(self.live), [])
             if self.state is SupervisorState.STARTING:
-                self.transition(SupervisorState.RUNNING)
+                self.transition(SupervisorState.RUNNING)  # else it gave up on the way (or stopped)
             self.started.set()
             if self.state is SupervisorState.RUNNING:
                 self._serve_inbox()
         except BaseException as exc:  # a bug here must not leave processes behind
             logger.exception("supervisor manager failed")
             self.error = self.error or exc
+            self.ending = Ending.GAVE_UP
         finally:
             self.started.set()
             self._stop_everything()
@@ -121,13 +181,13 @@ class Lifecycle:
 
     def _serve_inbox(self) -> None:
         while True:
-            kind, payload = self.inbox.get()
-            if kind == "shutdown" or self.stop_requested.is_set():
+            msg = self.inbox.get()
+            if isinstance(msg, Shutdown) or self.stop_requested.is_set():
                 return
-            if kind == "failure":
-                self._handle_failure(list(payload))
-            elif kind == "recycle" and self.state is SupervisorState.RUNNING:
-                self._recycle(payload)
+            if isinstance(msg, Failure):
+                self._handle_failure(list(msg.exits))
+            elif isinstance(msg, Recycle) and self.state is SupervisorState.RUNNING:
+                self._recycle(msg.group)
             if self.state is SupervisorState.GAVE_UP:
                 return
 
@@ -138,10 +198,10 @@ class Lifecycle:
         deadline = time.monotonic() + wait_s
         while True:
             try:
-                kind, payload = self.inbox.get(timeout=max(0.0, deadline - time.monotonic()))
+                msg = self.inbox.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 break
-            (more.extend(payload) if kind == "failure" else keep.append((kind, payload)))
+            (more.extend(msg.exits) if isinstance(msg, Failure) else keep.append(msg))
         for item in keep:
             self.inbox.put(item)
         return more
@@ -199,22 +259,47 @@ class Lifecycle:
         specs = build_specs(self.cfg, i, attempt, rdzv, self.device, self.backend.name)
         group = self.backend.new_group(i, specs)
         self.groups[i] = group
+        reported = self._watch_startup(group, attempt)
         t0 = time.monotonic()
         try:
             group.start(self.cfg.runtime.startup_timeout_s, abort=self.stop_requested)
         finally:
             for w in group.workers:
-                self.events.emit("started", group=i, rank=group.rank_offset + w.rank, pid=w.pid, attempt=attempt)
+                if w.pid not in reported:  # a backend without start-up progress (Ray): "started" comes late
+                    self.events.emit("started", group=i, rank=group.rank_offset + w.rank, pid=w.pid, attempt=attempt)
         for w in group.workers:
             w.transition(WorkerState.RUNNING)
             self.events.emit("ready", group=i, rank=group.rank_offset + w.rank, pid=w.pid, attempt=attempt,
                              startup_s=round(time.monotonic() - t0, 4))
         self.monitor.watch(group, group.workers)
         self.gates[i].open()
+        self.events.emit("group_ready", group=i, attempt=attempt, ranks=[group.rank_offset + w.rank for w in group.workers],
+                         startup_s=round(time.monotonic() - t0, 4))
+
+    def _watch_startup(self, group, attempt: int) -> set[int]:
+        """Start-up progress as events: ``started`` at spawn, ``phase`` as each rank enters the next phase (a
+        backend that reports none leaves ``group.observer`` unused). Returns the pids reported as started."""
+        reported: set[int] = set()
+
+        def observe(phase: StartupPhase, w, elapsed_s: float) -> None:
+            where = dict(group=group.index, rank=group.rank_offset + w.rank, pid=w.pid, attempt=attempt)
+            if phase is StartupPhase.SPAWNED:
+                reported.add(w.pid)
+                self.events.emit("started", **where)
+            else:
+                self.events.emit("phase", **where, phase=phase.value, elapsed_s=elapsed_s)
+
+        group.observer = observe
+        return reported
+
+    def stack_log(self, rank: int) -> str:
+        """Where global rank ``rank``'s stacks go when dumped: its rank log ("" when the backend keeps none)."""
+        rank_log = getattr(self.backend, "rank_log", None)
+        return rank_log(rank) if rank_log is not None else ""
 
     def _stop_group(self, i: int, graceful: bool) -> None:
         group = self.groups.get(i)
-        self.gates[i].close("restarting")
+        self.gates[i].close(Closed.RESTARTING)
         if group is None or group.state is GroupState.STOPPED:
             return
         self.monitor.unwatch(group.workers)
@@ -224,18 +309,19 @@ class Lifecycle:
 
     def _drop_group(self, i: int) -> None:
         self._stop_group(i, graceful=True)
-        self.gates[i].close("removed")
+        self.gates[i].close(Closed.REMOVED)
         if i in self.live:
             self.live.remove(i)
 
     def _recycle(self, i: int) -> None:
         """A worker crossed max_rss / max_calls: restart its group between calls, losing none."""
         gate = self.gates[i]
-        gate.close("recycling")
-        gate.drain(timeout=self.cfg.worker.heartbeat_timeout_s * 4)
+        gate.close(Closed.RECYCLING)
+        bound = self.cfg.worker.heartbeat_timeout_s * _RECYCLE_DRAIN_HEARTBEATS
+        gate.drain(timeout=bound)
         channel = self.groups[i].channel
         if channel is not None:  # stopping closes the reply queues: collect the replies of calls in flight first
-            channel.settle(timeout=self.cfg.worker.heartbeat_timeout_s * 4)
+            channel.settle(timeout=bound)
         self._stop_group(i, graceful=True)
         self.events.emit("recycled", group=i)
         self._converge([i], [])
@@ -245,9 +331,9 @@ class Lifecycle:
         """Monitor thread: contain at once (pending calls fail now), then hand over to the manager."""
         for w in workers:
             info = w.exit_info()
-            w.state = WorkerState.STOPPED if info.clean else WorkerState.FAILED
+            w.settle()
             self.events.emit("exited", group=group.index, rank=group.rank_offset + w.rank, pid=w.pid,
-                             code=info.exitcode, reason=info.short)
+                             code=info.exitcode, reason=info.short, meaning=info.meaning)
         if group.state is not GroupState.READY or self.stop_requested.is_set():
             return  # stopping, or already being handled: reasons are kept in the events
         restarting = self.policy.strategy.value != "never"
@@ -256,19 +342,20 @@ class Lifecycle:
         error = WorkerFailed(desc + ("; group restarting" if restarting else ""),
                              tuple(group.rank_offset + w.rank for w in workers), restarting)
         group.transition(GroupState.FAILED)
-        self.gates[group.index].close("restarting" if restarting else "failed")
+        self.gates[group.index].close(Closed.RESTARTING if restarting else Closed.FAILED)
         if group.channel is not None:
             group.channel.fail(error)
         now = time.monotonic()
         phase = Phase.RUNTIME
         clean = all(w.exit_info().clean for w in workers)
-        self.inbox.put(("failure", [ChildExit(group.index, now, phase, clean, desc)]))
+        self.inbox.put(Failure((ChildExit(group.index, now, phase, clean, desc),)))
 
     def _on_hung(self, group: WorkerGroup, workers, why: str = "missed its heartbeat deadline") -> None:
         for w in workers:
-            self.events.emit("hung", group=group.index, rank=group.rank_offset + w.rank, pid=w.pid, why=why)
-            logger.error(f"rank {group.rank_offset + w.rank} (pid {w.pid}) {why}; stacks dumped to its log; "
-                         "killing it")
+            rank = group.rank_offset + w.rank
+            where = self.stack_log(rank) or "its stderr"
+            self.events.emit("hung", group=group.index, rank=rank, pid=w.pid, why=why, stack_log=where)
+            logger.error(f"rank {rank} (pid {w.pid}) {why}; stacks dumped to {where}; killing it")
             w.kill()
 
     def declare_hung(self, group: WorkerGroup, ranks: tuple[int, ...]) -> None:
@@ -312,25 +399,25 @@ class Lifecycle:
 
     def _give_up(self, d: Decision) -> None:
         self.error = GaveUp(d.reason) if not isinstance(self.error, StartupError) else self.error
+        self.ending = Ending.GAVE_UP
         self.events.emit("gave_up", reason=d.reason, restarts=d.restarts_in_window)
         logger.error(f"giving up: {d.reason}")
-        if self.state is not SupervisorState.GAVE_UP:
-            self.transition(SupervisorState.GAVE_UP)
+        self.state = self.state.towards(SupervisorState.GAVE_UP, "supervisor")
         for gate in self.gates:
-            gate.close("gave up")
+            gate.close(Closed.GAVE_UP)
 
     # -- stopping --------------------------------------------------------------------------------------------
     def _stop_everything(self) -> None:
         """One deadline for every group: all workers (reverse start order) go through one escalation."""
-        if self.state is not SupervisorState.STOPPED:
-            self.transition(SupervisorState.STOPPING)
+        self.transition(SupervisorState.STOPPING)
+        if self.ending is Ending.RUNNING:
+            self.ending = Ending.STOPPED
         for gate in self.gates:
-            gate.close("stopped")
+            gate.close(Closed.STOPPED)
         groups = [self.groups[i] for i in sorted(self.groups) if self.groups[i].state is not GroupState.STOPPED]
         for g in groups:
             self.monitor.unwatch(g.workers)
-            if g.state is not GroupState.STOPPING:
-                g.transition(GroupState.STOPPING)
+            g.state = g.state.towards(GroupState.STOPPING, f"group {g.index}")
             if g.channel is not None and g.channel.failure is None:
                 g.channel.send_stop()
                 g.channel.fail(WorkerFailed("the supervisor is shutting down"))
@@ -350,7 +437,8 @@ _RDZV_PREFIX = "rankvisor-rdzv-"
 
 
 def _sweep_dead_owners() -> None:
-    """Start-up sweep: shared-memory segments and rendezvous folders left by supervisors that died (kill -9)."""
+    """Shared-memory segments and rendezvous folders left by supervisors that died (kill -9), swept by every
+    supervisor as it starts (not when it is constructed: building a Supervisor(start=False) touches nothing)."""
     from transport import sweep_dead
 
     sweep_dead()

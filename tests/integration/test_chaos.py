@@ -192,7 +192,7 @@ def test_a_reply_queue_gone_before_the_supervisor_opens_it_is_a_startup_failure(
         armed["left"] = 1  # the restart's first reply queue is gone
         os.kill(old[0], signal.SIGKILL)
         deadline = time.monotonic() + 30
-        while (set(old) & set(sup.pids()) or not sup._life.gates[0].is_open) and not sup.gave_up:
+        while (set(old) & set(sup.pids()) or not sup.serving(0)) and not sup.gave_up:
             assert time.monotonic() < deadline, "the group did not come back"
             time.sleep(0.05)
         assert not sup.gave_up, sup.error

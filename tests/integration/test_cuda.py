@@ -50,7 +50,7 @@ def test_cuda_tp1_matches_reference_and_parent_stays_cuda_free():
     from worker.tp_mlp import make_input, reference_forward
 
     with Supervisor(config("device=cuda", "parallel.tp=1")) as sup:
-        assert sup._life.device == "cuda"
+        assert sup.device == "cuda"
         x = make_input(sup.cfg.workload, 0)
         out = sup.execute_model(x, timeout=60)
         assert float((out - reference_forward(sup.cfg.workload, x)).abs().max()) < 1e-3
@@ -62,7 +62,7 @@ def test_cuda_tp1_matches_reference_and_parent_stays_cuda_free():
 
 def test_device_auto_picks_cuda():
     with Supervisor(config("device=auto", "worker=echo")) as sup:
-        assert sup._life.device == "cuda"
+        assert sup.device == "cuda"
 
 
 def test_two_replicas_share_one_gpu():
@@ -85,7 +85,7 @@ def test_killed_cuda_worker_restarts_and_gives_memory_back():
         freed = _wait_gone_from_gpu([victim], 5.0)
         assert freed is not None, "the killed worker still holds GPU memory after 5 s"
         deadline = time.monotonic() + 60
-        while not sup._life.gates[0].is_open or victim in sup.pids():
+        while not sup.serving(0) or victim in sup.pids():
             assert time.monotonic() < deadline
             time.sleep(0.01)
         assert sup.execute_model(__import__("worker.tp_mlp").tp_mlp.make_input(cfg.workload, 0), timeout=60) is not None
@@ -123,7 +123,7 @@ def test_nccl_group_restart_after_kill():
         os.kill(old[1], signal.SIGKILL)
         assert _wait_gone_from_gpu(old, 5.0) is not None, "a rank of the broken NCCL group kept its memory"
         deadline = time.monotonic() + 120
-        while not sup._life.gates[0].is_open or set(old) & set(sup.pids()):
+        while not sup.serving(0) or set(old) & set(sup.pids()):
             assert time.monotonic() < deadline
             time.sleep(0.01)
         from worker.tp_mlp import make_input, reference_forward

@@ -64,7 +64,8 @@ import pytest
 from supervisor.api import Supervisor
 from supervisor.errors import RpcTimeout, ShutdownInProgress, StartupError, WorkerFailed
 from supervisor.core.events import EventLog
-from supervisor.core.lifecycle import SupervisorState
+from supervisor.core.states import SupervisorState
+from supervisor.core.views import PolicyWindow
 from tests.integration.helpers import ECHO, REPO, TreeInChild, config, fault_env, gone_within, reap_adopted
 from worker.faults import crash
 
@@ -87,8 +88,7 @@ def n_ready(sup: Supervisor) -> int:
 
 
 def serving(sup: Supervisor) -> bool:
-    life = sup._life
-    return life.state is SupervisorState.RUNNING and all(life.gates[i].is_open for i in life.live)
+    return sup.serving()
 
 
 def wait_recovered(sup: Supervisor, ready_before: int, ranks: int, timeout: float = 30) -> None:
@@ -220,7 +220,7 @@ def test_dist_init_failure_is_a_bounded_startup_failure(method):
         (restart,) = sup.events.of_kind("restarting")
         assert "rank 0 (Worker_TP0) failed during start-up" in restart["reason"]
         assert "start-up restart 1/3" in restart["reason"]  # counted in the start-up budget ...
-        assert len(sup._life.pstate.startup) == 1 and sup._life.pstate.runtime == ()  # ... not the run-time one
+        assert sup.policy_window() == PolicyWindow(startup=1, runtime=0)  # ... not the run-time one
         x = make_input(cfg.workload, 3)
         assert float((sup.execute_model(x, timeout=60) - reference_forward(cfg.workload, x)).abs().max()) < 1e-4
 
@@ -362,11 +362,11 @@ def test_clean_exit_by_restart_type(restart_type, kind, expect, method):
             sup.collective_rpc(crash_rank(kind, 0), group=1, timeout=10)
         if expect == "restarted":
             wait_recovered(sup, ready, 1)
-            assert sup._life.live == [0, 1] and group_pids(sup, 1) != [victim]
+            assert sup.live_groups == [0, 1] and group_pids(sup, 1) != [victim]
         else:
-            wait_until(lambda: sup._life.live == [0], 10, "group 1 to leave the live groups")
+            wait_until(lambda: sup.live_groups == [0], 10, "group 1 to leave the live groups")
             assert n_ready(sup) == ready and not sup.events.of_kind("restarting")
-        assert sup.collective_rpc("echo", args=(1,), timeout=10) == [1] * len(sup._life.live)
+        assert sup.collective_rpc("echo", args=(1,), timeout=10) == [1] * len(sup.live_groups)
         assert sup.state is SupervisorState.RUNNING
     assert exits_of(sup.events, victim) == [(1, "exit 0" if kind == "exit0" else "exit 42", int(kind[4:]))]
 
@@ -506,7 +506,7 @@ def test_several_ranks_killed_at_once_one_recovery(strategy, method):
         restarting = sup.events.of_kind("restarting")
         assert sorted(e["group"] for e in restarting) == [0, 1]  # each group restarted once ...
         assert [e["restarts"] for e in restarting] == [1, 1]  # ... by one decision, charged once
-        assert len(sup._life.pstate.runtime) == 1 and n_ready(sup) == ready + 4
+        assert sup.policy_window().runtime == 1 and n_ready(sup) == ready + 4
         assert sup.collective_rpc("echo", args=(5,), timeout=10) == [5] * 4
 
 
@@ -618,7 +618,7 @@ def test_restart_of_one_group_fails_under_one_for_all(startup_intensity, outcome
     try:
         os.kill(sup.pids()[0], signal.SIGKILL)
         if outcome == "retried":
-            wait_until(lambda: sup._life.attempts == [4, 3] and serving(sup), 30, "the third restart of group 0")
+            wait_until(lambda: [g.attempts for g in sup.groups()] == [4, 3] and serving(sup), 30, "the third restart of group 0")
         else:
             assert sup.wait(30) and sup.gave_up
         restarted = [e["pid"] for e in sup.events.of_kind("ready") if e["group"] == 0 and e["attempt"] == 2]
@@ -646,7 +646,7 @@ def test_shutdown_during_backoff_or_restart_returns_promptly(when, method):
     try:
         _kill_then_wait(sup, "restarting")
         if when == "restart":
-            wait_until(lambda: sup._life.attempts[0] == 2, 10, "the restart to begin")
+            wait_until(lambda: sup.groups()[0].attempts == 2, 10, "the restart to begin")
             time.sleep(0.3)  # well inside the hanging start-up
     finally:
         t = time.monotonic()
@@ -730,7 +730,7 @@ def test_call_during_shutdown_raises_clearly(method):
     for t in stoppers:
         t.start()
     try:
-        wait_until(lambda: sup._life.stop_requested.is_set(), 5, "the shutdown to begin")
+        wait_until(lambda: sup.stopping, 5, "the shutdown to begin")
         t0 = time.monotonic()
         with pytest.raises(ShutdownInProgress, match="echo: the supervisor is shutting down"):
             sup.collective_rpc("echo", args=(1,), timeout=10)
@@ -747,7 +747,7 @@ def test_call_during_shutdown_raises_clearly(method):
 @pytest.mark.parametrize("method", METHODS)
 def test_garbage_collected_supervisor_stops_its_tree(method):
     sup = Supervisor(config(*ECHO, "parallel.tp=2", method=method))
-    pids, finished = sup.pids(), sup._life.finished
+    pids, finished = sup.pids(), sup.finished
     del sup
     gc.collect()
     assert finished.wait(10)
@@ -787,7 +787,7 @@ def test_group0_serves_while_group1_restarts(method):
     with Supervisor(cfg) as sup:
         ready = n_ready(sup)
         os.kill(group_pids(sup, 1)[0], signal.SIGKILL)
-        wait_until(lambda: not sup._life.gates[1].is_open, 5, "group 1 to go down")
+        wait_until(lambda: not sup.serving(1), 5, "group 1 to go down")
         n = 0
         while not (n_ready(sup) >= ready + 2 and serving(sup)):
             assert sup.execute_model(n, group=0, timeout=5) == (0, (n,), {})

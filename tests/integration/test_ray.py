@@ -61,7 +61,7 @@ def test_tp_mlp_across_two_nodes_then_recovers_a_killed_actor():
         old = sup.pids()
         os.kill(old[1], signal.SIGKILL)  # the cluster runs on this machine, so the actor's pid is ours to kill
         deadline = time.monotonic() + 180
-        while set(old) & set(sup.pids()) or not sup._life.gates[0].is_open:
+        while set(old) & set(sup.pids()) or not sup.serving(0):
             assert time.monotonic() < deadline, "the group did not come back"
             time.sleep(0.1)
         assert [e["kind"] for e in sup.events.of_kind("restarting")] == ["restarting"]

@@ -190,7 +190,7 @@ def test_running_tree_has_unlinked_every_segment(echo_tree):
     # worker's reply segment; each worker maps its group's broadcast segment and its own reply segment.
     mine = _mapped_segments(os.getpid())
     bcast = {n for n in mine if shm.owner_pid(n) == os.getpid()}
-    tree_bcasts = {g.channel.bcast.name for g in sup._life.groups.values()}
+    tree_bcasts = {sup.transport_handles(g.index)[0].name for g in sup.groups()}
     assert tree_bcasts <= bcast and len(tree_bcasts) == 2
     replies = {n for n in mine if shm.owner_pid(n) in pids}
     assert {shm.owner_pid(n) for n in replies} == set(pids)
@@ -208,8 +208,7 @@ def test_running_tree_has_unlinked_every_segment(echo_tree):
 def test_a_third_process_cannot_attach_to_the_broadcast_or_reply_queues(echo_tree):
     """Knowing the exact name (more than an attacker can guess) is not enough: the name no longer exists."""
     sup = echo_tree
-    group = sup._life.groups[0]
-    handles = [group.channel.bcast.export_handle(), *(q.export_handle() for q in group.channel.replies)]
+    handles = sup.transport_handles(0)
     for h in handles:
         assert _attach_from_third_process(h.name, h.size) == {"attach": "FileNotFoundError",
                                                               "open": "FileNotFoundError"}
@@ -218,7 +217,7 @@ def test_a_third_process_cannot_attach_to_the_broadcast_or_reply_queues(echo_tre
 
 
 def test_rendezvous_directory_is_private(echo_tree):
-    st = os.stat(echo_tree._life._tmp)
+    st = os.stat(echo_tree.rendezvous_dir)
     assert stat.S_IMODE(st.st_mode) == 0o700 and st.st_uid == os.getuid()
 
 

@@ -153,7 +153,7 @@ def test_grandchildren_are_reaped_on_shutdown_and_after_the_worker_is_killed():
         os.kill(sup.pids()[0], signal.SIGKILL)  # its two grandchildren are orphaned: they must not survive
         assert gone_within(first, 3.0) == []
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and sup.state.value != "running" or not sup._life.gates[0].is_open:
+        while time.monotonic() < deadline and sup.state.value != "running" or not sup.serving(0):
             time.sleep(0.05)
         second = [p for ps in sup.collective_rpc("children", timeout=10) for p in ps]
     assert gone_within(second, 1.0) == []

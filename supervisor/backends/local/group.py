@@ -7,46 +7,31 @@ far and raises ``StartupError`` naming the rank, with its remote traceback when 
 """
 from __future__ import annotations
 
-import enum
 import threading
 import time
 from multiprocessing.connection import wait as mp_wait
-from typing import Sequence
+from typing import Callable, Sequence
 
 from supervisor.backends.local import escalation
 from supervisor.errors import StartupError
 from supervisor.backends.local.process import WorkerProcess, parent_fds
 from supervisor.core.rpc import RpcChannel
 from transport import MessageQueue, TransportError, sweep_owner
-from worker.protocol import Ready, StartupFailed, WorkerState
+from supervisor.core.states import GroupState, WorkerState
+from worker.protocol import PhaseReached, Ready, StartupFailed, StartupPhase
 from worker.spec import WorkerSpec
 
 
 _ABORT_POLL_S = 0.05  # a shutdown during start-up is noticed this fast
 
 
-class GroupState(enum.Enum):
-    """STARTING -> READY -> (FAILED | STOPPING) -> STOPPED; FAILED -> STOPPED (after its processes are gone)."""
-
-    STARTING = "starting"
-    READY = "ready"
-    FAILED = "failed"
-    STOPPING = "stopping"
-    STOPPED = "stopped"
-
-
-ALLOWED_GROUP_TRANSITIONS = {
-    GroupState.STARTING: {GroupState.READY, GroupState.FAILED, GroupState.STOPPING, GroupState.STOPPED},
-    GroupState.READY: {GroupState.FAILED, GroupState.STOPPING},
-    GroupState.FAILED: {GroupState.STOPPING, GroupState.STOPPED},
-    GroupState.STOPPING: {GroupState.STOPPED},
-    GroupState.STOPPED: set(),
-}
-
-
 class WorkerGroup:
-    def __init__(self, index: int, specs: Sequence[WorkerSpec], ctx, transport, grace_s: float, reap_s: float) -> None:
+    def __init__(self, index: int, specs: Sequence[WorkerSpec], ctx, transport, grace_s: float, reap_s: float,
+                 output=None) -> None:
         self.index = index
+        self.output = output  # RankOutput: the workers' stdout/stderr pipes go there (None: they inherit ours)
+        # Start-up progress for whoever watches (the lifecycle sets it): observer(phase, worker, elapsed_s=...).
+        self.observer: Callable[..., None] | None = None
         self.specs = list(specs)
         self.ctx = ctx
         self.transport = transport
@@ -59,9 +44,7 @@ class WorkerGroup:
         self.ready_at: float | None = None
 
     def transition(self, new: GroupState) -> None:
-        if new not in ALLOWED_GROUP_TRANSITIONS[self.state]:
-            raise RuntimeError(f"group {self.index}: illegal transition {self.state.name} -> {new.name}")
-        self.state = new
+        self.state = self.state.to(new, f"group {self.index}")
 
     # -- start-up --------------------------------------------------------------------------------------------
     def start(self, timeout_s: float, abort: threading.Event | None = None) -> None:
@@ -72,8 +55,9 @@ class WorkerGroup:
         replies: list[MessageQueue] = []
         try:
             for spec in self.specs:  # spawning the k-th may raise: the ones before are stopped below
-                self.workers.append(WorkerProcess(spec, self.ctx, bcast.export_handle(), parent_fds()))
+                self.workers.append(WorkerProcess(spec, self.ctx, bcast.export_handle(), parent_fds(), self.output))
                 escalation.register_worker(self.workers[-1].pid)
+                self._observe(StartupPhase.SPAWNED, self.workers[-1], 0.0)
             readies = self._await_ready(deadline)
             for rank, ready in enumerate(readies):
                 replies.append(self._attach_reply(rank, ready))
@@ -101,7 +85,10 @@ class WorkerGroup:
                 raise StartupError("start-up aborted: the supervisor is shutting down")
             for obj in mp_wait([*by_conn, *by_sentinel], timeout=min(remaining, _ABORT_POLL_S)):
                 if obj in by_conn:
-                    self._take_status(by_conn.pop(obj), readies)
+                    w = by_conn[obj]
+                    self._take_status(w, readies)  # progress reports come first: keep reading until READY
+                    if w.rank in readies:
+                        del by_conn[obj]
                 elif by_sentinel[obj].rank not in readies:
                     # the sentinel can fire before the exit status is there: _exited confirms it first
                     raise self._exited(by_sentinel[obj])
@@ -142,6 +129,13 @@ class WorkerGroup:
                                f"{msg.exc_type}: {msg.message}", self._g(w.rank), msg.traceback)
         if isinstance(msg, Ready):
             readies[w.rank] = msg
+            self._observe(StartupPhase.READY, w, msg.startup_s)
+        elif isinstance(msg, PhaseReached):
+            self._observe(StartupPhase(msg.phase), w, msg.elapsed_s)
+
+    def _observe(self, phase: StartupPhase, w: WorkerProcess, elapsed_s: float) -> None:
+        if self.observer is not None:
+            self.observer(phase, w, elapsed_s=round(elapsed_s, 4))
 
     def _startup_timeout(self, readies: dict[int, Ready]) -> None:
         late = [self._g(w.rank) for w in self.workers if w.rank not in readies]
@@ -159,8 +153,7 @@ class WorkerGroup:
         """Stop every process of the group (idempotent)."""
         if self.state is GroupState.STOPPED:
             return
-        if self.state is not GroupState.STOPPING:
-            self.transition(GroupState.STOPPING)
+        self.state = self.state.towards(GroupState.STOPPING, f"group {self.index}")
         if graceful and self.channel is not None and self.channel.failure is None:
             self.channel.send_stop()
         self._teardown(graceful)
@@ -174,18 +167,7 @@ class WorkerGroup:
         for w in self.workers:
             sweep_owner(w.pid)  # segments a dead worker created but nobody attached to
             escalation.forget_worker(w.pid)
-            if w.state not in (WorkerState.STOPPED, WorkerState.FAILED):
-                w.state = WorkerState.STOPPED if w.exit_info().clean else WorkerState.FAILED
+            w.settle()
         if self.channel is not None:
             self.channel.close()
-        if self.state is not GroupState.STOPPED:
-            self.transition(GroupState.STOPPED)
-
-    def live_pids(self) -> list[int]:
-        return [w.pid for w in self.workers if w.is_alive()]
-
-    @property
-    def output_rank(self) -> int:
-        """Local rank of the first TP rank of the last PP stage (execute_model's answer)."""
-        topo = self.specs[0].topology
-        return (topo.pp - 1) * topo.tp
+        self.state = self.state.towards(GroupState.STOPPED, f"group {self.index}")

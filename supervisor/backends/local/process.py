@@ -15,7 +15,7 @@ import psutil
 
 from supervisor.core.exits import ExitInfo
 from worker.main import entry
-from worker.protocol import ALLOWED_WORKER_TRANSITIONS, WorkerState
+from supervisor.core.states import WorkerState
 from worker.spec import WorkerSpec
 
 _OPEN: set["WorkerProcess"] = set()
@@ -28,7 +28,7 @@ def parent_fds() -> tuple[int, ...]:
 
 
 class WorkerProcess:
-    def __init__(self, spec: WorkerSpec, ctx, bcast_handle, parent_fds: tuple[int, ...] = ()) -> None:
+    def __init__(self, spec: WorkerSpec, ctx, bcast_handle, parent_fds: tuple[int, ...] = (), output=None) -> None:
         self.spec = spec
         self.rank = spec.topology.rank
         self.state = WorkerState.STARTING
@@ -36,9 +36,21 @@ class WorkerProcess:
         death_r, self.death_w = ctx.Pipe(duplex=False)
         self.status_r, status_w = ctx.Pipe(duplex=False)
         close_fds = parent_fds if ctx.get_start_method() == "fork" else ()
+        # stdout/stderr pipes for RankOutput (None: the worker inherits ours, unprefixed)
+        pipes = [ctx.Pipe(duplex=False) for _ in range(2)] if output is not None else []
         self.proc = ctx.Process(target=entry, name=spec.topology.name,
-                                args=(spec, bcast_handle, death_r, status_w, close_fds))
-        self.proc.start()
+                                args=(spec, bcast_handle, death_r, status_w, close_fds, tuple(w for _, w in pipes)))
+        try:
+            self.proc.start()
+        except BaseException:
+            for r, _ in pipes:
+                r.close()
+            raise
+        finally:
+            for _, w in pipes:
+                w.close()
+        if output is not None:
+            output.add(self.global_rank, self.proc.pid, spec.attempt, *(r for r, _ in pipes))
         # We stop our workers ourselves (with escalation); multiprocessing's atexit join could hang on one.
         mp_process._children.discard(self.proc)
         death_r.close()
@@ -52,10 +64,16 @@ class WorkerProcess:
         self._closed = False
         _OPEN.add(self)
 
+    @property
+    def global_rank(self) -> int:
+        return self.spec.topology.dp_rank * self.spec.topology.world_size + self.rank
+
     def transition(self, new: WorkerState) -> None:
-        if new not in ALLOWED_WORKER_TRANSITIONS[self.state]:
-            raise RuntimeError(f"rank {self.rank}: illegal transition {self.state.name} -> {new.name}")
-        self.state = new
+        self.state = self.state.to(new, f"rank {self.rank}")
+
+    def settle(self) -> None:
+        """The process is gone: STOPPED or FAILED by how it ended (a verdict already given is kept)."""
+        self.state = self.state.settle(self.exit_info().clean, f"rank {self.rank}")
 
     @property
     def parent_fds(self) -> tuple[int, ...]:
