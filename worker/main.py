@@ -24,9 +24,10 @@ import time
 import traceback
 from typing import Any
 
-from worker import lifeline
-from worker.protocol import (EXIT_DEVICE_ERROR, EXIT_ORPHANED, EXIT_STARTUP_FAILED, EXIT_STOP_OVERDUE,
-                             STOP_METHOD, Ready, RemoteFailure, Reply, Request, StartupFailed)
+from worker import lifeline, output
+from worker.protocol import (EXIT_DEVICE_ERROR, EXIT_ORPHANED, EXIT_SHUTDOWN_RAISED, EXIT_STARTUP_FAILED,
+                             EXIT_STOP_OVERDUE, STOP_METHOD, PhaseReached, Ready, RemoteFailure, Reply, Request,
+                             StartupFailed, StartupPhase)
 from worker.spec import WorkerSpec
 
 
@@ -76,9 +77,13 @@ def _request_stop(*_: Any) -> None:
         raise GracefulStop()
 
 
-def entry(spec: WorkerSpec, bcast_handle: Any, death_conn: Any, status_conn: Any, close_fds: tuple = ()) -> None:
-    """multiprocessing target. Never returns normally before the worker is told to stop."""
+def entry(spec: WorkerSpec, bcast_handle: Any, death_conn: Any, status_conn: Any, close_fds: tuple = (),
+          output_conns: tuple = ()) -> None:
+    """multiprocessing target. Never returns normally before the worker is told to stop. ``output_conns``: the
+    (stdout, stderr) pipe ends the supervisor reads (worker/output.py); empty = inherit the parent's."""
     t0 = time.monotonic()
+    if output_conns:
+        output.attach(*output_conns)
     _detach(close_fds)
     status = StatusChannel(status_conn)
     main_ident = threading.get_ident()
@@ -91,7 +96,7 @@ def entry(spec: WorkerSpec, bcast_handle: Any, death_conn: Any, status_conn: Any
         watch.start()
         lifeline.arm_parent_death_signal(signal.SIGTERM)
         _setup_environment(spec)
-        worker, bcast, reply = _start(spec, bcast_handle)
+        worker, bcast, reply = _start(spec, bcast_handle, _phase_reporter(status, spec.topology.rank, t0))
     except GracefulStop:
         os._exit(0)
     except BaseException as exc:
@@ -142,11 +147,19 @@ def _setup_environment(spec: WorkerSpec) -> None:
                format="{time:HH:mm:ss.SSS} | {level: <7} | " + spec.topology.name + " | {message}")
 
 
-def _start(spec: WorkerSpec, bcast_handle: Any):
+def _phase_reporter(status: StatusChannel, rank: int, t0: float):
+    return lambda phase: status.send(PhaseReached(rank, phase.value, time.monotonic() - t0))
+
+
+def _start(spec: WorkerSpec, bcast_handle: Any, report=lambda phase: None):
     from transport import MessageQueue
 
-    worker = load_class(spec.worker.cls)(spec)
+    cls = load_class(spec.worker.cls)
+    report(StartupPhase.IMPORTED)
+    worker = cls(spec)
+    report(StartupPhase.INIT_DEVICE)
     worker.init_device()
+    report(StartupPhase.LOAD_MODEL)
     worker.load_model()
     t = spec.transport
     reply = MessageQueue(1, t.slot_bytes, t.slots, t.spin_us, t.max_message_bytes)
@@ -195,7 +208,7 @@ def _serve(spec: WorkerSpec, worker: Any, bcast: Any, reply: Any) -> None:
         pass
     except BaseException as exc:  # a failing shutdown must not hide that we were asked to stop
         logger.warning(f"shutdown raised {type(exc).__name__}: {exc}")
-        code = 1
+        code = EXIT_SHUTDOWN_RAISED
     bcast.close()
     reply.close()
     lifeline.kill_descendants()

@@ -1,7 +1,17 @@
-"""Structured events: one JSON object per line in <run dir>/events.jsonl, and in memory for status views.
+"""Structured events: one JSON object per line in <run dir>/events.jsonl, in memory for status views, and handed to
+subscribers (the start-up display, the metrics, the story in supervisor.log).
 
-Kinds: started, ready, exited, hung, restarting, gave_up, stopped, recycled, callback_failed, timeout.
-Each carries time (unix seconds), kind, and where it applies group, rank, pid, plus kind-specific fields.
+Every event carries ``run`` (this run's id), ``time`` (unix seconds), ``iso`` (the same instant, ISO 8601 UTC),
+``kind``, and where it applies ``group``, ``rank``, ``pid``, plus kind-specific fields. Kinds:
+
+    started        at spawn (pid, attempt)                       phase     a rank entered a start-up phase
+    ready          the rank answered READY (startup_s)           group_ready  every rank of a group is READY
+    exited         code, reason ("exit 72", "SIGKILL"), meaning (what that code or signal means, in words)
+    hung           why (heartbeat or call deadline), stack_log (where its stacks were dumped)
+    restarting     attempt, backoff_s, restarts, reason          gave_up   reason, restarts
+    stopped        ranks, reasons                                recycled  group
+    forced_stop    pids (a second Ctrl-C: every worker SIGKILLed)
+    callback_failed, timeout
 """
 from __future__ import annotations
 
@@ -9,16 +19,31 @@ import json
 import os
 import threading
 import time
+import uuid
 from collections import deque
-from typing import Any
+from datetime import datetime, timezone
+from typing import Any, Callable
 
 from loguru import logger
 
+Subscriber = Callable[[dict[str, Any]], None]
+
+
+def new_run_id() -> str:
+    """Short, unique enough to tell runs apart in merged logs and dashboards."""
+    return uuid.uuid4().hex[:12]
+
+
+def iso_time(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
 
 class EventLog:
-    def __init__(self, run_dir: str = "", keep: int = 1000) -> None:
+    def __init__(self, run_dir: str = "", keep: int = 1000, run_id: str = "") -> None:
         self._lock = threading.Lock()
+        self.run_id = run_id or new_run_id()
         self.recent: deque[dict[str, Any]] = deque(maxlen=keep)
+        self._subscribers: list[Subscriber] = []
         self._file = None
         if run_dir:
             os.makedirs(run_dir, exist_ok=True)
@@ -27,13 +52,30 @@ class EventLog:
         else:
             self.path = ""
 
+    def subscribe(self, fn: Subscriber) -> None:
+        """``fn(event)`` is called for every later event, in the emitting thread, after it is written. It must be
+        quick and must not emit events itself; what it raises is logged and swallowed."""
+        with self._lock:
+            self._subscribers = [*self._subscribers, fn]
+
+    def unsubscribe(self, fn: Subscriber) -> None:
+        with self._lock:
+            self._subscribers = [s for s in self._subscribers if s is not fn]
+
     def emit(self, kind: str, **fields: Any) -> dict[str, Any]:
-        event = {"time": round(time.time(), 6), "kind": kind, **fields}
+        now = time.time()
+        event = {"run": self.run_id, "time": round(now, 6), "iso": iso_time(now), "kind": kind, **fields}
         with self._lock:
             self.recent.append(event)
             if self._file is not None and not self._file.closed:
                 self._file.write(json.dumps(event, default=str) + "\n")
+            subscribers = self._subscribers
         logger.trace(f"event {event}")  # below loguru's default level: an embedding app sees no noise
+        for fn in subscribers:
+            try:
+                fn(event)
+            except Exception:  # an observer must never break the supervisor
+                logger.opt(exception=True).debug(f"event subscriber {fn!r} failed")
         return event
 
     def of_kind(self, kind: str) -> list[dict[str, Any]]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import signal
 from dataclasses import dataclass
 
+from worker.protocol import EXIT_MEANINGS
+
 _HINTS = {
     signal.SIGSEGV: "segmentation fault: a native extension or driver crashed",
     signal.SIGABRT: "aborted: a native assertion or std::terminate, see the worker's stderr",
@@ -13,8 +15,7 @@ _HINTS = {
     signal.SIGINT: "interrupted",
     signal.SIGFPE: "floating-point exception",
 }
-_CODES = {70: "its supervisor vanished", 71: "start-up failed", 72: "did not finish stopping within the grace",
-          73: "a fatal device error (e.g. a device-side assert): its CUDA context was unusable"}
+_CODES = {code: words for code, words in EXIT_MEANINGS.items() if code != 0}  # our own codes, in words
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,16 @@ class ExitInfo:
             return "still running"
         hint = _CODES.get(self.exitcode)
         return f"exit code {self.exitcode}" + (f" ({hint})" if hint else "")
+
+    @property
+    def meaning(self) -> str:
+        """Words for events and logs: the signal's or our exit code's meaning ("" for another code)."""
+        if self.hung:
+            return "hung: declared so by the supervisor, its stacks dumped into its rank log, then killed"
+        sig = self.signal
+        if sig is not None:
+            return _HINTS.get(sig, sig.name)
+        return EXIT_MEANINGS.get(self.exitcode, "") if self.exitcode is not None else ""
 
     @property
     def short(self) -> str:

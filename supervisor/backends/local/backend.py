@@ -7,6 +7,7 @@ from supervisor.backends.local import escalation
 from supervisor.backends.local import startmethod
 from supervisor.backends.local.group import WorkerGroup
 from supervisor.backends.local.monitor import Monitor
+from supervisor.backends.local.output import RankOutput
 from supervisor.settings import Config
 
 
@@ -20,6 +21,8 @@ class LocalBackend:
         # Orphaned grandchildren (their worker died first) come back to us, so they can be found and reaped;
         # only processes carrying our tree marker are touched (escalation.reap_orphans).
         escalation.become_subreaper()
+        # Every worker's stdout/stderr, prefixed [rankN]: and copied into RUN_DIR/ranks/rankN.log
+        self.output = RankOutput(cfg.logging.run_dir)
 
     def describe(self) -> str:
         return f"start method {self.start_method}"
@@ -30,7 +33,7 @@ class LocalBackend:
 
     def new_group(self, index: int, specs) -> WorkerGroup:
         c = self.cfg
-        return WorkerGroup(index, specs, self.ctx, c.transport, c.shutdown.grace_s, c.shutdown.reap_s)
+        return WorkerGroup(index, specs, self.ctx, c.transport, c.shutdown.grace_s, c.shutdown.reap_s, self.output)
 
     def new_monitor(self, on_exit, on_hung) -> Monitor:
         return Monitor(on_exit, on_hung, self.cfg.worker.heartbeat_timeout_s)
@@ -38,6 +41,10 @@ class LocalBackend:
     def stop_workers(self, workers, grace_s: float, reap_s: float) -> None:
         escalation.stop(workers, grace_s, reap_s)
 
+    def rank_log(self, rank: int) -> str:
+        """Where global rank ``rank``'s output (and its stacks, when dumped) goes; "" without a run folder."""
+        return self.output.log_path(rank)
+
     def close(self) -> None:
-        pass
+        self.output.close()  # the workers are gone: what their pipes still hold is written out first
 
