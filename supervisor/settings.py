@@ -54,7 +54,9 @@ class RestartSettings:
     period_s: float = 10.0  # ... within this many seconds
     startup_intensity: int = 3  # start-up failures are counted apart
     startup_period_s: float = 60.0
-    backoff_initial_s: float = 0.0
+    # 0.1 s before the first restart (systemd's RestartSec default), doubling up to 5 s: a crash loop is not a busy
+    # loop and its log stays readable, while a single crash still recovers in a fraction of a second.
+    backoff_initial_s: float = 0.1
     backoff_factor: float = 2.0
     backoff_max_s: float = 5.0
     calls_during_restart: str = "wait"  # wait (bounded by the call's timeout) | fail
