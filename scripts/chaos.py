@@ -472,7 +472,7 @@ def marked_processes(markers: set[str], since: float) -> list[psutil.Process]:
         try:
             if (p.info["create_time"] or 0) < since or p.pid == os.getpid():
                 continue
-            if p.environ().get(TREE_ENV) in markers and p.status() != psutil.STATUS_ZOMBIE:
+            if p.environ().get(TREE_ENV, "").split(":")[0] in markers and p.status() != psutil.STATUS_ZOMBIE:
                 out.append(p)
         except psutil.Error:
             continue

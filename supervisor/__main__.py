@@ -155,14 +155,9 @@ def _command_start() -> float:
     """time.monotonic() at which this process was created (start-up figures count from the command's start).
     The process's start time in clock ticks since boot (/proc/self/stat) against CLOCK_BOOTTIME: exact to a tick,
     where psutil's create_time is off by up to a second (it rounds the boot time)."""
-    try:
-        with open("/proc/self/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")
-        age = time.clock_gettime(time.CLOCK_BOOTTIME) - started
-    except (OSError, ValueError, IndexError):
-        age = 0.0
-    return time.monotonic() - max(0.0, age)
+    from transport import _proc
+
+    return time.monotonic() - _proc.age_s()
 
 
 def _setup_logging(cfg, run_dir: str) -> None:

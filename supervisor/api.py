@@ -26,12 +26,14 @@ from supervisor.core.events import EventLog
 from supervisor.core.gate import Closed
 from supervisor.backends.base import Group as WorkerGroup
 from supervisor.core.states import GroupState
-from supervisor.core.lifecycle import Lifecycle, Outcome
+from supervisor.core.lifecycle import Lifecycle, Outcome, RollingRestart
+from supervisor.core.retry import LifecycleView, RetryingCall, RetryPolicy, RetryStats
 from supervisor.core.states import SupervisorState
 from supervisor.core.views import GroupView, PolicyWindow, group_view
 from supervisor.core.rpc import PendingCall, RpcFuture
 from supervisor.settings import Config
 
+_POLL_S = 0.05  # rolling_restart() checks this often whether the tree stopped while it waits
 _LIVE: "weakref.WeakSet[Supervisor]" = weakref.WeakSet()
 _ABANDONED: "weakref.WeakSet[Lifecycle]" = weakref.WeakSet()  # trees of collected supervisors, still stopping
 
@@ -44,6 +46,8 @@ class Supervisor:
         self._rr = itertools.count()
         self._shutdown_lock = threading.Lock()
         self.world = self.cfg.parallel.group_world
+        self.retry_stats = RetryStats()  # retried calls, per group they moved away from (status: "retried")
+        self._serving_view = LifecycleView(self._life, lambda: self.gave_up)
         _LIVE.add(self)
         # Garbage collection without shutdown() must not leave the tree running; interpreter exit is _LIVE's job.
         weakref.finalize(self, _abandoned, self._life).atexit = False
@@ -59,17 +63,21 @@ class Supervisor:
             self.shutdown()
             raise
 
-    def shutdown(self) -> None:
-        """Stop every worker and its descendants (graceful, then SIGKILL at the grace deadline). Idempotent."""
+    def shutdown(self, drain: bool | float | None = None) -> None:
+        """Stop every worker and its descendants (graceful, then SIGKILL at the grace deadline). Idempotent.
+
+        ``drain``: True (up to ``shutdown.drain_s``) or a number of seconds: new calls are refused at once with
+        ShutdownInProgress and calls in flight may finish first; False/0 cuts a drain under way short; None (the
+        default) asks for none, but lets one already under way (a first SIGTERM) finish."""
         with self._shutdown_lock:
             life = self._life
             if not life.thread.is_alive() and not life.started.is_set():
                 life.monitor.stop()
                 return
-            life.request_shutdown()
+            life.request_shutdown(self._drain_seconds(drain))
             if threading.current_thread() is life.thread:
                 return  # called from a failure callback: the manager stops right after it
-            life.finished.wait(timeout=life.teardown_bound_s())
+            life.finished.wait(timeout=life.teardown_bound_s() + life.drain_s)
             self.events.close()
 
     def __enter__(self) -> "Supervisor":
@@ -164,9 +172,38 @@ class Supervisor:
         channel = self._life.groups[group].channel
         return [channel.bcast.export_handle(), *(q.export_handle() for q in channel.replies)]
 
-    def request_shutdown(self) -> None:
-        """Begin a graceful stop and return at once (e.g. from a signal handler); ``wait()`` for its end."""
-        self._life.request_shutdown()
+    def request_shutdown(self, drain: bool | float | None = None) -> None:
+        """Begin a graceful stop and return at once (e.g. from a signal handler); ``wait()`` for its end.
+        ``drain`` as for shutdown()."""
+        self._life.request_shutdown(self._drain_seconds(drain))
+
+    def _drain_seconds(self, drain: bool | float | None) -> float | None:
+        if drain is None:
+            return None
+        if drain is True:
+            return self.cfg.shutdown.drain_s
+        if drain is False:
+            return 0.0
+        if not float(drain) >= 0:  # NaN and negatives
+            raise ValueError(f"shutdown: drain must be True, False or seconds >= 0, got {drain!r}")
+        return float(drain)
+
+    def rolling_restart(self, timeout: float | None = None, wait: bool = True) -> dict[int, float]:
+        """Restart every dp group, one at a time, losing no call: each group's gate closes (calls go to the other
+        replicas, or wait for it under calls_during_restart=wait), its calls in flight finish, it stops and starts
+        again, then the next. Returns seconds per group (closed -> serving again); with wait=False returns {} at
+        once (e.g. from a signal handler). TimeoutError if it has not finished within ``timeout``."""
+        msg = RollingRestart()
+        self._life.request_rolling_restart(msg)
+        if not wait:
+            return {}
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not msg.done.wait(_POLL_S):
+            if self._life.finished.is_set():
+                raise ShutdownInProgress("rolling_restart: the supervisor stopped")
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"rolling_restart: not finished within {timeout} s (done: {sorted(msg.seconds)})")
+        return dict(msg.seconds)
 
     def force_stop(self) -> None:
         """SIGKILL every worker now (a second Ctrl-C); the stop then completes without the grace period."""
@@ -180,9 +217,13 @@ class Supervisor:
     # -- calls -----------------------------------------------------------------------------------------------
     def collective_rpc(self, method: str | Callable[..., Any], timeout: float | None = None, args: tuple = (),
                        kwargs: dict | None = None, non_block: bool = False,
-                       unique_reply_rank: int | None = None, group: int | None = None) -> Any:
+                       unique_reply_rank: int | None = None, group: int | None = None,
+                       retry: bool | None = None) -> Any:
         """Call ``method`` on every rank (or every rank of dp group ``group``). Returns the list of results by
-        global rank, or the single result of ``unique_reply_rank``; with non_block, a Future of that."""
+        global rank, or the single result of ``unique_reply_rank``; with non_block, a Future of that.
+        ``retry`` (default ``rpc.retry``): if a group fails before it answered, send its part again once the group
+        serves again, up to ``rpc.retry_attempts`` within the deadline (the method then runs twice: mark only calls
+        that are safe to repeat)."""
         name, payload = _method_payload(method)
         deadline = None if timeout is None else time.monotonic() + timeout
         if unique_reply_rank is not None:
@@ -190,6 +231,9 @@ class Supervisor:
             targets = [(gi, local)]
         else:
             targets = [(gi, None) for gi in ([group] if group is not None else list(self._life.live))]
+        if self.cfg.rpc.retry if retry is None else retry:
+            return self._retrying(name, payload, args, kwargs, targets, deadline, non_block,
+                                  unique_reply_rank is not None, movable=False)
         sent = [self._send(gi, payload, args, kwargs, local, deadline, name) for gi, local in targets]
 
         def resolve(t: float | None) -> Any:
@@ -203,11 +247,19 @@ class Supervisor:
             return RpcFuture(resolve)
         return resolve(None)
 
-    def execute_model(self, *args: Any, timeout: float | None = None, group: int | None = None, **kwargs: Any) -> Any:
+    def execute_model(self, *args: Any, timeout: float | None = None, group: int | None = None,
+                      retry: bool | None = None, **kwargs: Any) -> Any:
         """Run one step on a group (round-robin over serving replicas unless ``group`` is given); returns the
-        output of its first TP rank of the last PP stage."""
+        output of its first TP rank of the last PP stage. ``retry`` (default: ``rpc.retry_execute_model`` is
+        "always"): if the group fails before it answered, the step goes to another serving replica at once (or to
+        ``group`` once it serves again). Only for steps that hold no state in the group: a decode step needs its
+        group's KV cache, so generation is retried a request at a time (supervisor/serving.py)."""
         gi = group if group is not None else self._pick_group()
         local = (self.cfg.parallel.pp - 1) * self.cfg.parallel.tp
+        if self.cfg.rpc.retry_execute_model == "always" if retry is None else retry:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            return self._retrying("execute_model", "execute_model", args, kwargs, [(gi, local)], deadline,
+                                  False, True, movable=group is None)
         return self.collective_rpc("execute_model", timeout, args, kwargs,
                                    unique_reply_rank=gi * self.world + local)
 
@@ -230,6 +282,26 @@ class Supervisor:
             if self._life.gates[gi].is_open:
                 return gi
         return live[next(self._rr) % len(live)]  # none open: wait on one (or fail) as configured
+
+    def _retrying(self, name: str, payload: Any, args: tuple, kwargs: dict | None, targets: list, deadline,
+                  non_block: bool, unique: bool, movable: bool) -> Any:
+        """The retryable form of a call: one RetryingCall per target group (supervisor/core/retry.py), each sent
+        now; the answer is gathered (and the call re-sent while its group fails) when the result is asked for."""
+        policy = RetryPolicy(self.cfg.rpc.retry_attempts)
+
+        def sender(local):
+            return lambda gi, d: self._send(gi, payload, args, kwargs, local, d, name)
+
+        calls = [RetryingCall(name, gi, movable=movable, policy=policy, deadline=deadline, send=sender(local),
+                              wait=self._wait, view=self._serving_view, emit=self.events.emit,
+                              stats=self.retry_stats).start() for gi, local in targets]
+
+        def resolve(t: float | None) -> Any:
+            d = deadline if t is None else time.monotonic() + t
+            out = [r for c in calls for r in c.result(d)]
+            return out[0] if unique else out
+
+        return RpcFuture(resolve) if non_block else resolve(None)
 
     def _send(self, gi: int, payload, args, kwargs, local, deadline, name) -> tuple[WorkerGroup, PendingCall]:
         life = self._life
@@ -287,6 +359,7 @@ class Supervisor:
                         pass
                 rows.append({"group": gi, "rank": g.rank_offset + w.rank, "name": w.spec.topology.name, "pid": w.pid,
                              "state": w.state.value, "restarts": life.restarts[gi], "rss_mib": rss, "cpu_pct": cpu,
+                             "retried": self.retry_stats.away_from[gi],
                              "gpu_mib": round(gpu_mem[w.pid] / 2**20, 1) if w.pid in gpu_mem else None})
         return rows
 
@@ -319,4 +392,4 @@ def _shutdown_all() -> None:
         except Exception:
             pass
     for life in list(_ABANDONED):
-        life.finished.wait(timeout=life.cfg.shutdown.grace_s + life.cfg.shutdown.reap_s * 3 + 10)
+        life.finished.wait(timeout=life.teardown_bound_s())

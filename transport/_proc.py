@@ -1,4 +1,4 @@
-"""Is the process at the other end of a queue still there?
+"""Is the process at the other end of a queue still there? (And the project's one reader of /proc/PID/stat.)
 
 A pid alone is not enough: a zombie (killed, not yet reaped by its parent) still answers ``kill(pid, 0)``, and a
 pid can be reused. So each party records its pid and its start time (``/proc/PID/stat`` field 22, clock ticks
@@ -30,6 +30,26 @@ def start_time(pid: int | None = None) -> int:
         return int(fields[19]) if fields else 0
     except (IndexError, ValueError):
         return 0
+
+
+def session(pid: int) -> int | None:
+    """The session id of ``pid`` (field 6), readable even for a zombie; None if it is gone."""
+    fields = _stat_fields(pid)
+    try:
+        return int(fields[3]) if fields else None
+    except (IndexError, ValueError):
+        return None
+
+
+def age_s(pid: int | None = None) -> float:
+    """Seconds since ``pid`` (default: this process) started, exact to a clock tick (psutil's create_time rounds
+    the boot time and can be off by up to a second); 0.0 if unknown."""
+    started = start_time(pid)
+    if not started:
+        return 0.0
+    import time
+
+    return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - started / os.sysconf("SC_CLK_TCK"))
 
 
 def alive(pid: int, start: int = 0) -> bool:

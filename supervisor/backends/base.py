@@ -128,6 +128,7 @@ OnHung = Callable[[Group, list], None]  # (group, the workers declared hung)
 @runtime_checkable
 class Backend(Protocol):
     name: str  # "local", "ray"
+    tree_marker: str  # the value of TREE_ENV in the environment of every process of this tree ("" if none)
 
     def describe(self) -> str:
         """What it runs on, for the summary ("start method forkserver", "2 Ray node(s)…")."""

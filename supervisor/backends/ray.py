@@ -374,6 +374,7 @@ class RayMonitor(threading.Thread):
 
 class RayBackend:
     name = "ray"
+    tree_marker = ""  # Ray's processes are Ray's to reap: nothing of ours to mark
 
     def __init__(self, cfg: Config) -> None:
         ray = _ray()

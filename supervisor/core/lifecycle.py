@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Union
 
 from loguru import logger
@@ -44,6 +44,7 @@ _RECYCLE_DRAIN_HEARTBEATS = 4
 # How long start() waits for the manager to finish tearing down after a failed start: the escalation's own bound
 # (grace, then reap) plus slack for the bookkeeping around it.
 _TEARDOWN_SLACK_S = 10.0
+_DRAIN_SLICE_S = 0.05  # a drain collects replies in slices this long, so that a second signal cuts it short at once
 
 
 # -- the manager's inbox: typed messages ------------------------------------------------------------------------
@@ -66,7 +67,16 @@ class Recycle:
     group: int
 
 
-Message = Union[Shutdown, Failure, Recycle]
+@dataclass(frozen=True)
+class RollingRestart:
+    """Restart every dp group, one at a time, through the recycle path (no call lost). ``seconds`` per group
+    (gate closed -> serving again) is filled in and ``done`` set by the manager."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    seconds: dict = field(default_factory=dict)
+
+
+Message = Union[Shutdown, Failure, Recycle, RollingRestart]
 
 
 # -- how a run ended --------------------------------------------------------------------------------------------
@@ -116,6 +126,8 @@ class Lifecycle:
         self.callbacks: list[Callable[..., Any]] = []
         self.inbox: "queue.Queue[Message]" = queue.Queue()
         self.stop_requested = threading.Event()
+        self.drain_s = 0.0  # set by the first request_shutdown that asks for a drain window
+        self.skip_drain = threading.Event()  # a second signal: stop draining, stop now
         self.started = threading.Event()
         self.finished = threading.Event()
         self._tmp = tempfile.mkdtemp(prefix=f"{_RDZV_PREFIX}{os.getpid()}-")
@@ -144,7 +156,13 @@ class Lifecycle:
         the monitor's exit (a reap each), plus the bookkeeping. Only an upper bound: waiters return when it is done."""
         return self.cfg.shutdown.grace_s + 3 * self.cfg.shutdown.reap_s + _TEARDOWN_SLACK_S
 
-    def request_shutdown(self) -> None:
+    def request_shutdown(self, drain_s: float | None = None) -> None:
+        """Stop everything. ``drain_s`` > 0: new calls are refused at once, calls in flight get up to that long to
+        finish first (the first such request sets it); 0 cuts a drain in progress short; None asks nothing of it."""
+        if drain_s is not None and drain_s > 0 and not self.stop_requested.is_set():
+            self.drain_s = drain_s
+        elif drain_s is not None and drain_s <= 0:
+            self.skip_drain.set()
         self.stop_requested.set()
         self.inbox.put(Shutdown())
         for gate in self.gates:
@@ -152,6 +170,9 @@ class Lifecycle:
 
     def request_recycle(self, group: int) -> None:
         self.inbox.put(Recycle(group))
+
+    def request_rolling_restart(self, msg: RollingRestart) -> None:
+        self.inbox.put(msg)
 
     def force_stop(self) -> None:
         """SIGKILL every worker at once (a second Ctrl-C): safe from any thread, including a signal handler's;
@@ -176,6 +197,7 @@ class Lifecycle:
             self.ending = Ending.GAVE_UP
         finally:
             self.started.set()
+            self._drain()
             self._stop_everything()
             self.finished.set()
 
@@ -188,6 +210,8 @@ class Lifecycle:
                 self._handle_failure(list(msg.exits))
             elif isinstance(msg, Recycle) and self.state is SupervisorState.RUNNING:
                 self._recycle(msg.group)
+            elif isinstance(msg, RollingRestart):
+                self._rolling_restart(msg)
             if self.state is SupervisorState.GAVE_UP:
                 return
 
@@ -256,7 +280,7 @@ class Lifecycle:
         attempt = self.attempts[i]
         self.attempts[i] += 1
         rdzv = self.backend.rendezvous(self._tmp, i, attempt)
-        specs = build_specs(self.cfg, i, attempt, rdzv, self.device, self.backend.name)
+        specs = build_specs(self.cfg, i, attempt, rdzv, self.device, self.backend.name, self.backend.tree_marker)
         group = self.backend.new_group(i, specs)
         self.groups[i] = group
         reported = self._watch_startup(group, attempt)
@@ -325,6 +349,23 @@ class Lifecycle:
         self._stop_group(i, graceful=True)
         self.events.emit("recycled", group=i)
         self._converge([i], [])
+
+    def _rolling_restart(self, msg: RollingRestart) -> None:
+        """Every serving group in turn through _recycle: its gate closes (calls go to the other replicas, or wait
+        for it), calls in flight finish, it stops and starts again; then the next. A group that is down already
+        is the failure path's to restart."""
+        try:
+            for i in list(self.live):
+                if self.stop_requested.is_set() or self.state is not SupervisorState.RUNNING:
+                    break
+                if not self.gates[i].is_open:
+                    continue
+                t0 = time.monotonic()
+                self._recycle(i)
+                msg.seconds[i] = time.monotonic() - t0
+                self.events.emit("rolling_restart", group=i, seconds=round(msg.seconds[i], 4))
+        finally:
+            msg.done.set()
 
     # -- failures --------------------------------------------------------------------------------------------
     def _on_exit(self, group: WorkerGroup, workers) -> None:
@@ -407,6 +448,34 @@ class Lifecycle:
             gate.close(Closed.GAVE_UP)
 
     # -- stopping --------------------------------------------------------------------------------------------
+    def _drain(self) -> None:
+        """Before a stop asked with a drain window: no call enters any more (new calls already get
+        ShutdownInProgress), and the calls in flight get their replies collected (channel.settle, as a recycle
+        does), so their callers are answered although the queues close. Bounded by drain_s; skip_drain cuts it."""
+        if self.drain_s <= 0 or self.state is not SupervisorState.RUNNING or self.skip_drain.is_set():
+            return
+        t0 = time.monotonic()
+        deadline = t0 + self.drain_s
+        self.events.emit("draining", drain_s=self.drain_s)
+        serving = [i for i in self.live if i in self.groups and self.gates[i].is_open]
+        for i in serving:
+            self.gates[i].close(Closed.STOPPED)
+        complete = all([self.gates[i].drain(max(0.0, deadline - time.monotonic())) for i in serving])
+        for i in serving:
+            complete = self._settle_until(self.groups[i], deadline) and complete
+        self.events.emit("drained", seconds=round(time.monotonic() - t0, 4), complete=complete,
+                         skipped=self.skip_drain.is_set())
+
+    def _settle_until(self, group: WorkerGroup, deadline: float) -> bool:
+        """Collect the replies of ``group``'s calls in flight, in short slices so that a second signal is heard;
+        False if time ran out, the drain was cut short, or a rank died (the stop then fails what is left)."""
+        channel = group.channel
+        while channel is not None and not channel.settle(timeout=min(_DRAIN_SLICE_S, deadline - time.monotonic())):
+            alive = all(w.is_alive() for w in group.workers)
+            if not alive or self.skip_drain.is_set() or time.monotonic() >= deadline:
+                return False
+        return True
+
     def _stop_everything(self) -> None:
         """One deadline for every group: all workers (reverse start order) go through one escalation."""
         self.transition(SupervisorState.STOPPING)
@@ -439,7 +508,7 @@ _RDZV_PREFIX = "rankvisor-rdzv-"
 def _sweep_dead_owners() -> None:
     """Shared-memory segments and rendezvous folders left by supervisors that died (kill -9), swept by every
     supervisor as it starts (not when it is constructed: building a Supervisor(start=False) touches nothing)."""
-    from transport import sweep_dead
+    from transport import _proc, sweep_dead
 
     sweep_dead()
     tmp = tempfile.gettempdir()
@@ -450,7 +519,7 @@ def _sweep_dead_owners() -> None:
             pid = int(name[len(_RDZV_PREFIX):].split("-", 1)[0])
         except ValueError:
             continue
-        if not os.path.exists(f"/proc/{pid}"):
+        if not _proc.alive(pid):
             shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
 
 

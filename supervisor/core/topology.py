@@ -41,7 +41,7 @@ def gpu_index(cfg: Config, dp_rank: int, rank: int, n_gpus: int) -> int:
     return (dp_rank * cfg.parallel.group_world + rank) % max(n_gpus, 1)
 
 
-def worker_env(cfg: Config, device: str, backend: str = "local") -> tuple[tuple[str, str], ...]:
+def worker_env(cfg: Config, device: str, backend: str = "local", marker: str = "") -> tuple[tuple[str, str], ...]:
     env = dict(cfg.runtime.env)
     if "OMP_NUM_THREADS" not in os.environ and "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(cfg.runtime.omp_num_threads or 1)
@@ -52,7 +52,7 @@ def worker_env(cfg: Config, device: str, backend: str = "local") -> tuple[tuple[
         env.setdefault("NCCL_NVLS_ENABLE", "0")
         env.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
         env.setdefault("NVSHMEM_DISABLE_NVLS", "1")
-    env[TREE_ENV] = str(os.getpid())
+    env[TREE_ENV] = marker or str(os.getpid())
     return tuple(sorted(env.items()))
 
 
@@ -95,10 +95,17 @@ def _master(rendezvous: str) -> tuple[str, int]:
     return LOOPBACK, free_port()
 
 
+def script_settings(cfg: Config):
+    """workload=script: the launch settings as a rank sees them. TORCHELASTIC_MAX_RESTARTS is the restart budget
+    (restart.intensity, 0 when the policy never restarts); logs go to the run directory unless launch.log_dir says."""
+    budget = 0 if cfg.restart.strategy == "never" else cfg.restart.intensity
+    return dataclasses.replace(cfg.launch, max_restarts=budget, log_dir=cfg.launch.log_dir or cfg.logging.run_dir)
+
+
 def build_specs(cfg: Config, dp_rank: int, attempt: int, rendezvous: str, device: str,
-                backend: str = "local") -> list[WorkerSpec]:
+                backend: str = "local", marker: str = "") -> list[WorkerSpec]:
     n_gpus = visible_gpus() if device == "cuda" else 0
-    shared = worker_env(cfg, device, backend)
+    shared = worker_env(cfg, device, backend, marker)
     addr, port = _master(rendezvous)
     user = {k for k, _ in cfg.runtime.env}
     specs = _specs(cfg, dp_rank, attempt, rendezvous, device, n_gpus, shared)
@@ -123,6 +130,7 @@ def _specs(cfg: Config, dp_rank: int, attempt: int, rendezvous: str, device: str
             worker=cfg.worker,
             workload=cfg.workload,
             llm=cfg.llm,
+            script=script_settings(cfg),
             env=env,
             attempt=attempt,
             log_level=cfg.logging.level,

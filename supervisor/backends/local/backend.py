@@ -1,6 +1,7 @@
 """The local backend: worker processes are children of this supervisor on this host (the default)."""
 from __future__ import annotations
 
+import itertools
 import os
 
 from supervisor.backends.local import escalation
@@ -11,11 +12,18 @@ from supervisor.backends.local.output import RankOutput
 from supervisor.settings import Config
 
 
+_SERIAL = itertools.count()  # supervisors started by this process: each tree's marker is its own
+
+
 class LocalBackend:
     name = "local"
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
+        # Every process of this tree carries the marker in its environment (TREE_ENV): the supervisor's pid (what
+        # outside tools look for) and which of this process's supervisors it belongs to.
+        self.tree_marker = f"{os.getpid()}:{next(_SERIAL)}"
+        self.reaper = escalation.Reaper(self.tree_marker)
         self.start_method = startmethod.resolve(cfg.runtime.start_method)
         self.ctx = startmethod.context(self.start_method, cfg.runtime.preload)
         # Orphaned grandchildren (their worker died first) come back to us, so they can be found and reaped;
@@ -33,13 +41,14 @@ class LocalBackend:
 
     def new_group(self, index: int, specs) -> WorkerGroup:
         c = self.cfg
-        return WorkerGroup(index, specs, self.ctx, c.transport, c.shutdown.grace_s, c.shutdown.reap_s, self.output)
+        return WorkerGroup(index, specs, self.ctx, c.transport, c.shutdown.grace_s, c.shutdown.reap_s, self.reaper,
+                           self.output)
 
     def new_monitor(self, on_exit, on_hung) -> Monitor:
         return Monitor(on_exit, on_hung, self.cfg.worker.heartbeat_timeout_s)
 
     def stop_workers(self, workers, grace_s: float, reap_s: float) -> None:
-        escalation.stop(workers, grace_s, reap_s)
+        escalation.stop(workers, grace_s, reap_s, self.reaper)
 
     def rank_log(self, rank: int) -> str:
         """Where global rank ``rank``'s output (and its stacks, when dumped) goes; "" without a run folder."""

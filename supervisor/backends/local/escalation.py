@@ -5,6 +5,12 @@ psutil before anything is signalled (a dead parent's children are re-parented an
 signalled before their parents. Only processes we started are touched: workers are verified by pid + create time,
 descendants by being below a verified worker, re-parented orphans by carrying our tree marker in their environment.
 Idempotent: stopping what is already gone is a no-op.
+
+What a supervisor knows about its tree (its workers' pids and sessions, every process seen below them, its marker)
+lives in its own ``Reaper``, so two supervisors in one process never reap each other's orphans. Two things are
+process-wide because the kernel makes them so: being a child subreaper (a process attribute), and the set of
+children we wait for (``psutil.Process().children()`` lists every supervisor's adopted orphans; each Reaper takes
+only those carrying its own marker or seen below its own workers).
 """
 from __future__ import annotations
 
@@ -18,9 +24,58 @@ from multiprocessing.connection import wait as mp_wait
 
 from supervisor.backends.local.process import WorkerProcess
 from supervisor.core.topology import TREE_ENV
+from transport import _proc
+
+PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
+_REGISTRY_CAP = 100_000  # a very long soak: forget the oldest entries rather than grow without bound
 
 
-def _descendants(workers: Iterable[WorkerProcess]) -> list[psutil.Process]:
+class Reaper:
+    """One supervisor's knowledge of its process tree, for reaping what escapes it (see reap_orphans)."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker  # the value of TREE_ENV in every process of this tree
+        self._live_workers: set[int] = set()
+        self._sessions: dict[int, None] = {}  # sessions our workers opened (a worker's pid), oldest first
+        self._descendants: dict[int, float] = {}  # pid -> create time of every process seen below a worker
+
+    def register_worker(self, pid: int) -> None:
+        self._live_workers.add(pid)
+        _remember(self._sessions, pid, None)
+
+    def forget_worker(self, pid: int) -> None:
+        self._live_workers.discard(pid)
+
+    def remember(self, p: psutil.Process) -> None:
+        try:
+            _remember(self._descendants, p.pid, p.create_time())
+        except psutil.Error:
+            pass
+
+    def was_descendant(self, p: psutil.Process) -> bool:
+        """Seen below a worker while alive; the create time (readable for a zombie) rules out a reused pid."""
+        try:
+            return self._descendants.get(p.pid) == p.create_time()
+        except psutil.Error:
+            return False
+
+    def is_ours(self, p: psutil.Process) -> str | None:
+        """"zombie" or "live" for an adopted child of this tree, None for anything else (another supervisor's,
+        the user's own, a live worker handled through its handle)."""
+        if p.pid in self._live_workers:
+            return None
+        if p.status() == psutil.STATUS_ZOMBIE:
+            return "zombie" if _proc.session(p.pid) in self._sessions or self.was_descendant(p) else None
+        return "live" if p.environ().get(TREE_ENV) == self.marker else None
+
+
+def _remember(registry: dict, key: int, value) -> None:
+    if len(registry) >= _REGISTRY_CAP:
+        del registry[next(iter(registry))]  # the oldest entry, not the whole registry
+    registry[key] = value
+
+
+def _descendants(workers: Iterable[WorkerProcess], reaper: Reaper) -> list[psutil.Process]:
     """Every live process below the workers, deepest first (the workers themselves are not included). Each is
     remembered, so that its zombie can be reaped once it is re-parented to us (see reap_orphans)."""
     tree: list[psutil.Process] = []
@@ -33,7 +88,7 @@ def _descendants(workers: Iterable[WorkerProcess]) -> list[psutil.Process]:
         except psutil.Error:
             pass
     for p in tree:
-        _remember_descendant(p)
+        reaper.remember(p)
     return tree
 
 
@@ -75,10 +130,11 @@ def _running(p: psutil.Process) -> bool:
         return False
 
 
-def stop(workers: Sequence[WorkerProcess], grace_s: float, reap_s: float, *, graceful: bool = True) -> None:
+def stop(workers: Sequence[WorkerProcess], grace_s: float, reap_s: float, reaper: Reaper, *,
+         graceful: bool = True) -> None:
     """Stop ``workers`` (given in start order) and everything below them within grace_s + reap_s."""
     order = list(reversed(workers))
-    below = _descendants(w for w in order if w.is_alive())
+    below = _descendants((w for w in order if w.is_alive()), reaper)
     if graceful:
         deadline = time.monotonic() + grace_s
         for w in order:
@@ -86,7 +142,7 @@ def stop(workers: Sequence[WorkerProcess], grace_s: float, reap_s: float, *, gra
         _signal_all(below, signal.SIGTERM)  # children first, then the workers
         _signal_workers(order, signal.SIGTERM)
         below = _wait(order, below, deadline)
-        below += [p for p in _descendants(w for w in order if w.is_alive()) if p not in below]
+        below += [p for p in _descendants((w for w in order if w.is_alive()), reaper) if p not in below]
     else:
         for w in order:
             w.request_stop(0.0)
@@ -95,38 +151,31 @@ def stop(workers: Sequence[WorkerProcess], grace_s: float, reap_s: float, *, gra
     _wait(order, below, time.monotonic() + reap_s)
     for w in order:
         w.close()
-    reap_orphans(reap_s)
+    reap_orphans(reaper, reap_s)
 
 
-def kill(workers: Sequence[WorkerProcess], reap_s: float) -> None:
-    """SIGKILL at once (a broken collective cannot be stopped politely), then reap."""
-    stop(workers, 0.0, reap_s, graceful=False)
-
-
-def reap_orphans(timeout: float = 0.5) -> list[int]:
+def reap_orphans(reaper: Reaper, timeout: float = 0.5) -> list[int]:
     """Kill and reap descendants of our workers that were re-parented to us (we are a child subreaper) after
     their worker died. A live one is recognised by the tree marker in its environment; a zombie (it died before its
     worker) has no readable environment, so by its session (a worker's descendants stay in the session the worker
     opened with setsid, whose id is the worker's pid) or, for one that opened a session of its own, because we saw
-    it below a worker while it lived (pid + create time). A user's own children match none of these."""
-    me = str(os.getpid())
+    it below a worker while it lived (pid + create time).
+    A user's own children match none of these, nor do another supervisor's in the same process."""
     found, zombies = [], []
     try:
         children = psutil.Process().children()
     except psutil.Error:
         return []
     for p in children:
-        if p.pid in _LIVE_WORKER_PIDS:
-            continue  # live workers are handled through their handles
         try:
-            if p.status() == psutil.STATUS_ZOMBIE:
-                if _session(p.pid) in _EVER_WORKER_PIDS or _was_descendant(p):
-                    zombies.append(p.pid)
-            elif p.environ().get(TREE_ENV) == me:
-                _remember_descendant(p)  # if it dies before we kill it, its zombie is still recognised
-                found.append(p)
+            kind = reaper.is_ours(p)
         except psutil.Error:
             continue
+        if kind == "zombie":
+            zombies.append(p.pid)
+        elif kind == "live":
+            reaper.remember(p)  # if it dies before we kill it, its zombie is still recognised
+            found.append(p)
     for pid in zombies:
         try:
             os.waitpid(pid, os.WNOHANG)
@@ -137,55 +186,11 @@ def reap_orphans(timeout: float = 0.5) -> list[int]:
     return [p.pid for p in found] + zombies
 
 
-def _session(pid: int) -> int | None:
-    """The session id of ``pid`` (field 6 of /proc/PID/stat), readable even for a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[3])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-_LIVE_WORKER_PIDS: set[int] = set()
-_EVER_WORKER_PIDS: set[int] = set()  # sessions our workers opened (bounded: see register_worker)
-_DESCENDANTS: dict[int, float] = {}  # pid -> create time of every process seen below a worker (bounded likewise)
-_REGISTRY_CAP = 100_000  # a very long soak: forget the oldest entries rather than grow
-
-
-def _remember_descendant(p: psutil.Process) -> None:
-    try:
-        created = p.create_time()
-    except psutil.Error:
-        return
-    if len(_DESCENDANTS) > _REGISTRY_CAP:
-        _DESCENDANTS.clear()
-    _DESCENDANTS[p.pid] = created
-
-
-def _was_descendant(p: psutil.Process) -> bool:
-    """Seen below a worker while alive; the create time (readable for a zombie) rules out a reused pid."""
-    try:
-        return _DESCENDANTS.get(p.pid) == p.create_time()
-    except psutil.Error:
-        return False
-
-
-def register_worker(pid: int) -> None:
-    _LIVE_WORKER_PIDS.add(pid)
-    if len(_EVER_WORKER_PIDS) > _REGISTRY_CAP:
-        _EVER_WORKER_PIDS.clear()
-    _EVER_WORKER_PIDS.add(pid)
-
-
-def forget_worker(pid: int) -> None:
-    _LIVE_WORKER_PIDS.discard(pid)
-
-
 def become_subreaper() -> bool:
     """PR_SET_CHILD_SUBREAPER: orphaned grandchildren come back to us to be reaped instead of to init."""
     try:
         import ctypes
 
-        return ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) == 0
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False

@@ -27,8 +27,10 @@ _ABORT_POLL_S = 0.05  # a shutdown during start-up is noticed this fast
 
 class WorkerGroup:
     def __init__(self, index: int, specs: Sequence[WorkerSpec], ctx, transport, grace_s: float, reap_s: float,
+                 reaper: escalation.Reaper,
                  output=None) -> None:
         self.index = index
+        self.reaper = reaper
         self.output = output  # RankOutput: the workers' stdout/stderr pipes go there (None: they inherit ours)
         # Start-up progress for whoever watches (the lifecycle sets it): observer(phase, worker, elapsed_s=...).
         self.observer: Callable[..., None] | None = None
@@ -56,7 +58,7 @@ class WorkerGroup:
         try:
             for spec in self.specs:  # spawning the k-th may raise: the ones before are stopped below
                 self.workers.append(WorkerProcess(spec, self.ctx, bcast.export_handle(), parent_fds(), self.output))
-                escalation.register_worker(self.workers[-1].pid)
+                self.reaper.register_worker(self.workers[-1].pid)
                 self._observe(StartupPhase.SPAWNED, self.workers[-1], 0.0)
             readies = self._await_ready(deadline)
             for rank, ready in enumerate(readies):
@@ -159,14 +161,14 @@ class WorkerGroup:
         self._teardown(graceful)
 
     def _teardown(self, graceful: bool) -> None:
-        escalation.stop(self.workers, self.grace_s if graceful else 0.0, self.reap_s, graceful=graceful)
+        escalation.stop(self.workers, self.grace_s if graceful else 0.0, self.reap_s, self.reaper, graceful=graceful)
         self.finish_stop()
 
     def finish_stop(self) -> None:
         """Bookkeeping once every process of the group is gone: segments, states, queues."""
         for w in self.workers:
             sweep_owner(w.pid)  # segments a dead worker created but nobody attached to
-            escalation.forget_worker(w.pid)
+            self.reaper.forget_worker(w.pid)
             w.settle()
         if self.channel is not None:
             self.channel.close()

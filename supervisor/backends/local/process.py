@@ -9,6 +9,7 @@ from __future__ import annotations
 import multiprocessing.process as mp_process
 import os
 import pickle
+import signal
 import time
 
 import psutil
@@ -154,7 +155,7 @@ class WorkerProcess:
         p = self.psutil_process()
         if p is not None:
             try:
-                p.send_signal(10)  # SIGUSR1
+                p.send_signal(signal.SIGUSR1)
             except psutil.Error:
                 pass
 
