@@ -34,6 +34,8 @@ from supervisor.core.rpc import PendingCall, RpcFuture
 from supervisor.settings import Config
 
 _POLL_S = 0.05  # rolling_restart() checks this often whether the tree stopped while it waits
+# Process-wide on purpose, as interpreter exit is: at exit every supervisor still running is stopped, and the
+# trees of supervisors collected without shutdown() are waited for (weak sets: they keep nothing alive).
 _LIVE: "weakref.WeakSet[Supervisor]" = weakref.WeakSet()
 _ABANDONED: "weakref.WeakSet[Lifecycle]" = weakref.WeakSet()  # trees of collected supervisors, still stopping
 

@@ -19,6 +19,8 @@ from worker.main import entry
 from supervisor.core.states import WorkerState
 from worker.spec import WorkerSpec
 
+# Process-wide on purpose, as descriptors are: a worker started with fork inherits every descriptor of this
+# process, so it must close the parent-only pipe ends of every live worker, whichever supervisor owns it.
 _OPEN: set["WorkerProcess"] = set()
 
 
