@@ -26,6 +26,7 @@ from supervisor.core.events import EventLog
 from supervisor.core.gate import Closed
 from supervisor.backends.base import Group as WorkerGroup
 from supervisor.core.states import GroupState
+from supervisor.backends import make_backend
 from supervisor.core.lifecycle import Lifecycle, Outcome, RollingRestart
 from supervisor.core.retry import LifecycleView, RetryingCall, RetryPolicy, RetryStats
 from supervisor.core.states import SupervisorState
@@ -44,7 +45,7 @@ class Supervisor:
     def __init__(self, cfg: Config | None = None, *, events: EventLog | None = None, start: bool = True) -> None:
         self.cfg = cfg or Config()
         self.events = events or EventLog(self.cfg.logging.run_dir if self.cfg.logging.events else "")
-        self._life = Lifecycle(self.cfg, self.events)
+        self._life = Lifecycle(self.cfg, self.events, make_backend(self.cfg))
         self._rr = itertools.count()
         self._shutdown_lock = threading.Lock()
         self.world = self.cfg.parallel.group_world

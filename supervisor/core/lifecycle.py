@@ -22,11 +22,10 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Union
+from typing import TYPE_CHECKING, Any, Callable, Union
 
 from loguru import logger
 
-from supervisor.backends import make_backend
 from supervisor.errors import GaveUp, StartupError, WorkerFailed
 from supervisor.core.events import EventLog
 from supervisor.core.gate import Closed, GroupGate
@@ -35,6 +34,9 @@ from supervisor.core.states import GroupState, SupervisorState, WorkerState
 from supervisor.core.topology import build_specs, resolve_device
 from supervisor.settings import Config
 from worker.protocol import StartupPhase
+
+if TYPE_CHECKING:  # the written contract only: core never imports a backend
+    from supervisor.backends.base import Backend
 
 
 _COALESCE_S = 0.05  # after a failure, wait this long for more: they join the same recovery
@@ -107,11 +109,11 @@ class Outcome:
 
 
 class Lifecycle:
-    def __init__(self, cfg: Config, events: EventLog) -> None:
+    def __init__(self, cfg: Config, events: EventLog, backend: Backend) -> None:
         self.cfg = cfg
         self.events = events
         self.device = resolve_device(cfg.device)
-        self.backend = make_backend(cfg)
+        self.backend = backend  # the mechanism, behind the contract of supervisor/backends/base.py
         dp = cfg.parallel.dp
         self.groups: dict[int, WorkerGroup] = {}
         self.gates = [GroupGate() for _ in range(dp)]
