@@ -178,7 +178,7 @@ def run_llm(sup: "Supervisor", stop: threading.Event) -> "Report":
     prompts = make_prompts(llm, shape, info["checkpoint"])
     rows, ttft, itl = generate(sup, prompts, llm.max_new_tokens, stop)
     report = Report()
-    report.add("model", f"{llm.checkpoint or llm.preset} ({shape.total_params() / 1e9:.3g} B params, "
+    report.add("model", f"{llm.checkpoint or llm.preset} ({_count(shape.total_params())} parameters, "
                         f"{info['dtype']}, CUDA graphs {'on' if info['cuda_graphs'] else 'off'})")
     write = max(p.get("checkpoint_write_s", 0.0) for p in phases)
     report.add("load time (weights, slowest rank)", f"{max(p['weight_load_s'] for p in phases):.3f} s"
@@ -189,8 +189,14 @@ def run_llm(sup: "Supervisor", stop: threading.Event) -> "Report":
     report.add("decode tokens/s", f"{len(prompts) * len(itl) / total:.1f} (batch {len(prompts)})" if total else "n/a")
     report.add("inter-token latency p50 / p99",
                f"{percentile(itl, .5) * 1e3:.2f} ms / {percentile(itl, .99) * 1e3:.2f} ms")
-    _check(report, llm, sup.device, info, prompts, rows, stop)
+    from supervisor.core.topology import resolve_device
+
+    _check(report, llm, resolve_device(sup.cfg.device), info, prompts, rows, stop)
     return report
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
 
 
 def _check(report: "Report", llm: Any, device: str, info: dict, prompts: list[list[int]],

@@ -33,6 +33,7 @@ SHARD_BYTES = 4 << 30  # shard size of written checkpoints: transformers' own de
 INIT_STD = 0.02  # LlamaConfig.initializer_range: transformers initialises linear layers with this std
 COMPLETE_MARK = "config.json"  # written last, so a folder with it is complete
 INDEX_FILE = "model.safetensors.index.json"
+WRITER_VERSION = 2  # part of a preset folder's name: bump when random_tensor changes, so old caches are not reused
 
 
 # -- where ------------------------------------------------------------------------------------------------------
@@ -41,7 +42,7 @@ def cache_root(cache_dir: str) -> Path:
 
 
 def preset_dir(cache_dir: str, name: str, seed: int, dtype: str) -> Path:
-    return cache_root(cache_dir) / f"{name}-seed{seed}-{dtype}"
+    return cache_root(cache_dir) / f"{name}-seed{seed}-{dtype}-v{WRITER_VERSION}"
 
 
 def resolve(checkpoint: str, preset_name: str, cache_dir: str, seed: int, dtype: str, device: str = "cpu") -> Path:
@@ -93,15 +94,16 @@ def tensor_shapes(shape: LlamaShape) -> dict[str, tuple[int, ...]]:
 
 
 def random_tensor(name: str, dims: tuple[int, ...], seed: int, dtype: str, device: str = "cpu") -> "torch.Tensor":
-    """One tensor of the random checkpoint: N(0, INIT_STD) for matrices; norms near 1 (not exactly 1, so a
-    mix-up of two norm weights would show in the check)."""
+    """One tensor of the random checkpoint: matrices N(0, std), norms near 1 (not exactly 1, so a mix-up of two
+    norm weights would show in the check). std is transformers' 0.02, or 1/sqrt(fan_in) where that is larger: at
+    small widths 0.02 makes every attention nearly uniform, and rotary positions would barely matter to the check."""
     import torch
 
     g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
     if len(dims) == 1:
         t = 1.0 + 0.1 * torch.randn(dims, generator=g, device=device)
     else:
-        t = torch.randn(dims, generator=g, device=device) * INIT_STD
+        t = torch.randn(dims, generator=g, device=device) * max(INIT_STD, dims[1] ** -0.5)
     return t.to(getattr(torch, dtype)).cpu()
 
 

@@ -1,0 +1,122 @@
+"""The Llama decoder on real trees (CPU, gloo): greedy tokens identical to transformers at tp = 1, 2, 4 and pp = 2;
+the CLI's summary and check; bad input -> one line, exit 2, before anything is spawned."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+pytest.importorskip("transformers")
+
+from supervisor.api import Supervisor  # noqa: E402
+from supervisor.llm_workload import generate, make_prompts  # noqa: E402
+from tests.integration.helpers import REPO, config, reap_adopted  # noqa: E402
+from worker.llm.checkpoint import preset_dir  # noqa: E402
+from worker.llm.reference import hf_generate, load_hf  # noqa: E402
+from worker.llm.shape import preset  # noqa: E402
+
+NEW_TOKENS = 16
+SEED = 5
+CLI_TIMEOUT_S = 120
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("llm-cache"))
+
+
+def _overrides(cache_dir: str, *extra: str) -> list[str]:
+    return ["workload=llm", "device=cpu", f"llm.cache_dir={cache_dir}", f"llm.seed={SEED}", "llm.batch=3",
+            "llm.prompt_len=9", f"llm.max_new_tokens={NEW_TOKENS}", *extra]
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize(("tp", "pp"), [(2, 1), (4, 1), (1, 2), (2, 2)])
+def test_greedy_tokens_identical_to_transformers(cache_dir: str, tp: int, pp: int) -> None:
+    cfg = config(*_overrides(cache_dir, f"parallel.tp={tp}", f"parallel.pp={pp}"))
+    with Supervisor(cfg) as sup:
+        # The tree wrote the preset checkpoint (once, whichever rank took the lock first) and loaded it from there.
+        path = preset_dir(cache_dir, "tiny", SEED, "float32")
+        prompts = make_prompts(cfg.llm, preset("tiny"), str(path))
+        rows, _, itl = generate(sup, prompts, NEW_TOKENS)
+        phases = sup.collective_rpc("phase_timings", timeout=30)
+        assert sup.collective_rpc("model_info", timeout=30)[0]["checkpoint"] == str(path)
+    assert rows == hf_generate(load_hf(str(path)), prompts, NEW_TOKENS)
+    assert len(itl) == NEW_TOKENS - 1 and len(phases) == tp * pp
+    assert all(p["weight_load_s"] > 0 and "first_decode_s" in p for p in phases)
+
+
+class Cli:
+    """``python -m supervisor ...`` in a child; its descendants are remembered, so the ones this process adopts
+    when the CLI exits (its forkserver, slow to go with torch loaded) are reaped and never count as leaks."""
+
+    def __init__(self, cwd: Path, *overrides: str) -> None:
+        env = {**os.environ, "PYTHONPATH": REPO}
+        self.proc = subprocess.Popen([sys.executable, "-m", "supervisor", "logging.level=WARNING", *overrides],
+                                     cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def run(self, timeout: float = CLI_TIMEOUT_S) -> tuple[int, str, str]:
+        seen: dict[int, psutil.Process] = {}
+        deadline = time.monotonic() + timeout
+        try:
+            while self.proc.poll() is None and time.monotonic() < deadline:
+                try:
+                    seen.update((p.pid, p) for p in psutil.Process(self.proc.pid).children(recursive=True))
+                except psutil.Error:
+                    pass
+                time.sleep(0.1)
+            if self.proc.poll() is None:
+                self.proc.kill()
+            out, err = self.proc.communicate(timeout=10)
+        finally:
+            reap_adopted(seen.values())
+        return self.proc.returncode, out, err
+
+
+@pytest.mark.timeout(180)
+def test_cli_prints_the_summary_and_passes_the_check(cache_dir: str, tmp_path: Path) -> None:
+    code, out, err = Cli(tmp_path, *_overrides(cache_dir)).run()
+    assert code == 0, err[-3000:]
+    for line in ("load time", "time to first token", "decode tokens/s", "inter-token latency p50 / p99",
+                 "check vs transformers"):
+        assert line in out, out
+    assert "PASS: greedy tokens identical (3 rows x 16 tokens)" in out
+
+
+def _not_llama(tmp_path: Path) -> str:
+    (tmp_path / "gpt").mkdir()
+    (tmp_path / "gpt" / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
+    return f"llm.checkpoint={tmp_path / 'gpt'}"
+
+
+def _huge(tmp_path: Path) -> str:
+    cfg = {**preset("tiny").to_hf_config("float32"), "hidden_size": 1 << 16, "intermediate_size": 1 << 18,
+           "num_hidden_layers": 512}  # ~ 100 TB of weights: larger than any host
+    (tmp_path / "huge").mkdir()
+    (tmp_path / "huge" / "config.json").write_text(json.dumps(cfg))
+    return f"llm.checkpoint={tmp_path / 'huge'}"
+
+
+BAD_INPUTS = [
+    pytest.param(lambda p: "parallel.tp=3", "parallel.tp: num_attention_heads=8 is not divisible by tp=3", id="heads"),
+    pytest.param(lambda p: "parallel.tp=8", "parallel.tp: num_key_value_heads=4 is not divisible by tp=8",
+                 id="kv-heads"),
+    pytest.param(lambda p: "parallel.pp=5", "parallel.pp: 4 layers cannot fill pp=5 stages", id="layers<pp"),
+    pytest.param(_not_llama, "llm.checkpoint: model_type 'gpt2' is not Llama-family", id="not-llama"),
+    pytest.param(_huge, "do not fit in", id="too-large"),
+]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("bad", "says"), BAD_INPUTS)
+def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, bad, says: str) -> None:
+    code, out, err = Cli(tmp_path, "workload=llm", "device=cpu", bad(tmp_path)).run()
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], err
+    assert not (tmp_path / "outputs").exists()  # refused before a run directory or a worker existed
