@@ -116,7 +116,7 @@ def _from_plain_value(hint: Any, value: Any, path: str) -> Any:
     if is_dataclass(hint):
         return _from_plain(hint, value, path)
     if _is_pairs(hint):
-        return tuple(sorted((str(k), str(v)) for k, v in value.items()))
+        return tuple(sorted((str(k), _env_str(v)) for k, v in value.items()))
     if get_origin(hint) is tuple:
         return tuple(value)
     return value
@@ -176,6 +176,21 @@ def _group_options(config_dir: str, key: str) -> list[str]:
     return sorted(name[: -len(".yaml")] for name in os.listdir(group_dir) if name.endswith(".yaml"))
 
 
+def _env_verbatim(override: str) -> str:
+    """``+runtime.env.X=false`` -> ``+runtime.env.X='false'``: environment values reach the worker as written
+    (Hydra would parse them into a bool or a float first, and 'false' would come back as 'False', 1e3 as
+    '1000.0'). A value the user quoted already is left alone."""
+    key, eq, value = override.partition("=")
+    if not eq or not key.lstrip("+~").startswith("runtime.env.") or value[:1] in ("'", '"') or "'" in value:
+        return override
+    return f"{key}='{value}'" if not value.endswith("\\") else override
+
+
+def _env_str(value: Any) -> str:
+    """A YAML value of runtime.env as text: booleans as YAML writes them (quote other values to keep them)."""
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
 def _compose(overrides: list[str], config_dir: str, keys: list[str]) -> dict:
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
@@ -185,7 +200,7 @@ def _compose(overrides: list[str], config_dir: str, keys: list[str]) -> dict:
     _register_schema()
     try:
         with initialize_config_dir(config_dir=config_dir, version_base=None, job_name="supervisor"):
-            node = compose(config_name="config", overrides=overrides)
+            node = compose(config_name="config", overrides=[_env_verbatim(o) for o in overrides])
         return OmegaConf.to_container(node, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
     except (HydraException, OmegaConfBaseException, ValueError) as exc:  # Hydra raises ValueError for some input
         raise _translate(exc, keys) from exc
