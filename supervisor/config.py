@@ -1,49 +1,63 @@
 """Hydra configuration -> one validated, frozen ``supervisor.settings.Config``.
 
-This module and ``supervisor/__main__.py`` are the only places that import Hydra or OmegaConf. Everything after
-``load_config`` sees plain frozen dataclasses, which is what travels to the workers (DESIGN §2).
+This module and ``supervisor/cli.py`` are the only places that import Hydra or OmegaConf. Everything after
+``from_node`` sees plain frozen dataclasses, which is what travels to the workers (DESIGN §2).
 
 ::
 
-    conf/config.yaml     ┐                   ConfigStore "base_config": mutable twins of the frozen settings
-    conf/<group>/*.yaml  ├─ Hydra compose ─▶  dataclasses (one per group), so OmegaConf checks key names and
-    CLI overrides        ┘        │           types while composing
+    supervisor/settings.py  ─ _schema_of ─▶  ConfigStore "base_config": mutable twins of the frozen settings (each
+      (every default, once;                  default and each Enum choice once), so OmegaConf checks key names,
+       choices as Enums)                     types and choices while composing
+    conf/config.yaml     ┐
+    conf/<group>/*.yaml  ├─ Hydra compose (search path: the packaged conf/, then --config-dir / config_dir)
+    CLI overrides        ┘        │
                                   ▼
             DictConfig ─ to_container ─▶ dict ─ _from_plain ─▶ frozen Config ─ validate ─▶ caller
-                                  │
-            any Hydra/OmegaConf error ─ _translate ─▶ ConfigError("parallel.tp: must be ...")  (one line)
+                                  │                                               │ bounds: the machine, the ring
+            any Hydra/OmegaConf/YAML error ─ _translate ─▶ ConfigError("parallel.tp: must be ...")  (one line)
 
 The schema is derived from the frozen dataclasses instead of written twice: OmegaConf cannot assign into frozen
 dataclasses, so each gets a non-frozen twin with the same fields; tuples become YAML lists, and tuples of
-(key, value) pairs become YAML mappings. Hydra and OmegaConf are imported lazily so that importing
-``ConfigError`` or ``validate`` costs nothing.
+(key, value) pairs become YAML mappings. The YAML files therefore hold only what an option changes. Hydra and
+OmegaConf are imported lazily so that importing ``ConfigError`` or ``validate`` costs nothing.
+
+The configs ship inside the package: ``supervisor/conf`` links to the repository's top-level ``conf/`` and is
+package data in a wheel, so a checkout, an editable install and a regular install all find them beside this file.
 """
 from __future__ import annotations
 
+import contextlib
+import enum
 import functools
 import importlib
+import importlib.util
 import itertools
 import os
 import re
 from dataclasses import MISSING, Field, field, fields, is_dataclass, make_dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Sequence, get_args, get_origin, get_type_hints
 
-from supervisor.settings import Config
+from supervisor.settings import Choice, Config
+from transport.layout import MAX_SLOTS
 
-DEFAULT_CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+MAX_SLOT_BYTES = (1 << 32) - 64  # transport/layout.py: a slot's size is a u32, a multiple of 64
 
-DEVICES = ("auto", "cpu", "cuda")
-START_METHODS = ("auto", "spawn", "forkserver", "fork")
-STRATEGIES = ("never", "one_for_one", "one_for_all", "rest_for_one")
-RESTART_TYPES = ("permanent", "transient", "temporary")
-CALLS_DURING_RESTART = ("wait", "fail")
-LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")  # loguru's built-in levels
-BACKENDS = ("local", "ray")
+DEFAULT_CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")  # package data; a link to conf/ in a checkout
+CONFIG_NAME = "config"
+
 WORKLOADS = ("tp_mlp", "echo", "serve", "bench", "llm")
 MIN_SLOT_BYTES = 4096  # one page: smaller slots make every message span many slots
 SLOT_ALIGN = 64  # cache line: slot payloads stay aligned so readers and the writer never share a line
+
+# Bounds that are not the transport's own (transport/layout.py states those) -- each with the reason it exists.
+MAX_RANKS = 4096  # ranks of one tree, on any backend: beyond this the supervisor's own bookkeeping is the bottleneck
+RANKS_PER_CPU = 16  # local backend: each rank is an interpreter with its own threads; more than this per CPU...
+MIN_RANKS_LIMIT = 64  # ... cannot make progress, but small machines may still oversubscribe up to this many
+MIN_RSS_CAP_MB = 32  # worker.max_rss_mb: a worker's interpreter alone resides in more; a smaller cap recycles every call
+MAX_SPIN_US = 100_000.0  # transport.spin_us: spinning longer than 0.1 s before sleeping only burns a CPU
+MIN_HEARTBEAT_INTERVAL_S = 0.01  # a faster heartbeat is a busy loop in every worker
+MLP_EXPANSION, FLOAT32_BYTES = 4, 4  # worker/tp_mlp.py's inner width (EXPANSION * hidden) and its dtype
 
 
 class ConfigError(Exception):
@@ -115,6 +129,8 @@ def _from_plain(cls: type, data: dict, path: str = "") -> Any:
 def _from_plain_value(hint: Any, value: Any, path: str) -> Any:
     if is_dataclass(hint):
         return _from_plain(hint, value, path)
+    if _is_choice(hint):
+        return _to_choice(hint, value, path.rstrip("."))
     if _is_pairs(hint):
         return tuple(sorted((str(k), _env_str(v)) for k, v in value.items()))
     if get_origin(hint) is tuple:
@@ -122,9 +138,27 @@ def _from_plain_value(hint: Any, value: Any, path: str) -> Any:
     return value
 
 
+def _is_choice(hint: Any) -> bool:
+    return isinstance(hint, type) and issubclass(hint, Choice)
+
+
+def _to_choice(choice: type[Choice], value: Any, key: str) -> Choice:
+    """A member from a member, its name or its value (a config without the schema -- e.g. a saved run's -- or one
+    built in code holds plain strings)."""
+    if isinstance(value, choice):
+        return value
+    member = choice.__members__.get(value) if isinstance(value, str) else None
+    if member is None:
+        member = next((m for m in choice if m.value == value), None)
+    _require(member is not None, key, f"must be one of {choice.choices()}, got {value!r}")
+    return member  # type: ignore[return-value]
+
+
 def _to_plain_value(hint: Any, value: Any) -> Any:
     if is_dataclass(hint):
         return to_dict(value)
+    if isinstance(value, enum.Enum):
+        return value.value
     if _is_pairs(hint):
         return dict(value)
     if get_origin(hint) is tuple:
@@ -141,39 +175,64 @@ def to_dict(cfg: Any) -> dict:
 # -- load ----------------------------------------------------------------------------------------------------------
 
 
-def load_config(overrides: list[str], config_dir: str | None = None) -> Config:
-    """Compose conf/config.yaml with Hydra-style ``overrides``, validate (without GPU facts) and freeze."""
-    config_dir = os.path.abspath(config_dir or DEFAULT_CONFIG_DIR)
-    _require(os.path.isfile(os.path.join(config_dir, "config.yaml")), "config_dir", f"no config.yaml in {config_dir}")
-    keys = _check_overrides(list(overrides), config_dir)
-    data = _compose(list(overrides), config_dir, keys)
-    cfg = _from_plain(Config, _normalise(data))
+def load_config(overrides: Sequence[str] = (), config_dir: str | None = None,
+                config_name: str = CONFIG_NAME) -> Config:
+    """Compose the packaged conf/config.yaml with Hydra-style ``overrides``, validate (without GPU facts) and freeze.
+
+    ``config_dir`` is added to the search path, as Hydra's ``--config-dir`` does: a user's own options
+    (``<config_dir>/parallel/big.yaml`` -> ``parallel=big``) or primary config (``config_name``) sit beside ours."""
+    with hydra_session(config_dir):
+        node = compose_node(list(overrides), config_name)
+    return from_node(node)
+
+
+def from_node(node: Any) -> Config:
+    """A composed DictConfig (without its ``hydra`` node) -> the validated frozen Config."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        data = OmegaConf.to_container(node, resolve=True, throw_on_missing=True)
+    except (OmegaConfBaseException, ValueError) as exc:
+        raise _translate(exc) from exc
+    cfg = _from_plain(Config, data)  # type: ignore[arg-type]
     validate(cfg)
     return cfg
 
 
-def _check_overrides(overrides: list[str], config_dir: str) -> list[str]:
-    """Catch what compose() reports late or without a key (``=3`` even passes Hydra's parser); return the keys."""
-    keys = []
-    for override in _parse_overrides(overrides):
-        key = override.key_or_group
-        _require(bool(key), override.input_line, "malformed override: no key before '='")
-        _require(not override.is_sweep_override(), key,
-                 f"{override.input_line!r} is a sweep; run with -m to expand it into one run per value")
-        options = _group_options(config_dir, key)
-        if options and not override.is_delete():
-            choices = ", ".join(options)
-            _require(isinstance(override.value(), str), key, f"must name one option (choose from: {choices})")
-        keys.append(key)
-    return keys
+def search_path(config_dir: str | None = None, primary: str | None = None) -> Any:
+    """Hydra's config search path: Hydra's own configs, then ``primary`` (our packaged conf/ unless replaced, as
+    ``--config-path`` does), then ``config_dir`` (added, as ``--config-dir`` does), then the structured schema."""
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.config_search_path import SearchPathQuery
+
+    given = primary is not None
+    primary = os.path.abspath(primary or DEFAULT_CONFIG_DIR)
+    _require(os.path.isdir(primary), "--config-path" if given else "conf", f"no config folder at {primary}")
+    path = create_config_search_path(f"file://{primary}")
+    if config_dir:
+        extra = os.path.abspath(config_dir)
+        _require(os.path.isdir(extra), "config_dir", f"{extra} is not a directory")
+        path.prepend(provider="command-line", path=f"file://{extra}", anchor=SearchPathQuery(provider="schema"))
+    return path
 
 
-def _group_options(config_dir: str, key: str) -> list[str]:
-    """The options of config group ``key`` (its YAML files), or [] when ``key`` is not a group."""
-    group_dir = os.path.join(config_dir, key)
-    if "." in key or not os.path.isdir(group_dir):
-        return []
-    return sorted(name[: -len(".yaml")] for name in os.listdir(group_dir) if name.endswith(".yaml"))
+@contextlib.contextmanager
+def hydra_session(config_dir: str | None = None, primary: str | None = None) -> Iterator[Any]:
+    """Hydra initialised with ``search_path`` for the block (the compose API's ``initialize_config_dir``, with our
+    search path); yields the Hydra object. The previous global Hydra state is restored afterwards."""
+    from hydra import version
+    from hydra._internal.hydra import Hydra
+    from hydra.initialize import get_gh_backup, restore_gh_from_backup
+
+    _register_schema()
+    path = search_path(config_dir, primary)
+    backup = get_gh_backup()
+    try:
+        version.setbase(None)
+        yield Hydra.create_main_hydra2(task_name="supervisor", config_search_path=path)
+    finally:
+        restore_gh_from_backup(backup)
 
 
 def _env_verbatim(override: str) -> str:
@@ -191,25 +250,57 @@ def _env_str(value: Any) -> str:
     return ("true" if value else "false") if isinstance(value, bool) else str(value)
 
 
-def _compose(overrides: list[str], config_dir: str, keys: list[str]) -> dict:
-    from hydra import compose, initialize_config_dir
+def compose_node(overrides: list[str], config_name: str = CONFIG_NAME) -> Any:
+    """Compose with the Hydra initialised by ``hydra_session`` (or the CLI); the app's config, without ``hydra``."""
+    from hydra import compose
     from hydra.errors import HydraException
-    from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    _register_schema()
+    keys = _check_overrides(overrides)
+    overrides = [_env_verbatim(o) for o in overrides]
     try:
-        with initialize_config_dir(config_dir=config_dir, version_base=None, job_name="supervisor"):
-            node = compose(config_name="config", overrides=[_env_verbatim(o) for o in overrides])
-        return OmegaConf.to_container(node, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
+        return compose(config_name=config_name, overrides=overrides)
     except (HydraException, OmegaConfBaseException, ValueError) as exc:  # Hydra raises ValueError for some input
         raise _translate(exc, keys) from exc
+    except Exception as exc:  # a YAML syntax error in a config file arrives as yaml's own error
+        translated = _translate_yaml(exc)
+        if translated is None:
+            raise
+        raise translated from exc
 
 
-def _normalise(data: dict) -> dict:
-    """Forgiving spellings that are still unambiguous: ``logging.level=debug``."""
-    data["logging"]["level"] = str(data["logging"]["level"]).upper()
-    return data
+def _check_overrides(overrides: list[str]) -> list[str]:
+    """Catch what compose() reports late or without a key (``=3`` even passes Hydra's parser); return the keys."""
+    keys = []
+    for override in _parse_overrides(overrides):
+        key = override.key_or_group
+        _require(bool(key), override.input_line, "malformed override: no key before '='")
+        _require(not override.is_sweep_override(), key, _sweep_problem(override))
+        options = _group_options(key)
+        if options and not override.is_delete():
+            choices = ", ".join(options)
+            _require(isinstance(override.value(), str), key, f"must name one option (choose from: {choices})")
+        keys.append(key)
+    return keys
+
+
+def _sweep_problem(override: Any) -> str:
+    """A comma in a value makes a sweep; in ``runtime.env`` it was more likely meant as part of the value."""
+    line = override.input_line
+    if override.get_key_element().lstrip("+~").startswith("runtime.env."):
+        key, _, value = line.partition("=")
+        return f"{line!r} is a sweep over {value}; to pass one value with commas, quote it: '{key}=\"{value}\"'"
+    return f"{line!r} is a sweep; run with -m to expand it into one run per value"
+
+
+def _group_options(key: str) -> list[str]:
+    """The options of config group ``key`` on the search path, or [] when ``key`` is not a group."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    if "." in key or not GlobalHydra.instance().is_initialized():
+        return []
+    loader = GlobalHydra.instance().config_loader()
+    return sorted(loader.get_group_options(key)) if loader.repository.group_exists(key) else []
 
 
 # -- Hydra / OmegaConf errors -> ConfigError -----------------------------------------------------------------------
@@ -244,7 +335,24 @@ def _translate_one(err: BaseException) -> ConfigError | None:
     if isinstance(err, OmegaConfBaseException) and getattr(err, "full_key", None):
         if isinstance(err, (ConfigKeyError, AttributeError)):
             return ConfigError(err.full_key, _no_such_key(err.full_key))
+        hint = _field_hint(err.full_key)
+        if _is_choice(hint):  # OmegaConf lists the members' names, aliases included; say it as the YAML does
+            return ConfigError(err.full_key, f"must be one of {hint.choices()}, got {getattr(err, 'value', '?')!r}")
         return ConfigError(err.full_key, _first_line(getattr(err, "msg", "") or str(err)))
+    return None
+
+
+def _translate_yaml(exc: BaseException) -> ConfigError | None:
+    """A YAML syntax error in a config file: name the file (as Hydra's error does) and the line."""
+    import yaml
+
+    for err in _chain(exc):
+        if isinstance(err, yaml.YAMLError):
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            name = mark.name if mark is not None and mark.name and not mark.name.startswith("<") else "a config file"
+            what = getattr(err, "problem", None) or _first_line(str(err))
+            return ConfigError(name, f"YAML syntax error{where}: {what}")
     return None
 
 
@@ -311,31 +419,38 @@ def _one_of(choices: tuple[str, ...]) -> Callable[[Any], str | None]:
     return check
 
 
+def _at_most(check: Callable[[Any], str | None], high: float, why: str) -> Callable[[Any], str | None]:
+    """``check``, plus an upper bound with the reason it exists."""
+    def bounded(value: Any) -> str | None:
+        problem = check(value)
+        if problem is None and value > high:
+            return f"must be <= {high:,} ({why}), got {value!r}"
+        return problem
+
+    return bounded
+
+
 _POSITIVE_INT, _NON_NEG_INT = _int_at_least(1), _int_at_least(0)
 _POSITIVE, _NON_NEG = _number(0, strict=True), _number(0, strict=False)
+_RANKS = _at_most(_POSITIVE_INT, MAX_RANKS, "ranks of one tree")
 
 # One rule per key whose value can be judged alone; checks that relate keys come after, in validate().
 _RULES: tuple[tuple[str, Callable[[Any], str | None]], ...] = (
-    ("parallel.tp", _POSITIVE_INT),
-    ("parallel.pp", _POSITIVE_INT),
-    ("parallel.dp", _POSITIVE_INT),
-    ("device", _one_of(DEVICES)),
-    ("backend", _one_of(BACKENDS)),
-    ("ray.placement_strategy", _one_of(("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))),
+    ("parallel.tp", _RANKS),
+    ("parallel.pp", _RANKS),
+    ("parallel.dp", _RANKS),
     ("ray.cpus_per_rank", _POSITIVE),
-    ("runtime.start_method", _one_of(START_METHODS)),
     ("runtime.omp_num_threads", _NON_NEG_INT),
     ("runtime.startup_timeout_s", _POSITIVE),
-    ("transport.slot_bytes", _int_at_least(MIN_SLOT_BYTES)),
-    ("transport.slots", _int_at_least(2)),
-    ("transport.spin_us", _NON_NEG),
+    ("transport.slot_bytes", _at_most(_int_at_least(MIN_SLOT_BYTES), MAX_SLOT_BYTES, "the ring's 32-bit slot size")),
+    ("transport.slots", _at_most(_int_at_least(2), MAX_SLOTS, "the ring's slot index")),
+    ("transport.spin_us", _at_most(_NON_NEG, MAX_SPIN_US, "longer spinning only burns a CPU")),
     ("transport.max_message_bytes", _POSITIVE_INT),
     ("shutdown.grace_s", _NON_NEG),
     ("shutdown.reap_s", _POSITIVE),
     ("shutdown.drain_s", _NON_NEG),
-    ("rpc.retry_execute_model", _one_of(("auto", "always", "never"))),
     ("rpc.retry_attempts", _POSITIVE_INT),
-    ("worker.heartbeat_interval_s", _POSITIVE),
+    ("worker.heartbeat_interval_s", _number(MIN_HEARTBEAT_INTERVAL_S, strict=False)),
     ("worker.heartbeat_timeout_s", _POSITIVE),
     ("worker.orphan_grace_s", _NON_NEG),
     ("worker.max_rss_mb", _NON_NEG_INT),
@@ -347,8 +462,6 @@ _RULES: tuple[tuple[str, Callable[[Any], str | None]], ...] = (
     ("workload.steps", _NON_NEG_INT),
     ("workload.status_interval_s", _POSITIVE),
     ("workload.check_tolerance", _NON_NEG),
-    ("restart.strategy", _one_of(STRATEGIES)),
-    ("restart.restart_type", _one_of(RESTART_TYPES)),
     ("restart.intensity", _NON_NEG_INT),
     ("restart.period_s", _POSITIVE),
     ("restart.startup_intensity", _NON_NEG_INT),
@@ -356,8 +469,8 @@ _RULES: tuple[tuple[str, Callable[[Any], str | None]], ...] = (
     ("restart.backoff_initial_s", _NON_NEG),
     ("restart.backoff_factor", _number(1, strict=False)),
     ("restart.backoff_max_s", _NON_NEG),
-    ("restart.calls_during_restart", _one_of(CALLS_DURING_RESTART)),
-    ("logging.level", _one_of(LOG_LEVELS)),
+    # Every Choice-typed key (device, backend, runtime.start_method, restart.strategy, ...) is checked against its
+    # Enum by _check_choices: the choices are written once, in supervisor/settings.py.
 )
 
 
@@ -378,7 +491,9 @@ def validate(cfg: Config, visible_gpus: int | None = None, cuda_initialized: boo
     for key, check in _RULES:
         problem = check(_get(cfg, key))
         _require(problem is None, key, problem or "")
+    _check_choices(cfg)
     _check_relations(cfg)
+    _check_machine(cfg)
     _check_runtime(cfg, cuda_initialized)
     _check_gpus(cfg, visible_gpus)
     _check_worker_cls(cfg.worker.cls)
@@ -404,6 +519,47 @@ def _check_relations(cfg: Config) -> None:
              f"must exceed worker.heartbeat_interval_s={hb.heartbeat_interval_s:g}, got {hb.heartbeat_timeout_s:g}")
 
 
+def _check_choices(cfg: Any, path: str = "") -> None:
+    """Every Choice-typed field holds a member of its Enum (or its value, in a config built in code)."""
+    hints = get_type_hints(type(cfg))
+    for f in fields(cfg):
+        hint, value, key = hints[f.name], getattr(cfg, f.name), path + f.name
+        if is_dataclass(hint):
+            _check_choices(value, key + ".")
+        elif _is_choice(hint):
+            _require(value in set(hint) or value in {m.value for m in hint}, key,
+                     f"must be one of {hint.choices()}, got {value!r}")
+
+
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _memory_mb() -> int:
+    import psutil
+
+    return psutil.virtual_memory().total >> 20
+
+
+def _check_machine(cfg: Config) -> None:
+    """Process counts and memory sizes against this machine, before a single process starts."""
+    par, cpus = cfg.parallel, _cpus()
+    _require(par.total <= MAX_RANKS, "parallel", f"tp*pp*dp = {par.total} ranks; at most {MAX_RANKS} are supported")
+    limit = max(MIN_RANKS_LIMIT, RANKS_PER_CPU * cpus)
+    _require(cfg.backend != "local" or par.total <= limit, "parallel",
+             f"tp*pp*dp = {par.total} worker processes on {cpus} CPU(s); at most {limit} can make progress here")
+    memory_mb, cap = _memory_mb(), cfg.worker.max_rss_mb
+    _require(cap == 0 or MIN_RSS_CAP_MB <= cap <= memory_mb, "worker.max_rss_mb",
+             f"must be 0 (no cap) or {MIN_RSS_CAP_MB}..{memory_mb} MiB (a worker's interpreter alone resides in "
+             f"more than {MIN_RSS_CAP_MB} MiB; this machine has {memory_mb} MiB), got {cap}")
+    load = cfg.workload
+    if load.name in ("tp_mlp", "bench", "serve", "echo"):  # the MLP's weights, built once for the reference check
+        model_mb = (2 * MLP_EXPANSION * load.hidden * load.hidden * load.layers * FLOAT32_BYTES) >> 20
+        _require(model_mb <= memory_mb, "workload.hidden",
+                 f"{load.layers} layers of width {load.hidden} need {model_mb} MiB of weights; "
+                 f"this machine has {memory_mb} MiB")
+
+
 _MODULE_NAME = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -414,14 +570,26 @@ def _check_runtime(cfg: Config, cuda_initialized: bool) -> None:
              "fork is unsafe once CUDA is initialised in the parent; use spawn, forkserver or auto")
     for name in rt.preload:
         _require(bool(_MODULE_NAME.match(name)), "runtime.preload", f"{name!r} is not a module name")
+        _require(_importable(name), "runtime.preload", f"no module named {name!r} can be imported here")
+    _require(cfg.backend != "ray" or _importable("ray"), "backend",
+             "ray is not installed here (pip install 'rankvisor[ray]'), use backend=local")
     for name, _ in rt.env:
         _require(bool(_ENV_NAME.match(name)), f"runtime.env.{name}", "is not a valid environment variable name")
+
+
+def _importable(module: str) -> bool:
+    """Found on the path, without importing it (nor running its code)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package that is missing, or not a package
+        return False
 
 
 def _check_gpus(cfg: Config, visible_gpus: int | None) -> None:
     if cfg.device != "cuda" or visible_gpus is None:
         return
-    _require(visible_gpus > 0, "device", "cuda requested but no GPU is visible")
+    _require(visible_gpus > 0, "device", "cuda requested but no GPU is usable here (torch without CUDA, no driver, "
+                                         "or CUDA_VISIBLE_DEVICES naming no device); use device=auto or device=cpu")
     par = cfg.parallel
     world = par.group_world
     _require(world <= visible_gpus, "parallel",
@@ -470,11 +638,16 @@ def expand_sweep(overrides: list[str], config_dir: str | None = None) -> list[li
 
 
 def _sweep_values(override: Any, config_dir: str | None) -> list[str]:
+    from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.types import Glob
 
     if not isinstance(override.value(), Glob):
         return list(override.sweep_string_iterator())
-    options = _group_options(os.path.abspath(config_dir or DEFAULT_CONFIG_DIR), override.key_or_group)
+    if GlobalHydra.instance().is_initialized():
+        options = _group_options(override.key_or_group)
+    else:
+        with hydra_session(config_dir):
+            options = _group_options(override.key_or_group)
     _require(bool(options), override.key_or_group, "glob(...) sweeps only work on a config group")
     return override.value().filter(options)
 
@@ -489,11 +662,13 @@ def _parse_overrides(overrides: list[str]) -> list[Any]:
         raise _translate(exc) from exc
 
 
-# -- run directory -------------------------------------------------------------------------------------------------
+# -- the run folder -------------------------------------------------------------------------------------------------
 
 
 def make_run_dir(base: str = "outputs") -> str:
     """Create ``base/YYYY-MM-DD/HH-MM-SS`` (``-1``, ``-2``… when taken, e.g. two runs in one second)."""
+    from datetime import datetime
+
     now = datetime.now()
     stem = os.path.join(base, now.strftime("%Y-%m-%d"), now.strftime("%H-%M-%S"))
     os.makedirs(os.path.dirname(stem), exist_ok=True)

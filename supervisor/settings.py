@@ -2,12 +2,99 @@
 
 Plain dataclasses with no Hydra objects: the parts a worker needs are the types from worker/spec.py, the rest is
 supervisor-only.
+
+Each default is written once, here: the YAML files under conf/ hold only what an option changes, and the structured
+schema that types them is derived from these classes (supervisor/config.py). Each choice is an Enum here, so
+OmegaConf checks it while composing and the code compares members, not strings.
 """
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 from worker.spec import LLMSettings, TransportSettings, WorkerSettings, WorkloadSettings
+
+
+class Choice(str, enum.Enum):
+    """A configuration choice. The member's name is its value: OmegaConf looks members up by name and writes names
+    to YAML, so the two spellings agree. A str subclass, so a member still works wherever the code or a library
+    expects the string (f-strings, ``== "cuda"``, dict keys, loguru levels, ``mp.get_context``)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    @classmethod
+    def choices(cls) -> str:
+        return "|".join(member.value for member in cls)
+
+
+class Device(Choice):
+    auto = "auto"  # cuda when torch and the driver can really use a GPU here, else cpu
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class StartMethod(Choice):
+    auto = "auto"  # forkserver where the platform has it, else spawn
+    spawn = "spawn"
+    forkserver = "forkserver"
+    fork = "fork"
+
+
+class Strategy(Choice):
+    """Which dp groups a restart restarts (supervisor/core/policy.py has the table)."""
+
+    never = "never"
+    one_for_one = "one_for_one"
+    one_for_all = "one_for_all"
+    rest_for_one = "rest_for_one"
+    NEVER, ONE_FOR_ONE, ONE_FOR_ALL, REST_FOR_ONE = never, one_for_one, one_for_all, rest_for_one  # Python spelling
+
+
+class RestartType(Choice):
+    permanent = "permanent"
+    transient = "transient"
+    temporary = "temporary"
+    PERMANENT, TRANSIENT, TEMPORARY = permanent, transient, temporary  # Python spelling
+
+
+class CallsDuringRestart(Choice):
+    wait = "wait"  # bounded by the call's timeout
+    fail = "fail"
+
+
+class RetryExecuteModel(Choice):
+    auto = "auto"  # on for workload=llm
+    always = "always"
+    never = "never"
+
+
+class Backend(Choice):
+    local = "local"
+    ray = "ray"
+
+
+class PlacementStrategy(Choice):
+    PACK = "PACK"
+    SPREAD = "SPREAD"
+    STRICT_PACK = "STRICT_PACK"
+    STRICT_SPREAD = "STRICT_SPREAD"
+
+
+class LogLevel(Choice):
+    """loguru's built-in levels; the lower-case spellings are accepted too (``logging.level=debug``)."""
+
+    TRACE = "TRACE"
+    DEBUG = "DEBUG"
+    INFO = "INFO"
+    SUCCESS = "SUCCESS"
+    WARNING = "WARNING"
+    ERROR = "ERROR"
+    CRITICAL = "CRITICAL"
+    trace, debug, info, success, warning, error, critical = TRACE, DEBUG, INFO, SUCCESS, WARNING, ERROR, CRITICAL
 
 
 @dataclass(frozen=True)
@@ -29,7 +116,7 @@ class ParallelSettings:
 
 @dataclass(frozen=True)
 class RuntimeSettings:
-    start_method: str = "auto"  # auto | spawn | forkserver | fork
+    start_method: StartMethod = StartMethod.auto
     preload: tuple[str, ...] = ("torch",)  # modules the forkserver imports once, before forking workers
     omp_num_threads: int = 0  # 0 = 1 unless OMP_NUM_THREADS is already set in the environment
     env: tuple[tuple[str, str], ...] = ()  # extra environment for the workers
@@ -48,8 +135,8 @@ class ShutdownSettings:
 
 @dataclass(frozen=True)
 class RestartSettings:
-    strategy: str = "never"  # never | one_for_one | one_for_all | rest_for_one (between dp groups)
-    restart_type: str = "permanent"  # permanent | transient | temporary
+    strategy: Strategy = Strategy.never  # between dp groups
+    restart_type: RestartType = RestartType.permanent
     intensity: int = 3  # at most this many run-time restarts ...
     period_s: float = 10.0  # ... within this many seconds
     startup_intensity: int = 3  # start-up failures are counted apart
@@ -59,7 +146,7 @@ class RestartSettings:
     backoff_initial_s: float = 0.1
     backoff_factor: float = 2.0
     backoff_max_s: float = 5.0
-    calls_during_restart: str = "wait"  # wait (bounded by the call's timeout) | fail
+    calls_during_restart: CallsDuringRestart = CallsDuringRestart.wait
 
 
 @dataclass(frozen=True)
@@ -67,13 +154,13 @@ class RpcSettings:
     """Retryable calls (supervisor/core/retry.py): a call whose group fails before it answered is sent again."""
 
     retry: bool = False  # collective_rpc's default for retry= (a retried method must be safe to run twice)
-    retry_execute_model: str = "auto"  # execute_model's default: auto (on for workload=llm) | always | never
+    retry_execute_model: RetryExecuteModel = RetryExecuteModel.auto  # execute_model's default
     retry_attempts: int = 3  # attempts of a retryable call, the first included, all within the call's deadline
 
 
 @dataclass(frozen=True)
 class LoggingSettings:
-    level: str = "INFO"
+    level: LogLevel = LogLevel.INFO
     events: bool = True  # write events.jsonl in the run directory
     run_dir: str = ""  # filled in by the CLI (Hydra-style outputs/DATE/TIME); "" = no files
 
@@ -81,7 +168,7 @@ class LoggingSettings:
 @dataclass(frozen=True)
 class RaySettings:
     address: str = ""  # "" = start a local Ray instance; "auto" or host:port = join a cluster
-    placement_strategy: str = "PACK"  # placement group strategy: PACK keeps a TP group on one node
+    placement_strategy: PlacementStrategy = PlacementStrategy.PACK  # PACK keeps a TP group on one node
     cpus_per_rank: float = 1.0  # CPU resource of each rank's bundle (a GPU is added when device=cuda)
 
 
@@ -89,7 +176,7 @@ class RaySettings:
 class Config:
     parallel: ParallelSettings = field(default_factory=ParallelSettings)
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
-    device: str = "auto"  # auto | cpu | cuda
+    device: Device = Device.auto
     transport: TransportSettings = field(default_factory=TransportSettings)
     shutdown: ShutdownSettings = field(default_factory=ShutdownSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
@@ -98,5 +185,5 @@ class Config:
     restart: RestartSettings = field(default_factory=RestartSettings)
     rpc: RpcSettings = field(default_factory=RpcSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
-    backend: str = "local"  # local | ray
+    backend: Backend = Backend.local
     ray: RaySettings = field(default_factory=RaySettings)

@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from datetime import datetime
 from pathlib import Path
 
 import pytest
 
 from supervisor import config as config_module
-from supervisor.config import ConfigError, expand_sweep, load_config, make_run_dir, save_config, validate
+from supervisor.config import ConfigError, expand_sweep, load_config, validate
 from supervisor.settings import Config
 
 CONF_DIR = Path(config_module.DEFAULT_CONFIG_DIR)
@@ -66,7 +65,6 @@ def test_result_is_frozen():
         (["runtime.preload=[torch,numpy]"], lambda c: c.runtime.preload, ("torch", "numpy")),
         (["runtime.start_method=forkserver"], lambda c: c.runtime.start_method, "forkserver"),
         (["runtime.startup_timeout_s=5"], lambda c: c.runtime.startup_timeout_s, 5.0),
-        (["backend=ray", "ray.address=auto"], lambda c: (c.backend, c.ray.address), ("ray", "auto")),
         (["logging.level=debug"], lambda c: c.logging.level, "DEBUG"),
         (["transport.slots=2", "transport.slot_bytes=4096"], lambda c: (c.transport.slots, c.transport.slot_bytes),
          (2, 4096)),
@@ -78,36 +76,86 @@ def test_override(overrides, read, expected):
 
 
 def test_restart_options_differ_only_in_strategy():
-    # restart/*.yaml each spell out the whole budget; a change to one must be made to all.
+    # The budget is written once (settings.RestartSettings); each restart/*.yaml holds only its strategy.
     base = dataclasses.asdict(load_config([]).restart)
     for option in ("one_for_one", "one_for_all", "rest_for_one"):
         restart = dataclasses.asdict(load_config([f"restart={option}"]).restart)
         assert restart == {**base, "strategy": option}
+        assert _yaml_keys(CONF_DIR / "restart" / f"{option}.yaml") == {"strategy"}
+
+
+def _yaml_keys(path: Path) -> set:
+    import yaml
+
+    return set(yaml.safe_load(path.read_text()) or {})
+
+
+def test_yaml_holds_only_what_an_option_changes():
+    # Every default is written once, in the settings dataclasses: no YAML restates one.
+    from omegaconf import OmegaConf
+
+    from supervisor.config import to_dict
+
+    defaults = to_dict(Config())
+    for path in sorted(CONF_DIR.rglob("*.yaml")):
+        data = yaml_data = OmegaConf.to_container(OmegaConf.load(path))
+        if path.name == "config.yaml" or not yaml_data:
+            continue
+        text = path.read_text()
+        package = defaults if "@package _global_" in text else defaults.get(path.parent.name, {})
+        selector = {"restart": "strategy", "backend": "backend", "workload": "name"}.get(path.parent.name)
+        restated = {k: v for k, v in data.items() if k not in ("defaults", selector) and package.get(k, object()) == v}
+        assert restated == {}, f"{path.relative_to(CONF_DIR)} restates defaults {restated}"
+
+
+def test_choices_are_enums_checked_while_composing():
+    from supervisor.settings import Device, LogLevel, Strategy
+
+    cfg = load_config(["device=cpu", "restart=one_for_all", "logging.level=debug"])
+    assert cfg.device is Device.cpu and cfg.restart.strategy is Strategy.one_for_all
+    assert cfg.logging.level is LogLevel.DEBUG and f"{cfg.logging.level}" == "DEBUG" and cfg.device == "cpu"
 
 
 def test_every_yaml_key_has_a_comment():
     key_line = re.compile(r"^\s*[A-Za-z_]\w*:")
     for path in sorted(CONF_DIR.rglob("*.yaml")):
         for number, line in enumerate(path.read_text().splitlines(), 1):
+            if line.startswith("hydra:"):  # Hydra's own keys (help texts in block scalars) are documented by Hydra
+                break
             if key_line.match(line) and not line.strip().startswith("defaults:"):
                 assert "#" in line, f"{path.relative_to(CONF_DIR)}:{number}: {line!r} has no comment"
 
 
-def test_config_dir_can_be_an_absolute_path(tmp_path):
-    copy = tmp_path / "conf"
-    copy.mkdir()
-    for path in CONF_DIR.rglob("*.yaml"):
-        target = copy / path.relative_to(CONF_DIR)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(path.read_text())
-    (copy / "parallel" / "default.yaml").write_text("tp: 2  # changed\npp: 1  # x\ndp: 1  # x\n")
-    assert load_config([], config_dir=str(copy)).parallel.tp == 2
+def test_config_dir_adds_options_beside_ours(tmp_path):
+    # As Hydra's --config-dir: a user's folder is added to the search path, it does not replace conf/.
+    (tmp_path / "parallel").mkdir()
+    (tmp_path / "parallel" / "big.yaml").write_text("tp: 2  # x\ndp: 2  # x\n")
+    cfg = load_config(["parallel=big", "restart=one_for_all"], config_dir=str(tmp_path))
+    assert (cfg.parallel.tp, cfg.parallel.dp, cfg.restart.strategy) == (2, 2, "one_for_all")
+
+
+def test_config_dir_with_its_own_primary_config(tmp_path):
+    (tmp_path / "mine.yaml").write_text("defaults:\n  - config\n  - _self_\nparallel:\n  tp: 4\n")
+    assert load_config([], config_dir=str(tmp_path), config_name="mine").parallel.tp == 4
 
 
 def test_missing_config_dir_names_config_dir(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config([], config_dir=str(tmp_path / "nowhere"))
     assert_names_key(info.value, "config_dir")
+
+
+def test_yaml_syntax_error_is_one_line_naming_the_file(tmp_path):
+    (tmp_path / "parallel").mkdir()
+    (tmp_path / "parallel" / "broken.yaml").write_text("tp: [1, 2\npp: 1\n")
+    err = error_for_dir(["parallel=broken"], tmp_path)
+    assert "\n" not in str(err) and "YAML syntax error" in str(err), str(err)
+
+
+def error_for_dir(overrides: list[str], config_dir: Path) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides, config_dir=str(config_dir))
+    return info.value
 
 
 # -- bad input: one line, naming the key -----------------------------------------------------------------------------
@@ -165,6 +213,19 @@ def test_missing_config_dir_names_config_dir(tmp_path):
         (["parallel.tp"], "parallel.tp"),  # malformed: no '='
         (["=3"], "=3"),
         (["parallel.tp=1,2"], "parallel.tp"),  # a sweep without -m
+        # former escapes (issue 13): each was a traceback or accepted though absurd
+        (["transport.slots=70000"], "transport.slots"),
+        (["transport.slot_bytes=8589934592"], "transport.slot_bytes"),
+        (["parallel.tp=100000", "parallel.dp=1000"], "parallel.tp"),
+        (["parallel.tp=64", "parallel.dp=64", "workload.hidden=1024"], "parallel"),
+        (["worker.max_rss_mb=1"], "worker.max_rss_mb"),
+        (["worker.max_rss_mb=1000000000"], "worker.max_rss_mb"),
+        (["runtime.preload=[nosuchmodule]"], "runtime.preload"),
+        (["+runtime.env.CUDA_VISIBLE_DEVICES=0,1"], "runtime.env.CUDA_VISIBLE_DEVICES"),
+        (["transport.spin_us=1e9"], "transport.spin_us"),
+        (["worker.heartbeat_interval_s=0.0001"], "worker.heartbeat_interval_s"),
+        (["workload.hidden=100000"], "workload.hidden"),
+        (["ray.placement_strategy=CLOSE"], "ray.placement_strategy"),
     ],
 )
 def test_bad_input_names_the_key(overrides, key):
@@ -177,6 +238,28 @@ def test_messages_say_what_is_wrong():
     assert "choose from: never, one_for_all, one_for_one, rest_for_one" in str(error_for(["restart=bogus"]))
     assert "'+runtime.env.FOO=...'" in str(error_for(["runtime.env.FOO=bar"]))
     assert "-m" in str(error_for(["parallel.tp=1,2"]))
+    assert str(error_for(["restart.strategy=sometimes"])) == (
+        "restart.strategy: must be one of never|one_for_one|one_for_all|rest_for_one, got 'sometimes'")
+    assert """quote it: '+runtime.env.X="0,1"'""" in str(error_for(["+runtime.env.X=0,1"]))
+    assert str(error_for(["transport.slots=70000"])) == (
+        "transport.slots: must be <= 65,536 (the ring's slot index), got 70000")
+
+
+def test_backend_ray_where_ray_is_installed(monkeypatch):
+    monkeypatch.setattr(config_module, "_importable", lambda name: True)
+    cfg = load_config(["backend=ray", "ray.address=auto"])
+    assert (cfg.backend, cfg.ray.address) == ("ray", "auto")
+
+
+def test_backend_ray_without_ray_is_one_line(monkeypatch):
+    monkeypatch.setattr(config_module, "_importable", lambda name: name != "ray")
+    err = error_for(["backend=ray"])
+    assert_names_key(err, "backend")
+    assert "not installed" in str(err)
+
+
+def test_quoted_value_with_commas_is_one_value():
+    assert load_config(['+runtime.env.CUDA_VISIBLE_DEVICES="0,1"']).runtime.env == (("CUDA_VISIBLE_DEVICES", "0,1"),)
 
 
 def test_config_error_is_always_one_line():
@@ -278,27 +361,3 @@ def test_expand_sweep_rejects(overrides, key):
     assert_names_key(info.value, key)
 
 
-# -- run directory ---------------------------------------------------------------------------------------------------
-
-
-class _FrozenClock(datetime):
-    @classmethod
-    def now(cls, tz=None):  # noqa: ARG003 - same signature as datetime.now
-        return cls(2024, 5, 6, 7, 8, 9)
-
-
-def test_make_run_dir_is_dated_and_unique(tmp_path, monkeypatch):
-    monkeypatch.setattr(config_module, "datetime", _FrozenClock)
-    first = make_run_dir(str(tmp_path))
-    second = make_run_dir(str(tmp_path))
-    assert first == str(tmp_path / "2024-05-06" / "07-08-09")
-    assert second == first + "-1"
-    assert Path(first).is_dir() and Path(second).is_dir()
-
-
-def test_saved_config_loads_back_equal(tmp_path):
-    cfg = load_config(["parallel.tp=2", "+runtime.env.FOO=bar", "workload=echo", "restart=one_for_all"])
-    path = save_config(cfg, str(tmp_path))
-    assert path == str(tmp_path / "config.yaml")
-    assert "FOO: bar" in Path(path).read_text()
-    assert load_config([], config_dir=str(tmp_path)) == cfg
