@@ -529,7 +529,7 @@ def test_failure_callback_raises_supervisor_keeps_working(method):
 
 # -- recycling: row 24 -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("cap", ["worker.max_calls=3", "worker.max_rss_mb=1"])
+@pytest.mark.parametrize("cap", ["worker.max_calls=3", "worker.max_rss_mb=16"])
 def test_recycled_gracefully_no_call_lost(cap, method):
     with Supervisor(config(*ECHO, "parallel.tp=2", cap, method=method)) as sup:
         first, results, errors = sup.pids(), [], []
