@@ -455,6 +455,7 @@ _RULES: tuple[tuple[str, Callable[[Any], str | None]], ...] = (
     ("worker.orphan_grace_s", _NON_NEG),
     ("worker.max_rss_mb", _NON_NEG_INT),
     ("worker.max_calls", _NON_NEG_INT),
+    ("worker.call_deadline_s", _NON_NEG),
     ("workload.name", _one_of(WORKLOADS)),
     ("workload.hidden", _POSITIVE_INT),
     ("workload.layers", _POSITIVE_INT),

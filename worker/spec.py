@@ -62,6 +62,10 @@ class WorkerSettings:
     orphan_grace_s: float = 0.5  # after the supervisor vanished: time to stop before os._exit
     max_rss_mb: int = 0  # 0 = no cap; above it the worker is recycled between calls
     max_calls: int = 0  # 0 = no cap
+    # execute_model's call deadline (vLLM's is 300 s): ranks that have not answered by then are declared hung
+    # (stacks dumped, killed, the restart policy acts). 0 = none. Other calls have a deadline only when asked
+    # (collective_rpc(deadline=...)); a caller's timeout= never touches the ranks.
+    call_deadline_s: float = 300.0
 
 
 @dataclass(frozen=True)
