@@ -54,7 +54,7 @@ SLOT_ALIGN = 64  # cache line: slot payloads stay aligned so readers and the wri
 MAX_RANKS = 4096  # ranks of one tree, on any backend: beyond this the supervisor's own bookkeeping is the bottleneck
 RANKS_PER_CPU = 16  # local backend: each rank is an interpreter with its own threads; more than this per CPU...
 MIN_RANKS_LIMIT = 64  # ... cannot make progress, but small machines may still oversubscribe up to this many
-MIN_RSS_CAP_MB = 32  # worker.max_rss_mb: a worker's interpreter alone resides in more; a smaller cap recycles every call
+MIN_RSS_CAP_MB = 16  # worker.max_rss_mb: a bare interpreter resides in ~10 MiB, a worker in ~30: below, every call recycles
 MAX_SPIN_US = 100_000.0  # transport.spin_us: spinning longer than 0.1 s before sleeping only burns a CPU
 MIN_HEARTBEAT_INTERVAL_S = 0.01  # a faster heartbeat is a busy loop in every worker
 MLP_EXPANSION, FLOAT32_BYTES = 4, 4  # worker/tp_mlp.py's inner width (EXPANSION * hidden) and its dtype
@@ -551,8 +551,8 @@ def _check_machine(cfg: Config) -> None:
              f"tp*pp*dp = {par.total} worker processes on {cpus} CPU(s); at most {limit} can make progress here")
     memory_mb, cap = _memory_mb(), cfg.worker.max_rss_mb
     _require(cap == 0 or MIN_RSS_CAP_MB <= cap <= memory_mb, "worker.max_rss_mb",
-             f"must be 0 (no cap) or {MIN_RSS_CAP_MB}..{memory_mb} MiB (a worker's interpreter alone resides in "
-             f"more than {MIN_RSS_CAP_MB} MiB; this machine has {memory_mb} MiB), got {cap}")
+             f"must be 0 (no cap) or {MIN_RSS_CAP_MB}..{memory_mb} MiB (a bare interpreter alone resides in ~10 MiB, "
+             f"so a smaller cap recycles after every call; this machine has {memory_mb} MiB), got {cap}")
     load = cfg.workload
     if load.name in ("tp_mlp", "bench", "serve", "echo"):  # the MLP's weights, built once for the reference check
         model_mb = (2 * MLP_EXPANSION * load.hidden * load.hidden * load.layers * FLOAT32_BYTES) >> 20
