@@ -2,7 +2,9 @@
 
 Exit codes: 0 done; 1 workers failed beyond the restart policy (or the workload failed its check); 2 bad
 configuration; 128+signal when stopped by SIGINT / SIGTERM / SIGHUP. A fatal child death is never reported as 0.
-Ctrl-C once stops gracefully; a second Ctrl-C kills every worker at once.
+Ctrl-C once stops gracefully; a second Ctrl-C kills every worker at once. SIGTERM first drains: new calls are
+refused, calls in flight get up to shutdown.drain_s to finish; a second SIGTERM (or a Ctrl-C) cuts the drain short.
+SIGUSR2 restarts the dp groups one at a time (a rolling restart), losing no call.
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ Configuration lives in conf/ (Hydra); any key can be overridden here."""
 
 
 class SignalState:
-    """First SIGINT/SIGTERM/SIGHUP: graceful stop. A second SIGINT: kill everything now."""
+    """First SIGINT/SIGTERM/SIGHUP: graceful stop (SIGTERM drains calls in flight first). A later signal cuts a drain
+    short; a second SIGINT kills everything now. SIGUSR2: rolling restart."""
 
     def __init__(self) -> None:
         self.stop = threading.Event()
@@ -33,15 +36,22 @@ class SignalState:
     def install(self) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, self._handle)
+        signal.signal(signal.SIGUSR2, self._rolling_restart)
 
     def _handle(self, signum: int, _frame) -> None:
         if self.signum is not None and signum == signal.SIGINT:
             self._kill_now()
+        drain = self.signum is None and signum == signal.SIGTERM  # a first SIGTERM drains; any later one skips it
         self.signum = self.signum or signum
         self.stop.set()
         sup = self.supervisor
         if sup is not None:
-            sup.request_shutdown()  # non-blocking: the main thread finishes the stop
+            sup.request_shutdown(drain=drain)  # non-blocking: the main thread finishes the stop
+
+    def _rolling_restart(self, _signum: int, _frame) -> None:
+        sup = self.supervisor
+        if sup is not None and self.signum is None:
+            sup.rolling_restart(wait=False)  # the manager thread does it; progress is in the events
 
     def _kill_now(self) -> None:
         sup = self.supervisor
