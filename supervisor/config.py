@@ -46,7 +46,7 @@ MAX_SLOT_BYTES = (1 << 32) - 64  # transport/layout.py: a slot's size is a u32, 
 DEFAULT_CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")  # package data; a link to conf/ in a checkout
 CONFIG_NAME = "config"
 
-WORKLOADS = ("tp_mlp", "echo", "serve", "bench", "llm")
+WORKLOADS = ("tp_mlp", "echo", "serve", "bench", "llm", "script")
 MIN_SLOT_BYTES = 4096  # one page: smaller slots make every message span many slots
 SLOT_ALIGN = 64  # cache line: slot payloads stay aligned so readers and the writer never share a line
 
@@ -502,6 +502,10 @@ def validate(cfg: Config, visible_gpus: int | None = None, cuda_initialized: boo
         from supervisor.llm_workload import check_config
 
         check_config(cfg, visible_gpus)
+    if cfg.workload.name == "script":  # the script, its mode and the layout it needs (supervisor/launch/checks.py)
+        from supervisor.launch.checks import check_config as check_script
+
+        check_script(cfg)
 
 
 def _check_relations(cfg: Config) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from worker.spec import LLMSettings, TransportSettings, WorkerSettings, WorkloadSettings
+from worker.spec import LLMSettings, ScriptSettings, TransportSettings, WorkerSettings, WorkloadSettings
 
 
 class Choice(str, enum.Enum):
@@ -182,6 +182,7 @@ class Config:
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     workload: WorkloadSettings = field(default_factory=WorkloadSettings)
     llm: LLMSettings = field(default_factory=LLMSettings)  # workload=llm: the Llama decoder
+    launch: ScriptSettings = field(default_factory=ScriptSettings)  # workload=script: a torchrun-style script
     restart: RestartSettings = field(default_factory=RestartSettings)
     rpc: RpcSettings = field(default_factory=RpcSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)

@@ -98,11 +98,19 @@ def run_serve(sup: Supervisor, stop: threading.Event) -> Report:
     return report
 
 
+
+def run_script(sup: Supervisor, stop: threading.Event) -> Report:
+    from supervisor.launch.run import drive  # the launcher's loop: joins, restarts, the root cause on failure
+
+    return drive(sup, stop)
+
+
 WORKLOADS: dict[str, Callable[[Supervisor, threading.Event], Report]] = {
     "tp_mlp": run_tp_mlp,
     "bench": run_tp_mlp,
     "echo": run_echo,
     "serve": run_serve,
+    "script": lambda sup, stop: run_script(sup, stop),  # a torchrun-style script on every rank
     "llm": run_llm,  # supervisor/llm_workload.py: the Llama decoder, checked against transformers
 }
 

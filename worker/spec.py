@@ -53,6 +53,25 @@ class LLMSettings:
 
 
 @dataclass(frozen=True)
+class ScriptSettings:
+    """A torchrun-style script run as every rank (``workload=script``, or the ``rankvisor-run`` launcher)."""
+
+    script: str = ""  # the script's path; with module=true a module name; with no_python=true a command
+    args: tuple[str, ...] = ()  # its arguments
+    module: bool = False  # torchrun -m: run ``python -m script``
+    no_python: bool = False  # torchrun --no-python: run ``script`` itself as the command
+    mode: str = "fresh"  # fresh: a new interpreter per rank (torchrun's way) | fast: runpy in a forkserver child
+    run_id: str = "none"  # TORCHELASTIC_RUN_ID
+    role: str = "default"  # ROLE_NAME
+    redirects: int = 0  # torchrun's --redirects: 1 stdout, 2 stderr, 3 both go to the rank's log file only
+    tee: int = 0  # torchrun's --tee: the same streams also go to the console (the files are always written)
+    local_ranks_filter: tuple[int, ...] = ()  # console output only from these ranks; empty = every rank
+    log_dir: str = ""  # per-rank logs and error files; "" = the run directory
+    max_restarts: int = 0  # TORCHELASTIC_MAX_RESTARTS; the supervisor derives it from restart.*
+    torchrun_exit_codes: bool = False  # launcher: exit 1 (torchrun's code) instead of 128+signal when signalled
+
+
+@dataclass(frozen=True)
 class WorkerSettings:
     """How a worker process runs: which class, how it proves liveness, when it is recycled."""
 
@@ -117,6 +136,7 @@ class WorkerSpec:
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     workload: WorkloadSettings = field(default_factory=WorkloadSettings)
     llm: LLMSettings = field(default_factory=LLMSettings)
+    script: ScriptSettings = field(default_factory=ScriptSettings)
     env: tuple[tuple[str, str], ...] = ()  # extra environment, set before torch is imported
     attempt: int = 0  # restart attempt of the group, for logs and events
     log_level: str = "INFO"

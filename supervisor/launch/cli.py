@@ -1,0 +1,182 @@
+"""``rankvisor-run``: torchrun's single-node command line, run under the supervisor.
+
+    rankvisor-run --nproc-per-node=4 --max-restarts=3 train.py --epochs 10
+
+torchrun's flags, as torchrun spells them, become Hydra overrides of the same configuration ``python -m supervisor``
+uses (``workload=script``), so every key of the tree still applies through ``-c key=value``. The script, its
+arguments and the other string settings go into ``launch.*`` directly (no Hydra quoting of arbitrary arguments).
+
+Where the exit differs from torchrun: stopped by SIGTERM/SIGINT/SIGHUP, the launcher stops every rank gracefully and
+exits 128+signal (143 for SIGTERM), as every Unix tool does; torchrun exits 1. ``--torchrun-exit-codes`` gives 1.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import uuid
+
+USAGE_ERROR = 2
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rankvisor-run", allow_abbrev=False,
+                                description="torchrun's single-node launcher, supervised (see README: rankvisor-run)")
+    a = p.add_argument
+    a("--nnodes", default="1", help="1 (or 1:1): single node only")
+    a("--nproc-per-node", "--nproc_per_node", default="1", help="ranks on this node: N, cpu, gpu or auto")
+    a("--standalone", action="store_true", help="accepted: a run is always standalone (its own rendezvous)")
+    a("--rdzv-backend", "--rdzv_backend", default="static", help="accepted and ignored on one node")
+    a("--rdzv-endpoint", "--rdzv_endpoint", default="", help="accepted and ignored on one node")
+    a("--rdzv-id", "--rdzv_id", default="none", help="TORCHELASTIC_RUN_ID")
+    a("--rdzv-conf", "--rdzv_conf", default="", help="accepted and ignored on one node")
+    a("--run-id", "--run_id", default=None, help="TORCHELASTIC_RUN_ID (same as --rdzv-id)")
+    a("--max-restarts", "--max_restarts", type=int, default=0,
+      help="restart every rank (one_for_all) at most this many times in all")
+    a("--monitor-interval", "--monitor_interval", type=float, default=0.1,
+      help="accepted and ignored: deaths are noticed at once, not polled")
+    a("--start-method", "--start_method", default="spawn", choices=["spawn", "fork", "forkserver"],
+      help="accepted: how torchrun starts Python workers; ranks here are forkserver children")
+    a("--role", default="default", help="ROLE_NAME")
+    a("-m", "--module", action="store_true", help="run the script as a module (python -m)")
+    a("--no-python", "--no_python", action="store_true", help="run the script as a command, not with python")
+    a("--run-path", "--run_path", action="store_true", help="accepted: the script is run by path anyway")
+    a("--log-dir", "--log_dir", default="", help="per-rank logs and error files (default: the run directory)")
+    a("-r", "--redirects", default="0", help="0 none, 1 stdout, 2 stderr, 3 both: to the log files only")
+    a("-t", "--tee", default="0", help="0 none, 1 stdout, 2 stderr, 3 both: to the log files and the console")
+    a("--local-ranks-filter", "--local_ranks_filter", default="", help="console output only from these ranks: 0,2")
+    a("--node-rank", "--node_rank", type=int, default=0, help="0 (single node)")
+    a("--master-addr", "--master_addr", default="127.0.0.1", help="127.0.0.1 (single node)")
+    a("--master-port", "--master_port", type=int, default=None, help="a fixed port (default: a free one per attempt)")
+    # ours
+    a("--fast", action="store_true", help="run the script with runpy inside a forkserver child that already "
+                                          "imported torch (fast start) instead of a fresh interpreter")
+    a("--shutdown-timeout", type=float, default=None, help="seconds between SIGTERM and SIGKILL of a rank")
+    a("--torchrun-exit-codes", action="store_true", help="exit 1 when stopped by a signal, as torchrun does")
+    a("-c", "--config", action="append", default=[], metavar="KEY=VALUE", help="any key of the tree (Hydra)")
+    a("script", help="the training script (a module with -m, a command with --no-python)")
+    a("args", nargs=argparse.REMAINDER, help="the script's arguments")
+    return p
+
+
+class UsageError(Exception):
+    """One line naming the flag and what is wrong with it."""
+
+
+def overrides(ns: argparse.Namespace) -> list[str]:
+    """The Hydra overrides for torchrun's flags (the launch.* strings are set afterwards, see launch_settings)."""
+    out = ["workload=script", f"parallel.tp={nproc(ns.nproc_per_node)}", f"launch.script={_quote(ns.script)}",
+           f"launch.module={str(ns.module).lower()}", f"launch.no_python={str(ns.no_python).lower()}",
+           f"launch.mode={'fast' if ns.fast else 'fresh'}"]
+    if ns.max_restarts < 0:
+        raise UsageError(f"--max-restarts: must be >= 0, got {ns.max_restarts}")
+    if ns.max_restarts:  # a total budget, as torchrun means it: no time window, start-up failures included
+        n = ns.max_restarts
+        out += ["restart=one_for_all", f"restart.intensity={n}", f"restart.startup_intensity={n}",
+                f"restart.period_s={_FOREVER_S}", f"restart.startup_period_s={_FOREVER_S}"]
+    if not ns.fast:
+        out.append("runtime.preload=[]")  # fresh interpreters import torch themselves: the forkserver stays light
+    if ns.shutdown_timeout is not None:
+        out.append(f"shutdown.grace_s={ns.shutdown_timeout}")
+    if ns.master_port is not None:
+        out.append(f"+runtime.env.MASTER_PORT={ns.master_port}")
+    return out + list(ns.config)
+
+
+_FOREVER_S = 10 ** 9  # restart.period_s for a budget that never refills
+
+
+def _quote(value: str) -> str:
+    """A Hydra override value taken literally (a path may hold '=', ',' or brackets)."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def launch_settings(ns: argparse.Namespace, base):
+    run_id = ns.run_id or (uuid.uuid4().hex if ns.standalone and ns.rdzv_id == "none" else ns.rdzv_id)
+    return dataclasses.replace(
+        base, script=ns.script, args=tuple(ns.args), module=ns.module, no_python=ns.no_python,
+        mode="fast" if ns.fast else "fresh", run_id=run_id, role=ns.role,
+        redirects=_stream_mask("--redirects", ns.redirects), tee=_stream_mask("--tee", ns.tee),
+        local_ranks_filter=_ranks("--local-ranks-filter", ns.local_ranks_filter),
+        log_dir=os.path.abspath(ns.log_dir) if ns.log_dir else "", torchrun_exit_codes=ns.torchrun_exit_codes)
+
+
+def nproc(value: str) -> int:
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    if value in ("gpu", "auto"):
+        from supervisor.core.topology import visible_gpus
+
+        gpus = visible_gpus()
+        if gpus or value == "auto":
+            return gpus or (os.cpu_count() or 1)
+        raise UsageError("--nproc-per-node=gpu: no GPU is visible")
+    if value == "cpu":
+        return os.cpu_count() or 1
+    raise UsageError(f"--nproc-per-node: must be a positive integer, cpu, gpu or auto, got {value!r}")
+
+
+def check_single_node(ns: argparse.Namespace) -> None:
+    lo, _, hi = ns.nnodes.partition(":")
+    if not (lo == "1" and hi in ("", "1")):
+        raise UsageError(f"--nnodes={ns.nnodes}: rankvisor-run supervises one node; multi-node runs are not "
+                         "supported (run torchrun, or one rankvisor-run per node is not equivalent)")
+    if ns.node_rank != 0:
+        raise UsageError(f"--node-rank={ns.node_rank}: single node only, the node rank is 0")
+
+
+def _stream_mask(flag: str, value: str) -> int:
+    if value.isdigit() and int(value) in range(4):
+        return int(value)
+    raise UsageError(f"{flag}={value}: rankvisor-run takes one value for every rank: 0, 1, 2 or 3")
+
+
+def _ranks(flag: str, value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(r) for r in value.split(",") if r.strip())
+    except ValueError:
+        raise UsageError(f"{flag}={value}: must be ranks separated by commas, e.g. 0,2") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    from supervisor.__main__ import SignalState
+
+    signals = SignalState()
+    signals.install()
+    try:
+        cfg = load(args)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+    return run(cfg, signals)
+
+
+def load(args: list[str]):
+    """The validated Config for torchrun-style ``args`` (UsageError for a bad flag or key)."""
+    from supervisor.backends.local.startmethod import cuda_initialized
+    from supervisor.config import ConfigError, load_config, validate
+
+    ns = parser().parse_args(args)
+    check_single_node(ns)
+    try:
+        cfg = load_config(overrides(ns))
+        cfg = dataclasses.replace(cfg, launch=launch_settings(ns, cfg.launch))
+        validate(cfg, cuda_initialized=cuda_initialized())
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    return cfg
+
+
+def run(cfg, signals) -> int:
+    from supervisor.__main__ import run_one
+
+    code = run_one(cfg, signals)
+    if signals.signum and cfg.launch.torchrun_exit_codes:
+        return 1  # torchrun: a SignalException ends the agent with exit code 1
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
