@@ -457,6 +457,7 @@ _RULES: tuple[tuple[str, Callable[[Any], str | None]], ...] = (
     ("worker.max_calls", _NON_NEG_INT),
     ("worker.call_deadline_s", _NON_NEG),
     ("workload.name", _one_of(WORKLOADS)),
+    ("http.port", _at_most(_NON_NEG_INT, 65535, "the largest TCP port")),
     ("workload.hidden", _POSITIVE_INT),
     ("workload.layers", _POSITIVE_INT),
     ("workload.batch", _POSITIVE_INT),

@@ -165,6 +165,20 @@ class LoggingSettings:
     run_dir: str = ""  # filled in by the CLI (Hydra-style outputs/DATE/TIME); "" = no files
 
 
+class HttpWhen(Choice):
+    serve = "serve"  # only in workload=serve, the long-running one
+    always = "always"
+    never = "never"
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    """/metrics, /healthz, /readyz and the live page on 127.0.0.1 (supervisor/observe/http.py)."""
+
+    when: HttpWhen = HttpWhen.serve
+    port: int = 0  # 0 = a free port, chosen at start (logged, and written to RUN_DIR/http.json)
+
+
 @dataclass(frozen=True)
 class RaySettings:
     address: str = ""  # "" = start a local Ray instance; "auto" or host:port = join a cluster
@@ -186,5 +200,6 @@ class Config:
     restart: RestartSettings = field(default_factory=RestartSettings)
     rpc: RpcSettings = field(default_factory=RpcSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
     backend: Backend = Backend.local
     ray: RaySettings = field(default_factory=RaySettings)
