@@ -89,7 +89,7 @@ class RetryingCall:
     def __init__(self, name: str, group: int, *, movable: bool, policy: RetryPolicy, deadline: float | None,
                  send: Callable[[int, float | None], tuple[Any, Any]], wait: Callable[[Any, Any, float | None], Any],
                  view: ServingView, emit: Callable[..., Any], stats: RetryStats) -> None:
-        self.call_id = next(_ids)
+        self.call_id = next_request_id()
         self.name, self.group, self.movable = name, group, movable
         self.policy, self.deadline = policy, deadline
         self._send, self._wait, self._view, self._emit, self._stats = send, wait, view, emit, stats
@@ -147,18 +147,36 @@ class RetryingCall:
 
     def _wait_serving(self, candidates: list[int], failed: int, exc: WorkerFailed, deadline: float | None) -> int:
         dead = self._incarnation  # the incarnation of ``failed`` that this call saw fail
-        while True:
-            final = self._view.final_error(self.name)
-            if final is not None:
-                raise final from exc
-            live = set(self._view.live())
-            ready = [g for g in candidates if g in live and self._view.serving(g)
-                     and (g != failed or self._view.incarnation(g) is not dead)]
-            if ready:
-                return ready[0]
-            if not live & set(candidates) or _passed(deadline):
-                raise exc  # removed from the tree, or out of time: the last attempt's error is the answer
-            time.sleep(_SERVING_POLL_S)
+        view = self._view
+
+        def ready() -> int | None:
+            live = set(view.live())
+            found = [g for g in candidates if g in live and view.serving(g)
+                     and (g != failed or view.incarnation(g) is not dead)]
+            return found[0] if found else None
+
+        return wait_for(view, self.name, ready, lambda: bool(set(view.live()) & set(candidates)), deadline, exc)
+
+
+def wait_for(view: ServingView, name: str, claim: Callable[[], int | None], possible: Callable[[], bool],
+             deadline: float | None, exc: BaseException) -> int:
+    """Poll ``claim`` until it names a group. Raises the tree's final error (stopping, gave up) if there is one, or
+    ``exc`` once it is no longer ``possible`` (the candidates left the tree) or the deadline passed."""
+    while True:
+        final = view.final_error(name)
+        if final is not None:
+            raise final from exc
+        group = claim()
+        if group is not None:
+            return group
+        if not possible() or _passed(deadline):
+            raise exc
+        time.sleep(_SERVING_POLL_S)
+
+
+def next_request_id() -> int:
+    """A supervisor-wide id for a logical call or request, the same across its retries (events: ``call``)."""
+    return next(_ids)
 
 
 def _passed(deadline: float | None) -> bool:

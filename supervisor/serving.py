@@ -1,0 +1,128 @@
+"""Serving generation requests over the dp replicas, each request answered once even when its replica dies.
+
+A generation is not one call: it is a prefill and then decode steps that read the KV cache their group built, so
+a decode step cannot move to another replica (that replica holds another request's cache, or none). The unit that
+is retried is therefore the request:
+
+::
+
+    generate(prompts, n) ── lease a serving, idle group g ──> prefill(prompts) ──> decode ... decode ──> tokens
+                                    ▲                                   │ WorkerFailed (a rank of g died)
+                                    │                                   ▼
+                                    └── lease another serving group (or g's next incarnation), prefill(prompts +
+                                        the tokens produced so far, n - produced) and continue; a "retry" event
+
+Continue, not restart: greedy decoding is a function of the tokens so far, so prefill(prompt + produced) yields the
+same next tokens that the dead group would have produced -- the answer is identical to a fault-free run (the bench
+checks every answer against a single-process reference) -- and the tokens already paid for are not recomputed
+one decode step at a time: one prefill replaces them. The worker API (worker/llm/worker.py: execute_model({"op":
+"prefill", "prompts", "max_new_tokens"}) then {"op": "decode", "tokens"}) needs nothing new for it: a prefill
+resets the group's cache and takes prompts of any length.
+
+One request at a time per group (a lease): the group's cache holds one batch. Leases wait for a serving, idle group
+within the request's deadline; the retry policy (which errors, how many attempts) is supervisor/core/retry.py's.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from supervisor.core.retry import RetryPolicy, next_request_id, wait_for
+from supervisor.errors import WorkerFailed
+
+STEP_TIMEOUT_S = 120.0  # one prefill or decode step, when the request has no deadline of its own
+
+
+class GroupLeases:
+    """Which dp groups are busy with a request. A lease is taken only on a serving group, never on the incarnation
+    of a group that just failed this request."""
+
+    def __init__(self, view: Any) -> None:
+        self._view = view
+        self._lock = threading.Lock()
+        self._busy: set[int] = set()
+        self._turn = 0
+
+    def claim(self, avoid: tuple[int, Any] | None = None) -> int | None:
+        """An idle serving group, now leased to the caller; None if there is none at the moment."""
+        with self._lock:
+            live = self._view.live()
+            for k in range(len(live)):
+                g = live[(self._turn + k) % len(live)]
+                if g in self._busy or not self._view.serving(g):
+                    continue
+                if avoid is not None and g == avoid[0] and self._view.incarnation(g) is avoid[1]:
+                    continue
+                self._busy.add(g)
+                self._turn += 1
+                return g
+            return None
+
+    def release(self, group: int) -> None:
+        with self._lock:
+            self._busy.discard(group)
+
+
+class Generator:
+    """Greedy generation through a Supervisor running ``workload=llm``, a request at a time per dp group.
+
+    ``retry`` (default: on unless ``rpc.retry_execute_model=never``): a request whose group fails is continued on
+    another serving group, or on its own group once that serves again, up to ``rpc.retry_attempts`` in all."""
+
+    def __init__(self, sup: Any, retry: bool | None = None) -> None:
+        self.sup = sup
+        self.retry = sup.cfg.rpc.retry_execute_model != "never" if retry is None else retry
+        self.policy = RetryPolicy(sup.cfg.rpc.retry_attempts)
+        self.leases = GroupLeases(sup._serving_view)
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, timeout: float | None = None) -> list[list[int]]:
+        """The ``max_new_tokens`` greedy tokens after each prompt. One answer, or the last attempt's error."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        view = self.sup._serving_view
+        rid, rows, attempt = next_request_id(), [[] for _ in prompts], 1
+        group: int | None = self._lease(deadline, None, WorkerFailed("generate: no dp group is serving"))
+        try:
+            while True:
+                incarnation = view.incarnation(group)
+                try:
+                    self._run(group, prompts, rows, max_new_tokens, deadline)
+                    return rows
+                except WorkerFailed as exc:
+                    if not self.retry or attempt >= self.policy.attempts or _passed(deadline):
+                        raise
+                    failed, group = group, None
+                    self.leases.release(failed)
+                    group = self._lease(deadline, (failed, incarnation), exc)
+                    attempt += 1
+                    self.sup.retry_stats.add(failed)
+                    self.sup.events.emit("retry", call=rid, method="generate", from_group=failed, to_group=group,
+                                         attempt=attempt, tokens_done=len(rows[0]),
+                                         error=str(exc).splitlines()[0][:200])
+        finally:
+            if group is not None:
+                self.leases.release(group)
+
+    def _lease(self, deadline: float | None, avoid: tuple[int, Any] | None, exc: WorkerFailed) -> int:
+        view = self.sup._serving_view
+        return wait_for(view, "generate", lambda: self.leases.claim(avoid), lambda: bool(view.live()), deadline, exc)
+
+    def _run(self, group: int, prompts: list[list[int]], rows: list[list[int]], n: int,
+             deadline: float | None) -> None:
+        """Prefill (the prompts plus what is already produced) and decode to ``n`` tokens on ``group``."""
+        first = self._step(group, {"op": "prefill", "prompts": [p + r for p, r in zip(prompts, rows)],
+                                   "max_new_tokens": n - len(rows[0])}, deadline)
+        for row, tok in zip(rows, first):
+            row.append(tok)
+        while len(rows[0]) < n:
+            nxt = self._step(group, {"op": "decode", "tokens": [r[-1] for r in rows]}, deadline)
+            for row, tok in zip(rows, nxt):
+                row.append(tok)
+
+    def _step(self, group: int, step: dict, deadline: float | None) -> Any:
+        timeout = STEP_TIMEOUT_S if deadline is None else max(0.0, deadline - time.monotonic())
+        return self.sup.execute_model(step, group=group, timeout=timeout, retry=False)
+
+
+def _passed(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline
