@@ -77,3 +77,47 @@ def memory_by_pid() -> dict[int, int]:
         for pid, used in processes(i).items():
             out[pid] = out.get(pid, 0) + used
     return out
+
+
+def usable_gpus() -> tuple[str, ...]:
+    """The CUDA_VISIBLE_DEVICES entries (or, unset, the indices) of the GPUs torch and the driver can really use here,
+    found without importing torch or creating a CUDA context: torch must be a CUDA build and the driver must see the
+    devices. CUDA's own rule applies: the list stops at the first entry that names no device. Empty on CPU hosts."""
+    import os
+
+    import glob
+
+    count = device_count() or len(glob.glob("/proc/driver/nvidia/gpus/*"))  # the driver's own list without NVML
+    if count == 0 or not torch_has_cuda():
+        return ()
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is None:
+        return tuple(str(i) for i in range(count))
+    usable: list[str] = []
+    for entry in (e.strip() for e in env.split(",")):
+        known = entry.isdigit() and int(entry) < count or entry.startswith(("GPU-", "MIG-"))
+        if not known:
+            break
+        usable.append(entry)
+    return tuple(usable[:count])
+
+
+@functools.lru_cache(maxsize=1)
+def torch_has_cuda() -> bool:
+    """Whether the installed torch is a CUDA build, read from torch/version.py without importing torch."""
+    import importlib.util
+    import re
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return torch.version.cuda is not None
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    try:
+        with open(f"{spec.submodule_search_locations[0]}/version.py", encoding="utf-8") as f:
+            text = f.read()
+    except OSError:
+        return False
+    return re.search(r"^cuda(?::\s*\S+)?\s*=\s*['\"]", text, re.M) is not None

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import glob
 import os
 import socket
 
@@ -15,13 +14,12 @@ TORCHRUN_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER
 
 
 def visible_gpus() -> int:
-    """GPUs this process may use, found without importing torch (the supervisor stays light and never
-    initialises CUDA): CUDA_VISIBLE_DEVICES if set, else the NVIDIA driver's /proc entries."""
-    env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if env is not None:
-        ids = [x for x in env.split(",") if x.strip() and x.strip() != "-1"]
-        return len(ids)
-    return len(glob.glob("/proc/driver/nvidia/gpus/*"))
+    """GPUs this process may use: those torch and the driver can really use (supervisor/gpu.py: a CUDA build of
+    torch, devices the driver sees, CUDA_VISIBLE_DEVICES applied), found without importing torch -- the supervisor
+    stays light and never initialises CUDA."""
+    from supervisor.gpu import usable_gpus
+
+    return len(usable_gpus())
 
 
 def resolve_device(device: str) -> str:
