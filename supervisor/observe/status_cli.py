@@ -1,0 +1,151 @@
+"""`python -m supervisor status [RUN_DIR|latest] [--json] [--watch [SECONDS]] [--restart GROUP] [--stop]`
+
+Asks a running supervisor, through RUN_DIR/control.sock, for its live table: one row per rank with group, pid,
+state, restarts, RSS, CPU%, GPU MiB, heartbeat age and the call in progress with its age. ``latest`` (the default)
+is the newest run folder under ./outputs whose supervisor still answers.
+
+Exit codes: 0 answered; 1 no supervisor answers there (not running any more); 2 bad arguments (one line).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from supervisor.observe import control
+
+USAGE = ("usage: python -m supervisor status [RUN_DIR|latest] [--json] [--watch [SECONDS]] "
+         "[--restart GROUP] [--stop]")
+DEFAULT_WATCH_S = 2.0
+_CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear screen: what `watch` does between frames
+
+
+class _Usage(Exception):
+    pass
+
+
+def main(argv: list[str]) -> int:
+    try:
+        opts = _parse(argv)
+        run_dir = _resolve(opts["where"])
+    except _Usage as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if opts["stop"] or opts["restart"] is not None:
+            return _command(run_dir, opts)
+        return _show(run_dir, opts)
+    except OSError as exc:
+        print(f"error: no supervisor answers in {run_dir} ({exc.strerror or exc}); it is not running any more",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+
+
+def _parse(argv: list[str]) -> dict[str, Any]:
+    opts: dict[str, Any] = {"where": "latest", "json": False, "watch": None, "restart": None, "stop": False}
+    args = list(argv)
+    while args:
+        a = args.pop(0)
+        if a in ("-h", "--help"):
+            raise _Usage(USAGE)
+        if a == "--json":
+            opts["json"] = True
+        elif a == "--stop":
+            opts["stop"] = True
+        elif a == "--watch":
+            opts["watch"] = _number(args.pop(0), "--watch") if args and _is_number(args[0]) else DEFAULT_WATCH_S
+        elif a == "--restart":
+            if not args or not args[0].isdigit():
+                raise _Usage("--restart: needs a group number, e.g. --restart 1")
+            opts["restart"] = int(args.pop(0))
+        elif a.startswith("-"):
+            raise _Usage(f"{a}: no such option ({USAGE})")
+        else:
+            opts["where"] = a
+    return opts
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def _number(s: str, what: str) -> float:
+    value = float(s)
+    if value <= 0:
+        raise _Usage(f"{what}: must be a number > 0, got {s}")
+    return value
+
+
+def _resolve(where: str) -> str:
+    if where != "latest":
+        if not os.path.isdir(where):
+            raise _Usage(f"{where}: no such run folder")
+        if not os.path.exists(os.path.join(where, control.SOCKET_NAME)):
+            raise _Usage(f"{where}: no {control.SOCKET_NAME} there (not a run folder, or its supervisor has exited)")
+        return where
+    candidates = sorted(glob.glob(os.path.join("outputs", "*", "*", control.SOCKET_NAME)), key=os.path.getmtime,
+                        reverse=True)
+    for sock in candidates:
+        run_dir = os.path.dirname(sock)
+        try:
+            control.request(run_dir, {"cmd": "status"}, timeout_s=1.0)
+            return run_dir
+        except (OSError, ValueError):
+            continue  # a supervisor killed with -9 leaves its socket file: skip it
+    raise _Usage("latest: no running supervisor under ./outputs (give RUN_DIR)")
+
+
+def _command(run_dir: str, opts: dict[str, Any]) -> int:
+    req = {"cmd": "stop"} if opts["stop"] else {"cmd": "restart", "group": opts["restart"]}
+    reply = control.request(run_dir, req)
+    if not reply.get("ok"):
+        print(f"error: {reply.get('error')}", file=sys.stderr)
+        return 2
+    print(json.dumps(reply) if opts["json"] else ("stopping" if opts["stop"] else f"restarting group {opts['restart']}"))
+    return 0
+
+
+def _show(run_dir: str, opts: dict[str, Any]) -> int:
+    while True:
+        reply = control.request(run_dir, {"cmd": "status"})
+        if not reply.get("ok"):
+            print(f"error: {reply.get('error')}", file=sys.stderr)
+            return 1
+        out = json.dumps(reply["status"]) if opts["json"] else format_status(reply["status"])
+        if opts["watch"] is None:
+            print(out)
+            return 0
+        print((_CLEAR if sys.stdout.isatty() and not opts["json"] else "") + out, flush=True)
+        time.sleep(opts["watch"])
+
+
+_COLUMNS = [("group", 5), ("rank", 4), ("pid", 7), ("state", 9), ("restarts", 8), ("rss MiB", 8), ("cpu%", 6),
+            ("gpu MiB", 8), ("beat s", 7), ("call", 24)]
+
+
+def format_status(st: dict[str, Any]) -> str:
+    groups = ", ".join(f"{g['group']}: {'serving' if g['serving'] else (g['closed'] or g['state'])}"
+                       for g in st["groups"])
+    head = (f"run {st['run']}  {st['run_dir']}  supervisor pid {st['pid']}  {st['state']}"
+            f"{'  serving' if st['serving'] else ''}  up {st['uptime_s']:.0f} s\ngroups  {groups}")
+    lines = [head, " ".join(f"{name:<{w}}" if name in ("state", "call") else f"{name:>{w}}" for name, w in _COLUMNS)]
+    for r in st["workers"]:
+        call = f"{r['call']} {r['call_s']:.1f}s" if r.get("call") else "-"
+        cells = [r["group"], r["rank"], r["pid"], r["state"], r["restarts"], _num(r.get("rss_mib")),
+                 _num(r.get("cpu_pct")), _num(r.get("gpu_mib")), _num(r.get("heartbeat_age_s")), call]
+        lines.append(" ".join(f"{str(c):<{w}}" if name in ("state", "call") else f"{str(c):>{w}}"
+                              for c, (name, w) in zip(cells, _COLUMNS)))
+    return "\n".join(lines)
+
+
+def _num(v: Any) -> str:
+    return "-" if v is None else f"{v:.1f}" if isinstance(v, float) else str(v)
