@@ -79,10 +79,23 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 # -- layers -------------------------------------------------------------------------------------------------------
+# Parameters are created uninitialised (torch.empty) on their device and in their dtype, then filled from the
+# checkpoint: no random init to throw away, and no meta-device init, whose first use imports torch's reference
+# decompositions (~2 s of a restart on a CPU core).
+def _param(*dims: int, like: "Alloc") -> nn.Parameter:
+    return nn.Parameter(torch.empty(*dims, dtype=like.dtype, device=like.device), requires_grad=False)
+
+
+@dataclass(frozen=True)
+class Alloc:
+    dtype: torch.dtype
+    device: torch.device
+
+
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, alloc: Alloc) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = _param(dim, like=alloc)
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,15 +108,15 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     """Grouped-query attention over this rank's heads: heads/tp query heads, kv_heads/tp key/value heads."""
 
-    def __init__(self, shape: LlamaShape, par: Parallel) -> None:
+    def __init__(self, shape: LlamaShape, par: Parallel, alloc: Alloc) -> None:
         super().__init__()
         self.par = par
         self.head_dim = shape.head_dim
         self.heads = shape.num_attention_heads // par.tp
         self.kv_heads = shape.num_key_value_heads // par.tp
         out = (self.heads + 2 * self.kv_heads) * self.head_dim
-        self.wqkv = nn.Linear(shape.hidden_size, out, bias=False)  # q, k, v rows of this rank, fused
-        self.wo = nn.Linear(self.heads * self.head_dim, shape.hidden_size, bias=False)
+        self.wqkv = _param(out, shape.hidden_size, like=alloc)  # q, k, v rows of this rank, fused: one GEMM
+        self.wo = _param(shape.hidden_size, self.heads * self.head_dim, like=alloc)
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
 
@@ -111,41 +124,41 @@ class Attention(nn.Module):
                 cache_pos: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
         hd = self.head_dim
-        q, k, v = self.wqkv(x).split([self.heads * hd, self.kv_heads * hd, self.kv_heads * hd], dim=-1)
+        q, k, v = F.linear(x, self.wqkv).split([self.heads * hd, self.kv_heads * hd, self.kv_heads * hd], dim=-1)
         q = apply_rope(q.view(b, t, self.heads, hd).transpose(1, 2), cos, sin)
         k = apply_rope(k.view(b, t, self.kv_heads, hd).transpose(1, 2), cos, sin)
         v = v.view(b, t, self.kv_heads, hd).transpose(1, 2)
         k_all, v_all = self.k_cache[:b], self.v_cache[:b]
-        k_all[:, :, cache_pos] = k
-        v_all[:, :, cache_pos] = v
+        k_all.index_copy_(2, cache_pos, k)  # in place, no host sync: capturable in a CUDA graph
+        v_all.index_copy_(2, cache_pos, v)
         y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=hd ** -0.5,
                                            enable_gqa=self.heads != self.kv_heads)
-        y = self.wo(y.transpose(1, 2).reshape(b, t, self.heads * hd))
+        y = F.linear(y.transpose(1, 2).reshape(b, t, self.heads * hd), self.wo)
         return self.par.all_reduce(y)
 
 
 class MLP(nn.Module):
     """SwiGLU over this rank's intermediate columns: gate/up column-parallel (fused), down row-parallel."""
 
-    def __init__(self, shape: LlamaShape, par: Parallel) -> None:
+    def __init__(self, shape: LlamaShape, par: Parallel, alloc: Alloc) -> None:
         super().__init__()
         self.par = par
         self.inter = shape.intermediate_size // par.tp
-        self.w_gate_up = nn.Linear(shape.hidden_size, 2 * self.inter, bias=False)
-        self.w_down = nn.Linear(self.inter, shape.hidden_size, bias=False)
+        self.w_gate_up = _param(2 * self.inter, shape.hidden_size, like=alloc)
+        self.w_down = _param(shape.hidden_size, self.inter, like=alloc)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w_gate_up(x).split(self.inter, dim=-1)
-        return self.par.all_reduce(self.w_down(F.silu(gate) * up))
+        gate, up = F.linear(x, self.w_gate_up).split(self.inter, dim=-1)
+        return self.par.all_reduce(F.linear(F.silu(gate) * up, self.w_down))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, shape: LlamaShape, par: Parallel) -> None:
+    def __init__(self, shape: LlamaShape, par: Parallel, alloc: Alloc) -> None:
         super().__init__()
-        self.input_norm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
-        self.attn = Attention(shape, par)
-        self.post_norm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
-        self.mlp = MLP(shape, par)
+        self.input_norm = RMSNorm(shape.hidden_size, shape.rms_norm_eps, alloc)
+        self.attn = Attention(shape, par, alloc)
+        self.post_norm = RMSNorm(shape.hidden_size, shape.rms_norm_eps, alloc)
+        self.mlp = MLP(shape, par, alloc)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                 cache_pos: torch.Tensor) -> torch.Tensor:
@@ -157,16 +170,19 @@ class Stage(nn.Module):
     """One pipeline stage for one TP rank. ``forward`` takes token ids on the first stage, the previous stage's
     hidden state otherwise; it returns the hidden state, or on the last stage the greedy next token of each row."""
 
-    def __init__(self, shape: LlamaShape, par: Parallel, n_layers: int) -> None:
+    def __init__(self, shape: LlamaShape, par: Parallel, n_layers: int, alloc: Alloc) -> None:
         super().__init__()
         self.shape, self.par = shape, par
         # The embedding and the output head are replicated on the TP ranks that need them (not vocab-parallel):
-        # the logits then come from one full matmul, exactly as in transformers.
-        self.embed = nn.Embedding(shape.vocab_size, shape.hidden_size) if par.first_stage else None
-        self.layers = nn.ModuleList(DecoderLayer(shape, par) for _ in range(n_layers))
-        self.norm = RMSNorm(shape.hidden_size, shape.rms_norm_eps) if par.last_stage else None
-        self.lm_head = nn.Linear(shape.hidden_size, shape.vocab_size, bias=False) if par.last_stage else None
-        self.register_buffer("inv_freq", rope_inv_freq(shape.rope, shape.head_dim), persistent=False)
+        # the logits then come from one full matmul, exactly as in transformers. A tied head shares the embedding.
+        h, v = shape.hidden_size, shape.vocab_size
+        self.embed = _param(v, h, like=alloc) if par.first_stage else None
+        self.layers = nn.ModuleList(DecoderLayer(shape, par, alloc) for _ in range(n_layers))
+        self.norm = RMSNorm(h, shape.rms_norm_eps, alloc) if par.last_stage else None
+        tied = shape.tie_word_embeddings and self.embed is not None
+        self.lm_head = (self.embed if tied else _param(v, h, like=alloc)) if par.last_stage else None
+        self.register_buffer("inv_freq", rope_inv_freq(shape.rope, shape.head_dim).to(alloc.device),
+                             persistent=False)
         self.pad: torch.Tensor | None = None  # [max_batch] left-padding of each row, set by prefill
         self.max_seq = 0
 
@@ -182,7 +198,7 @@ class Stage(nn.Module):
     def forward(self, x: torch.Tensor, cache_pos: torch.Tensor) -> torch.Tensor:
         """x: [B, T] token ids or [B, T, H] hidden; cache_pos: [T] cache slots of these T positions."""
         b = x.shape[0]
-        h = self.embed(x) if self.embed is not None else x
+        h = F.embedding(x, self.embed) if self.embed is not None else x
         pad = self.pad[:b, None]
         positions = (cache_pos[None, :] - pad).clamp(min=0)  # [B, T]: rotary positions start after the padding
         cos, sin = rope_cos_sin(self.inv_freq, positions, h.dtype)
@@ -191,7 +207,7 @@ class Stage(nn.Module):
             h = layer(h, cos, sin, mask, cache_pos)
         if self.lm_head is None:
             return h
-        logits = self.lm_head(self.norm(h[:, -1]))
+        logits = F.linear(self.norm(h[:, -1]), self.lm_head)
         return logits.float().argmax(dim=-1)
 
     def _mask(self, pad: torch.Tensor, cache_pos: torch.Tensor) -> torch.Tensor:
@@ -208,27 +224,25 @@ class Stage(nn.Module):
 # -- loading -----------------------------------------------------------------------------------------------------
 def load_stage(reader: Any, shape: LlamaShape, par: Parallel, layers: range, dtype: torch.dtype,
                device: torch.device) -> Stage:
-    """Build this rank's stage on the meta device and fill it from the checkpoint with only this rank's slices."""
-    with torch.device("meta"):
-        stage = Stage(shape, par, len(layers))
-    stage = stage.to_empty(device=device).to(dtype)
-    stage.inv_freq = rope_inv_freq(shape.rope, shape.head_dim).to(device)
+    """Build this rank's stage (uninitialised) and fill it from the checkpoint with only this rank's slices."""
+    stage = Stage(shape, par, len(layers), Alloc(dtype, device))
     r, n = par.tp_rank, par.tp
     with torch.no_grad():
         for local, i in enumerate(layers):
             p, layer = f"model.layers.{i}.", stage.layers[local]
             qkv = [reader.rows(p + f"self_attn.{w}_proj.weight", r, n) for w in "qkv"]
-            layer.attn.wqkv.weight.copy_(torch.cat(qkv))
-            layer.attn.wo.weight.copy_(reader.cols(p + "self_attn.o_proj.weight", r, n))
+            layer.attn.wqkv.copy_(torch.cat(qkv))
+            layer.attn.wo.copy_(reader.cols(p + "self_attn.o_proj.weight", r, n))
             gate_up = [reader.rows(p + f"mlp.{w}_proj.weight", r, n) for w in ("gate", "up")]
-            layer.mlp.w_gate_up.weight.copy_(torch.cat(gate_up))
-            layer.mlp.w_down.weight.copy_(reader.cols(p + "mlp.down_proj.weight", r, n))
+            layer.mlp.w_gate_up.copy_(torch.cat(gate_up))
+            layer.mlp.w_down.copy_(reader.cols(p + "mlp.down_proj.weight", r, n))
             layer.input_norm.weight.copy_(reader.full(p + "input_layernorm.weight"))
             layer.post_norm.weight.copy_(reader.full(p + "post_attention_layernorm.weight"))
         if stage.embed is not None:
-            stage.embed.weight.copy_(reader.full("model.embed_tokens.weight"))
+            stage.embed.copy_(reader.full("model.embed_tokens.weight"))
         if stage.lm_head is not None:
             stage.norm.weight.copy_(reader.full("model.norm.weight"))
-            head = "model.embed_tokens.weight" if shape.tie_word_embeddings else "lm_head.weight"
-            stage.lm_head.weight.copy_(reader.full(head))
+            if stage.lm_head is not stage.embed:  # tied on a single stage: already filled as the embedding
+                head = "model.embed_tokens.weight" if shape.tie_word_embeddings else "lm_head.weight"
+                stage.lm_head.copy_(reader.full(head))
     return stage.eval()
