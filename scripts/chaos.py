@@ -1128,7 +1128,7 @@ class Soak:
         if proc is not None and f.kind != "raise":
             f.victims.append(proc)
         g = f.group
-        pending = Pending(f.kind, lambda: sup.collective_rpc(fn, timeout=T, args=args, group=g), T)
+        pending = Pending(f.kind, lambda: sup.collective_rpc(fn, deadline=T, args=args, group=g), T)
         f.calls.append((pending, expect if f.phase in ("idle", "mid-call") else None))
 
     def _grandchild(self, f: Fault, proc, sup) -> None:

@@ -24,8 +24,19 @@ class WorkerFailed(SupervisorError):
         self.restarting = restarting
 
 
+class CallTimeout(SupervisorError, TimeoutError):
+    """The caller's own wait ran out (``timeout=``, ``Future.result(timeout)``): "wait at most", as everywhere in
+    Python. The ranks are left alone; ``ranks`` had not answered yet. (TimeoutError is also what
+    concurrent.futures and asyncio raise, so ``except TimeoutError`` catches both kinds.)"""
+
+    def __init__(self, message: str, ranks: tuple[int, ...] = ()) -> None:
+        super().__init__(message)
+        self.ranks = ranks
+
+
 class RpcTimeout(SupervisorError, TimeoutError):
-    """A call ran past its deadline. ``ranks`` did not answer."""
+    """A call missed its call deadline (``deadline=``, ``worker.call_deadline_s``): ``ranks`` did not answer in
+    time and were declared hung (stacks dumped, killed, handed to the restart policy)."""
 
     def __init__(self, message: str, ranks: tuple[int, ...]) -> None:
         super().__init__(message)

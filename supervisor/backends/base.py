@@ -66,17 +66,26 @@ class WorkerHandle(Protocol):
 
 @runtime_checkable
 class Channel(Protocol):
-    """Calls to one group: a broadcast request, replies in order per rank."""
+    """Calls to one group: a broadcast request, replies in order per rank. A sent call is a
+    ``concurrent.futures.Future`` that completes by itself (values by rank, or the error) and has
+    ``drive(timeout)``: wait at most ``timeout`` (CallTimeout, the ranks untouched). A call deadline that passes
+    fails the call with RpcTimeout and hands the silent ranks to ``on_deadline`` (set by the lifecycle)."""
 
     failure: WorkerFailed | None  # set by fail(): every call raises it
     over_budget: bool  # a worker reported crossing max_rss / max_calls: recycle its group
 
     def send(self, method: Any, args: tuple, kwargs: dict | None, reply_rank: int | None,
-             timeout: float | None, method_name: str) -> Any:
-        """Send one request to every rank of the group; the returned token is for ``wait``."""
+             timeout: float | None, method_name: str, deadline_s: float | None = None,
+             detached: bool = False) -> Any:
+        """Send one request to every rank of the group; returns the call's Future. ``timeout`` bounds the
+        sending; ``deadline_s`` is the call deadline; ``detached``: nobody will wait, complete it anyway."""
 
     def wait(self, call: Any, timeout: float | None) -> list[Any]:
-        """Results of ``call`` ordered by rank (only ``reply_rank``'s if one was given)."""
+        """Results of ``call`` ordered by rank (only ``reply_rank``'s if one was given). CallTimeout after
+        ``timeout``, the call then abandoned (see ``abandon``)."""
+
+    def abandon(self, call: Any) -> None:
+        """The caller stopped waiting: its late answer is dropped; a call with a deadline stays watched."""
 
     def settle(self, timeout: float) -> bool:
         """Collect the replies of every call in flight so that a planned stop loses none; False on timeout."""

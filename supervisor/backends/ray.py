@@ -15,6 +15,7 @@ rings; hang detection relies on per-call deadlines (no heartbeat pipe); escalati
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import enum
 import os
@@ -25,7 +26,7 @@ from typing import Any
 
 from loguru import logger
 
-from supervisor.errors import RemoteError, RpcTimeout, StartupError, WorkerFailed
+from supervisor.errors import CallTimeout, RemoteError, RpcTimeout, StartupError, WorkerFailed
 from supervisor.core.exits import ExitInfo
 from supervisor.settings import Config
 from supervisor.core.states import GroupState, WorkerState
@@ -132,62 +133,114 @@ class RayWorker:
         return None  # possibly on another node
 
 
-class RayCall:
-    __slots__ = ("refs", "expected", "method_name")
+class RayCall(concurrent.futures.Future):
+    """One call to one group's actors, as the Future Ray completes (``ObjectRef.future()`` callbacks): the values
+    by rank, or the error. Same face as the local PendingCall: ``drive(timeout)`` / ``result(timeout)`` raise
+    CallTimeout when the caller's wait runs out; a sent call runs, so ``cancel()`` returns False."""
 
-    def __init__(self, refs, expected, method_name) -> None:
-        self.refs, self.expected, self.method_name = refs, expected, method_name
+    def __init__(self, channel: "RayChannel", refs, expected, method_name, deadline_s: float | None) -> None:
+        super().__init__()
+        self.set_running_or_notify_cancel()
+        self.channel, self.refs, self.expected, self.method_name = channel, refs, expected, method_name
+        self.deadline_s = deadline_s
+        self.expires_at = None if deadline_s is None else time.monotonic() + deadline_s
+        self._left = set(expected)
+        self._lock = threading.Lock()
+
+    def watch(self) -> None:
+        for r in self.expected:
+            self.refs[r].future().add_done_callback(lambda _f, r=r: self._answered(r))
+
+    def _answered(self, r: int) -> None:
+        with self._lock:
+            self._left.discard(r)
+            last = not self._left
+        if last:
+            self.channel.complete(self)
+
+    def missing(self) -> tuple[int, ...]:
+        with self._lock:
+            return tuple(sorted(self._left))
+
+    def result(self, timeout: float | None = None) -> Any:
+        self.drive(timeout)
+        return super().result(0)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self.drive(timeout)
+        return super().exception(0)
+
+    def drive(self, timeout: float | None) -> None:
+        if not concurrent.futures.wait([self], timeout).done:
+            missing = self.channel.global_ranks(self.missing())
+            raise CallTimeout(f"{self.method_name}: no answer within the caller's timeout of {timeout:.3g} s "
+                              f"(ranks {list(missing)} still working; they are left alone)", missing)
+
+    def settle_outcome(self, ok: bool, value: Any) -> None:
+        try:
+            self.set_result(value) if ok else self.set_exception(value)
+        except concurrent.futures.InvalidStateError:
+            pass  # decided already (a failure or a deadline came first)
 
 
 class RayChannel:
-    """The Channel contract of supervisor/backends/base.py over Ray actor calls."""
+    """The Channel contract of supervisor/backends/base.py over Ray actor calls. Calls complete from Ray's own
+    callback threads; call deadlines are watched by one thread that exists while calls with one are in flight."""
 
     def __init__(self, workers: list[RayWorker], rank_offset: int) -> None:
         self.workers = workers
         self.rank_offset = rank_offset
+        self.on_deadline = None  # (global ranks, why): the lifecycle declares them hung
         self.failure: WorkerFailed | None = None
         self.over_budget = False
-        self._inflight: dict[int, RayCall] = {}  # sent, not yet collected by wait(): settle() waits for them
+        self._inflight: dict[int, RayCall] = {}  # sent, not decided: settle() and fail() look here
+        self._cond = threading.Condition()
+        self._watcher: threading.Thread | None = None
 
-    def send(self, method, args, kwargs, reply_rank, timeout, method_name) -> RayCall:
+    def send(self, method, args, kwargs, reply_rank, timeout, method_name, deadline_s: float | None = None,
+             detached: bool = False) -> RayCall:
         if self.failure is not None:
             raise self.failure
         refs = [w.actor.call.remote(method, args, kwargs or {}) for w in self.workers]  # a collective: all ranks
         expected = tuple(range(len(refs))) if reply_rank is None else (reply_rank,)
-        call = RayCall(refs, expected, method_name)
-        self._inflight[id(call)] = call
+        call = RayCall(self, refs, expected, method_name, deadline_s)
+        with self._cond:
+            self._inflight[id(call)] = call
+            if call.expires_at is not None and self._watcher is None:
+                self._watcher = threading.Thread(target=self._watch_deadlines, name="ray-deadlines", daemon=True)
+                self._watcher.start()
+            self._cond.notify_all()
+        call.watch()
         return call
+
+    def wait(self, call: RayCall, timeout: float | None) -> list[Any]:
+        try:
+            return call.result(timeout)
+        except CallTimeout:
+            self.abandon(call)
+            raise
+
+    def abandon(self, call: RayCall) -> None:
+        """The caller stopped waiting: a call with a deadline stays watched; its result is dropped either way."""
+        if call.expires_at is None:
+            with self._cond:
+                self._inflight.pop(id(call), None)
 
     def settle(self, timeout: float) -> bool:
         """Results of finished calls live in the object store, owned by us: stopping the actors loses none once
         every call in flight has finished. Wait for that."""
-        refs = [ref for call in list(self._inflight.values()) for ref in call.refs]
-        if not refs:
-            return True
-        _, not_ready = _ray().wait(refs, num_returns=len(refs), timeout=timeout)
-        return not not_ready
+        with self._cond:
+            calls = list(self._inflight.values())
+        return not concurrent.futures.wait(calls, timeout).not_done
 
-    def wait(self, call: RayCall, timeout: float | None) -> list[Any]:
-        try:
-            return self._wait(call, timeout)
-        finally:
+    def complete(self, call: RayCall) -> None:
+        """Every expected rank answered (Ray's callback thread): decide the call."""
+        with self._cond:
             self._inflight.pop(id(call), None)
-
-    def _wait(self, call: RayCall, timeout: float | None) -> list[Any]:
-        ray = _ray()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        pending = [call.refs[r] for r in call.expected]
-        while True:
-            if self.failure is not None:
-                raise self.failure
-            ready, not_ready = ray.wait(pending, num_returns=len(pending), timeout=_POLL_S)
-            if not not_ready:
-                break
-            if deadline is not None and time.monotonic() >= deadline:
-                missing = tuple(self.rank_offset + r for r in call.expected if call.refs[r] in not_ready)
-                raise RpcTimeout(f"{call.method_name}: no answer from ranks {list(missing)} within its deadline",
-                                 missing)
-        return [self._unwrap(call, r) for r in call.expected]
+        try:
+            call.settle_outcome(True, [self._unwrap(call, r) for r in call.expected])
+        except BaseException as exc:
+            call.settle_outcome(False, exc)
 
     def _unwrap(self, call: RayCall, r: int) -> Any:
         ray = _ray()
@@ -198,8 +251,34 @@ class RayChannel:
                                                f"{str(exc).splitlines()[0]}", (self.rank_offset + r,)) from None
         if not ok:
             f: RemoteFailure = value
-            raise RemoteError(self.rank_offset + f.rank, f.exc_type, f.message, f.traceback)
+            raise RemoteError(self.rank_offset + f.rank, f.exc_type, f.message, f.traceback)  # f.rank: group-local
         return value
+
+    def _watch_deadlines(self) -> None:
+        """Fail calls whose deadline passed, naming the ranks that did not answer, and hand those to on_deadline."""
+        while True:
+            with self._cond:
+                times = [c.expires_at for c in self._inflight.values() if c.expires_at is not None]
+                if not times or self.failure is not None:
+                    self._watcher = None
+                    return
+                now = time.monotonic()
+                due = [c for c in self._inflight.values() if c.expires_at is not None and c.expires_at <= now]
+                for c in due:
+                    self._inflight.pop(id(c), None)
+                if not due:
+                    self._cond.wait(min(times) - now)
+                    continue
+            for call in due:
+                missing = self.global_ranks(call.missing())
+                why = f"missed the call deadline of {call.deadline_s:g} s ({call.method_name})"
+                call.settle_outcome(False, RpcTimeout(f"{call.method_name}: ranks {list(missing)} {why}; "
+                                                      "declared hung", missing))
+                if missing and self.on_deadline is not None:
+                    self.on_deadline(missing, why)
+
+    def global_ranks(self, ranks) -> tuple[int, ...]:
+        return tuple(self.rank_offset + r for r in ranks)
 
     def send_stop(self) -> None:
         pass  # stop_workers asks every actor to stop, then kills it
@@ -207,9 +286,15 @@ class RayChannel:
     def fail(self, error: WorkerFailed) -> None:
         if self.failure is None:
             self.failure = error
+        with self._cond:
+            calls = list(self._inflight.values())
+            self._inflight.clear()
+            self._cond.notify_all()
+        for call in calls:
+            call.settle_outcome(False, self.failure)
 
     def close(self) -> None:
-        pass
+        self.fail(self.failure or WorkerFailed("the group stopped before answering"))
 
 
 class RayGroup:

@@ -22,6 +22,7 @@ _CODES = {code: words for code, words in EXIT_MEANINGS.items() if code != 0}  # 
 class ExitInfo:
     exitcode: int | None  # multiprocessing's convention: negative = killed by that signal
     hung: bool = False
+    hung_why: str = ""  # what declared it hung: "missed its heartbeat deadline", "missed the call deadline of 5 s"
     detail: str = ""  # what the backend knows beyond the code (e.g. Ray's actor-death cause)
 
     @property
@@ -41,7 +42,7 @@ class ExitInfo:
     def reason(self) -> str:
         """"exit code 3", "SIGSEGV (segmentation fault: ...)", "hung"."""
         if self.hung:
-            return "hung (missed its heartbeat deadline)"
+            return f"hung ({self.hung_why or 'declared hung by the supervisor'})"
         if self.detail:
             return self.detail
         sig = self.signal

@@ -51,10 +51,12 @@ class GroupGate:
         return self._open
 
     def enter(self, deadline: float | None, wait: bool) -> bool:
-        """Count a call in. False if the gate is closed and we may not (or can no longer) wait for it."""
+        """Count a call in. False if the gate is closed and we may not (or can no longer) wait for it: a gate
+        closed for good (failed, removed, gave up, stopped) is never waited on, and closing it wakes every
+        waiter, so a call that races a give-up or a stop fails at once instead of waiting on a gate nobody opens."""
         with self._cond:
             while not self._open:
-                if not wait:
+                if not wait or self.closed_reason is not None and self.closed_reason.final:
                     return False
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:

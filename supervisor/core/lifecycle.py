@@ -298,6 +298,8 @@ class Lifecycle:
             self.events.emit("ready", group=i, rank=group.rank_offset + w.rank, pid=w.pid, attempt=attempt,
                              startup_s=round(time.monotonic() - t0, 4))
         self.monitor.watch(group, group.workers)
+        if group.channel is not None:  # a missed call deadline declares the silent ranks hung
+            group.channel.on_deadline = lambda ranks, why, g=group: self.declare_hung(g, ranks, why)
         self.gates[i].open()
         self.events.emit("group_ready", group=i, attempt=attempt, ranks=[group.rank_offset + w.rank for w in group.workers],
                          startup_s=round(time.monotonic() - t0, 4))
@@ -396,19 +398,24 @@ class Lifecycle:
     def _on_hung(self, group: WorkerGroup, workers, why: str = "missed its heartbeat deadline") -> None:
         for w in workers:
             rank = group.rank_offset + w.rank
+            w.hung_why = why  # the exit is then worded by what fired: heartbeat or call deadline
             where = self.stack_log(rank) or "its stderr"
             self.events.emit("hung", group=group.index, rank=rank, pid=w.pid, why=why, stack_log=where)
             logger.error(f"rank {rank} (pid {w.pid}) {why}; stacks dumped to {where}; killing it")
             w.kill()
 
-    def declare_hung(self, group: WorkerGroup, ranks: tuple[int, ...]) -> None:
-        """A call's deadline passed: those ranks are treated as hung (stack dump, kill, policy)."""
+    def declare_hung(self, group: WorkerGroup, ranks: tuple[int, ...],
+                     why: str = "missed a call deadline") -> None:
+        """A call's deadline passed: those ranks are treated as hung (stack dump, kill, policy). Runs in a thread
+        of the RPC channel's; a group that is no longer serving is being handled already."""
+        if group.state is not GroupState.READY or self.stop_requested.is_set():
+            return
         workers = [w for w in group.workers if group.rank_offset + w.rank in ranks and w.is_alive()]
         for w in workers:
             w.hung = True
             w.dump_stack()
         time.sleep(0.05)
-        self._on_hung(group, workers, "did not answer a call within its deadline")
+        self._on_hung(group, workers, why)
 
     def _handle_failure(self, exits: list[ChildExit]) -> None:
         """One recovery, charged once, for every failure seen until the broken groups are down: ranks killed "at

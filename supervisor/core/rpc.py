@@ -1,68 +1,188 @@
-"""Calls to one group of workers: broadcast a Request, gather Replies in order, turn failures into errors.
+"""Calls to one group of workers: broadcast a Request, gather Replies, complete the call's Future.
 
 ::
 
-    caller ──enqueue(Request)──> broadcast queue ──> rank 0..n-1 ──enqueue(Reply)──> reply queue[r] ──┐
-      ▲                                                                                              │
-      └────────────── PendingCall.results[r] <── drain (in order, under one lock) <──────────────────┘
+    caller ──send(Request)──> broadcast ring ──> rank 0..n-1 ──enqueue(Reply)──> reply ring[r] ──┐
+      ▲                                                                                         │
+      └── PendingCall (a concurrent.futures.Future) <── route by call id <── the drainer ────────┘
 
-Each rank answers requests in the order it received them, so the replies on one rank's queue are in call order:
-draining a rank's queue until a call's reply appears resolves every earlier call on the way. No reply thread is
-needed and a blocking call costs one enqueue and one dequeue per replying rank. ``fail()`` (called by the monitor
-when a worker dies) cancels every queue, so every waiter wakes at once with an error naming the rank and reason.
+Each rank answers requests in the order it received them, so the replies on one rank's ring are in call order and
+draining a ring for one call routes every earlier call's reply on the way. One thread at a time drains (the
+*drainer*, a role handed over under ``_cond``), and whoever drains completes the calls it routed — with no lock
+held, so a done-callback may call ``result()`` of another call, or send one.
+
+Who drains:
+
+* a blocking call drains in its own thread (no thread hop): it becomes the drainer if nobody is, else it waits on
+  ``_cond`` until its Future is done or the role is free;
+* a Future nobody waits on (``non_block``, or a call whose caller stopped waiting but whose deadline still runs)
+  is *detached*: the channel's reply reader, a thread started on demand that leaves once no detached call has
+  been pending for ``_READER_LINGER_S``, drains for it. So ``done()``, callbacks, ``concurrent.futures.wait``
+  and ``asyncio.wrap_future`` work without anyone calling ``result()``.
+
+Two kinds of waiting, kept apart: the caller's own wait (``wait(call, timeout)``) raises CallTimeout and leaves the
+ranks alone — the call stays pending if it has a deadline (detached), else it is abandoned and its late replies
+are dropped when they come. A call *deadline* (``deadline_s``) is enforced by whoever drains; when it passes, the
+ranks that did not answer are handed to ``on_deadline`` (the lifecycle declares them hung) and the call fails with
+RpcTimeout naming them. ``fail()`` (a worker died) cancels the rings; every waiter wakes and the first to run
+completes every pending call with the failure.
+
+One limit, from the transport: a dequeue that times out part-way through a multi-slot reply drops that reply. A
+drainer only times out at a caller's timeout or a call deadline, so this needs a large reply to be mid-flight at
+that instant.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import itertools
+import pickle
 import threading
 import time
-from collections import deque
 from typing import Any, Callable, Sequence
 
-from supervisor.errors import RemoteError, RpcTimeout, WorkerFailed
+from supervisor.errors import CallTimeout, RemoteError, RpcTimeout, WorkerFailed
 from transport import MessageQueue, PeerDied, QueueClosed, QueueTimeout
 from worker.protocol import RemoteFailure, Reply, Request
 
+_READER_LINGER_S = 1.0  # a serving loop's next non-blocking call usually comes sooner: keep the reader that long
+_CLOSE_JOIN_S = 1.0  # close(): how long to wait for the reply reader to leave the rings before unmapping them
 
-class PendingCall:
-    __slots__ = ("call_id", "method_name", "expected", "results", "abandoned")
 
-    def __init__(self, call_id: int, method_name: str, expected: tuple[int, ...]) -> None:
+class PendingCall(concurrent.futures.Future):
+    """One call to one group, as the Future the channel completes: with the values by rank once every expected
+    rank answered, or with the error (RemoteError naming the global rank, WorkerFailed, RpcTimeout).
+
+    ``result(timeout)`` / ``exception(timeout)`` drain in the calling thread when nobody else is draining (no
+    thread hop), and raise CallTimeout when ``timeout`` passes — leaving the call running, as concurrent.futures
+    does. A call is sent when it is created and cannot be un-sent: it is RUNNING from birth, so ``cancel()``
+    returns False, as concurrent.futures' does once a worker took the call."""
+
+    def __init__(self, channel: "RpcChannel", call_id: int, method_name: str, expected: tuple[int, ...],
+                 deadline_s: float | None) -> None:
+        super().__init__()
+        self.set_running_or_notify_cancel()
+        self.channel = channel
         self.call_id = call_id
         self.method_name = method_name
         self.expected = expected
         self.results: dict[int, Reply] = {}
-        self.abandoned = False
+        self.deadline_s = deadline_s
+        self.expires_at = None if deadline_s is None else time.monotonic() + deadline_s
+        self.detached = False  # no thread waits for it: the reply reader drains for it
+        self.outcome: tuple[bool, Any] | None = None  # decided under the channel's lock; set on the Future after
 
     def missing(self) -> tuple[int, ...]:
         return tuple(r for r in self.expected if r not in self.results)
 
+    def result(self, timeout: float | None = None) -> Any:
+        self.drive(timeout)
+        return super().result(0)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self.drive(timeout)
+        return super().exception(0)
+
+    def drive(self, timeout: float | None) -> None:
+        """Wait at most ``timeout`` for the outcome, draining here if nobody else is. CallTimeout if it passes."""
+        if self.done():
+            return
+        until = None if timeout is None else time.monotonic() + timeout
+        if not self.channel.await_call(self, until):
+            missing = self.channel.global_ranks(self.missing())
+            raise CallTimeout(f"{self.method_name}: no answer within the caller's timeout of {timeout:g} s "
+                              f"(ranks {list(missing)} still working; they are left alone)", missing)
+        self.settle()
+
+    def settle(self) -> None:
+        """Set the decided outcome on the Future (its callbacks run here). Whoever comes first sets it."""
+        if self.outcome is None or self.done():
+            return
+        ok, value = self.outcome
+        try:
+            self.set_result(value) if ok else self.set_exception(value)
+        except concurrent.futures.InvalidStateError:
+            pass  # another thread set it a moment ago
+
+
+class CallFuture(concurrent.futures.Future):
+    """What ``collective_rpc(non_block=True)`` returns: the parts (one PendingCall per dp group) shaped for the
+    caller — the list by global rank, or the one value of ``unique_reply_rank``. Done when every part is, or at
+    the first part that failed. ``result()`` with no timeout waits at most the call's own ``timeout``."""
+
+    def __init__(self, parts: list[PendingCall], single: bool, until: float | None = None) -> None:
+        super().__init__()
+        self.set_running_or_notify_cancel()  # sent: cannot be cancelled
+        self.parts = parts
+        self._single = single
+        self._until = until
+        for part in parts:
+            part.add_done_callback(self._part_done)
+
+    def _part_done(self, _part: PendingCall) -> None:
+        if all(p.done() for p in self.parts) or any(p.done() and p.exception(0) for p in self.parts):
+            self._finish()
+
+    def _finish(self) -> None:
+        error = next((p.exception(0) for p in self.parts if p.done() and p.exception(0)), None)
+        try:
+            if error is not None:
+                self.set_exception(error)
+            elif all(p.done() for p in self.parts):
+                out = [v for p in self.parts for v in p.result(0)]
+                self.set_result(out[0] if self._single else out)
+        except concurrent.futures.InvalidStateError:
+            pass  # finished by another thread meanwhile
+
+    def result(self, timeout: float | None = None) -> Any:
+        self._drive(timeout)
+        return super().result(0)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self._drive(timeout)
+        return super().exception(0)
+
+    def _drive(self, timeout: float | None) -> None:
+        """Drain for the parts in this thread, in order, stopping at the first that failed."""
+        if self.done():
+            return
+        until = self._until if timeout is None else time.monotonic() + timeout
+        for part in self.parts:
+            part.drive(None if until is None else max(0.0, until - time.monotonic()))
+            if part.exception(0) is not None:
+                break
+        self._finish()
+
 
 class RpcChannel:
-    def __init__(self, bcast: MessageQueue, replies: Sequence[MessageQueue], rank_offset: int = 0) -> None:
+    def __init__(self, bcast: MessageQueue, replies: Sequence[MessageQueue], rank_offset: int = 0,
+                 on_deadline: Callable[[tuple[int, ...], str], None] | None = None) -> None:
         self.bcast = bcast
         self.replies = list(replies)
-        self.rank_offset = rank_offset  # global rank of this group's rank 0, for error messages
+        self.rank_offset = rank_offset  # global rank of this group's rank 0
+        self.on_deadline = on_deadline  # (global ranks, why): the lifecycle declares them hung
         self._ids = itertools.count(1)
         self._send_lock = threading.Lock()
-        self._drain_lock = threading.Lock()
-        self._pending: dict[int, PendingCall] = {}
-        self._fifo: list[deque[int]] = [deque() for _ in self.replies]
+        self._cond = threading.Condition()
+        self._drainer: int | None = None  # ident of the thread draining the reply rings
+        self._pending: dict[int, PendingCall] = {}  # undecided calls by id, oldest first
+        self._reader: threading.Thread | None = None
+        self._closed = False
         self.failure: WorkerFailed | None = None
         self.over_budget = False  # a worker reported that it crossed max_rss / max_calls
 
     # -- sending ---------------------------------------------------------------------------------------------
     def send(self, method: Any, args: tuple, kwargs: dict | None, reply_rank: int | None,
-             timeout: float | None, method_name: str) -> PendingCall:
+             timeout: float | None, method_name: str, deadline_s: float | None = None,
+             detached: bool = False) -> PendingCall:
+        """Broadcast one call. ``timeout`` bounds taking the request (CallTimeout); ``deadline_s`` is the call
+        deadline; ``detached``: a Future that the reply reader completes."""
         if self.failure is not None:
             raise self.failure
         expected = tuple(range(len(self.replies))) if reply_rank is None else (reply_rank,)
         with self._send_lock:
-            call = PendingCall(next(self._ids), method_name, expected)
-            self._pending[call.call_id] = call
-            for r in expected:
-                self._fifo[r].append(call.call_id)
+            call = PendingCall(self, next(self._ids), method_name, expected, deadline_s)
+            with self._cond:
+                self._pending[call.call_id] = call
             try:
                 self.bcast.enqueue(Request(call.call_id, method, args, kwargs or {}, reply_rank), timeout=timeout)
             except BaseException as exc:
@@ -70,9 +190,12 @@ class RpcChannel:
                 if isinstance(exc, (QueueClosed, PeerDied)):
                     raise self.failure or WorkerFailed(f"group stopped while sending {method_name}") from None
                 if isinstance(exc, QueueTimeout):
-                    raise RpcTimeout(f"{method_name}: request not taken within {timeout} s by ranks "
-                                     f"{self._global(exc.pending)}", self._global(exc.pending)) from None
+                    ranks = self.global_ranks(exc.pending)
+                    raise CallTimeout(f"{method_name}: the request was not taken within {timeout} s by ranks "
+                                      f"{list(ranks)}", ranks) from None
                 raise
+        if detached:
+            self.detach(call)
         return call
 
     def send_stop(self) -> None:
@@ -84,142 +207,326 @@ class RpcChannel:
         except Exception:
             pass  # best effort: the death pipe and signals follow
 
-    def _forget(self, call: PendingCall) -> None:
-        self._pending.pop(call.call_id, None)
-        for r in call.expected:
-            try:
-                self._fifo[r].remove(call.call_id)
-            except ValueError:
-                pass
-
-    # -- receiving -------------------------------------------------------------------------------------------
-    def wait(self, call: PendingCall, timeout: float | None) -> list[Any]:
-        """Block until every expected rank answered ``call``; return results ordered by rank."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for r in call.expected:
-            while r not in call.results:
-                self._drain_one(r, call, deadline)
-        self._pending.pop(call.call_id, None)
-        return self._unwrap(call)
-
-    def _drain_one(self, r: int, call: PendingCall, deadline: float | None) -> None:
-        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-        if not self._drain_lock.acquire(timeout=-1 if remaining is None else remaining):
-            self._timeout(call, remaining)
-        try:
-            if r in call.results:
+    def detach(self, call: PendingCall) -> None:
+        """Nobody waits for ``call`` any more: the reply reader completes it."""
+        with self._cond:
+            if call.call_id not in self._pending:
                 return
-            if self.failure is not None:
-                raise self.failure
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                reply = self.replies[r].dequeue(timeout=remaining)
-            except QueueTimeout:
-                self._collect_ready(call)  # name only the ranks that really did not answer
-                self._timeout(call, remaining)
-            except (QueueClosed, PeerDied):
-                raise self.failure or WorkerFailed(
-                    f"rank {r + self.rank_offset}: reply queue closed during {call.method_name}",
-                    (r + self.rank_offset,)) from None
-            self._route(r, reply)
-        finally:
-            self._drain_lock.release()
+            call.detached = True
+            if self._reader is None and not self._closed:
+                self._reader = threading.Thread(target=self._read_replies, name="rpc-replies", daemon=True)
+                self._reader.start()
+            self._cond.notify_all()
+
+    def _forget(self, call: PendingCall) -> None:
+        with self._cond:
+            self._pending.pop(call.call_id, None)  # a late reply then finds no call and is dropped
+
+    # -- waiting ---------------------------------------------------------------------------------------------
+    def wait(self, call: PendingCall, timeout: float | None) -> list[Any]:
+        """A blocking call: its values by rank. After ``timeout``, CallTimeout and the call is left to run: kept
+        (detached) while its deadline runs, else forgotten and its late replies dropped."""
+        try:
+            return call.result(timeout)
+        except CallTimeout:
+            self.abandon(call)
+            raise
+
+    def abandon(self, call: PendingCall) -> None:
+        """The caller stopped waiting: keep a call with a deadline running (detached), drop any other."""
+        if call.expires_at is not None:
+            self.detach(call)
+        else:
+            self._forget(call)
 
     def settle(self, timeout: float) -> bool:
-        """Collect the replies of every call in flight into its PendingCall, so a planned stop (a recycle),
-        which closes the queues, loses none: their waiters then find the results already there. False if some
-        reply did not come within ``timeout``."""
-        deadline = time.monotonic() + timeout
-        for call in list(self._pending.values()):
-            for r in call.expected:
-                while r not in call.results and call.call_id in self._pending:
-                    if not self._settle_one(r, call, deadline - time.monotonic()):
-                        return False
+        """Complete every call in flight, so a planned stop (a recycle), which closes the rings, loses none.
+        False if some reply did not come within ``timeout``."""
+        until = time.monotonic() + timeout
+        with self._cond:
+            calls = list(self._pending.values())
+        ok = all(self.await_call(call, until) for call in calls)
+        for call in calls:
+            call.settle()
+        return ok
+
+    def await_call(self, call: PendingCall, until: float | None) -> bool:
+        """Drain (or let the drainer drain) until ``call``'s outcome is decided. False if ``until`` passed first."""
+        while call.outcome is None:
+            decided, role = self._take_drainer(call, until)
+            self._settle_all(decided)
+            if not role:
+                if call.outcome is None and self._timed_out(until):
+                    return False
+                continue
+            try:
+                decided = self._drain_for(call, until)
+            finally:
+                self._release_drainer()
+            self._settle_all(decided)
+            if call.outcome is None and self._timed_out(until):
+                return False
         return True
 
-    def _settle_one(self, r: int, call: PendingCall, remaining: float) -> bool:
-        if remaining <= 0 or not self._drain_lock.acquire(timeout=remaining):
-            return False
-        try:
-            if r not in call.results:  # a waiter may have routed it while we waited for the lock
-                self._route(r, self.replies[r].dequeue(timeout=remaining))
-            return True
-        except (QueueTimeout, QueueClosed, PeerDied):
-            return False
-        finally:
-            self._drain_lock.release()
+    def _take_drainer(self, call: PendingCall, until: float | None) -> tuple[list[PendingCall], bool]:
+        """Become the drainer (True), or return (False) when ``call`` is decided, ``until`` passed, or the call's
+        deadline passed while another thread drains (then it is decided here: the first list)."""
+        with self._cond:
+            while self._drainer is not None:
+                if call.outcome is not None or self._timed_out(until):
+                    return [], False
+                if call.expires_at is not None and call.expires_at <= time.monotonic():
+                    return self._decide_due([call]), False
+                wake = min((t for t in (until, call.expires_at) if t is not None), default=None)
+                self._cond.wait(self._wait_s(wake))
+            if call.outcome is not None:
+                return [], False
+            self._drainer = threading.get_ident()
+            return [], True
 
-    def _route(self, r: int, reply: Reply) -> None:
-        fifo = self._fifo[r]
-        while fifo and fifo[0] != reply.call_id:
-            fifo.popleft()  # calls abandoned after a timeout never get their late replies routed
-        if fifo:
-            fifo.popleft()
-        target = self._pending.get(reply.call_id)
-        if target is not None:
-            target.results[r] = reply
+    def _release_drainer(self) -> None:
+        with self._cond:
+            self._drainer = None
+            self._cond.notify_all()
+
+    def _drain_for(self, call: PendingCall, until: float | None) -> list[PendingCall]:
+        """As the drainer: one reply for ``call`` (routing whatever comes first on its ring), or a failure, or a
+        timeout. Returns the calls it decided, to be settled with no lock held."""
+        if self.failure is not None:
+            return self._sweep()
+        missing = call.missing()
+        if not missing:
+            return []
+        r = missing[0]
+        bound = self._bound(until)
+        try:
+            reply = self.replies[r].dequeue(timeout=None if bound is None else max(0.0, bound - time.monotonic()))
+        except QueueTimeout:
+            return self._expire_due()
+        except (QueueClosed, PeerDied):
+            if self.failure is None:
+                rank = r + self.rank_offset
+                self.failure = WorkerFailed(f"rank {rank}: reply queue closed during {call.method_name}", (rank,))
+            return self._sweep()
+        return self._route(r, reply)
+
+    def _route(self, r: int, reply: Reply) -> list[PendingCall]:
         if reply.over_budget:
             self.over_budget = True
+        with self._cond:
+            target = self._pending.get(reply.call_id)
+            if target is None:
+                return []  # a call its caller abandoned: the late reply is dropped
+            target.results[r] = reply
+            if target.missing():
+                return []
+            del self._pending[reply.call_id]
+            error = self._remote_error(target)
+            target.outcome = (False, error) if error is not None else \
+                (True, [target.results[x].value for x in target.expected])
+            return [target]
 
-    def _collect_ready(self, call: PendingCall) -> None:
-        """Route the replies that already arrived from the other ranks (drain lock held; never blocks)."""
-        for r in call.missing():
-            while r not in call.results:
-                try:
-                    self._route(r, self.replies[r].dequeue(timeout=0))
-                except (QueueTimeout, QueueClosed, PeerDied):
-                    break
-
-    def _timeout(self, call: PendingCall, waited: float | None) -> None:
-        call.abandoned = True
-        self._forget(call)
-        missing = self._global(call.missing())
-        raise RpcTimeout(f"{call.method_name}: no answer from ranks {list(missing)} within its deadline", missing)
-
-    def _unwrap(self, call: PendingCall) -> list[Any]:
-        out = []
+    def _remote_error(self, call: PendingCall) -> RemoteError | None:
         for r in call.expected:
             reply = call.results[r]
             if not reply.ok:
                 f: RemoteFailure = reply.value
-                raise RemoteError(f.rank + 0, f.exc_type, f.message, f.traceback)
-            out.append(reply.value)
+                return RemoteError(self.rank_offset + f.rank, f.exc_type, f.message, f.traceback)
+        return None
+
+    @staticmethod
+    def _settle_all(calls: list[PendingCall]) -> None:
+        for call in calls:
+            call.settle()  # callbacks run here, holding no lock of ours
+
+    # -- deadlines -------------------------------------------------------------------------------------------
+    def _bound(self, until: float | None) -> float | None:
+        """When the drainer must wake: the caller's limit or the earliest call deadline."""
+        with self._cond:
+            times = [c.expires_at for c in self._pending.values() if c.expires_at is not None]
+        if until is not None:
+            times.append(until)
+        return min(times) if times else None
+
+    def _expire_due(self) -> list[PendingCall]:
+        """As the drainer: decide the calls whose deadline passed, naming only ranks that really did not answer."""
+        now = time.monotonic()
+        with self._cond:
+            due = [c for c in self._pending.values() if c.expires_at is not None and c.expires_at <= now]
+        decided = [d for call in due for d in self._collect_ready(call)]
+        with self._cond:
+            decided += self._decide_due(due)
+        return decided
+
+    def _decide_due(self, due: list[PendingCall]) -> list[PendingCall]:
+        """Under ``_cond``: those calls missed their deadline. The ranks that did not answer are handed to
+        ``on_deadline`` (from a thread of its own: it kills processes, and we hold a lock)."""
+        out = []
+        for call in due:
+            if self._pending.pop(call.call_id, None) is None:
+                continue
+            missing = self.global_ranks(call.missing())
+            why = f"missed the call deadline of {call.deadline_s:g} s ({call.method_name})"
+            call.outcome = (False, RpcTimeout(f"{call.method_name}: ranks {list(missing)} {why}; declared hung",
+                                              missing))
+            if missing and self.on_deadline is not None:
+                threading.Thread(target=self.on_deadline, args=(missing, why), name="rpc-deadline",
+                                 daemon=True).start()
+            out.append(call)
         return out
 
-    def _global(self, ranks) -> tuple[int, ...]:
-        return tuple(r + self.rank_offset for r in ranks)
+    def _collect_ready(self, call: PendingCall) -> list[PendingCall]:
+        """Route the replies already there from the missing ranks (drainer only; never blocks)."""
+        decided = []
+        for r in call.missing():
+            while r not in call.results:
+                try:
+                    reply = self.replies[r].dequeue(timeout=0)
+                except (QueueTimeout, QueueClosed, PeerDied):
+                    break
+                decided += self._route(r, reply)
+        return decided
+
+    @staticmethod
+    def _timed_out(until: float | None) -> bool:
+        return until is not None and time.monotonic() >= until
+
+    @staticmethod
+    def _wait_s(until: float | None) -> float | None:
+        return None if until is None else max(0.0, until - time.monotonic())
+
+    # -- the reply reader --------------------------------------------------------------------------------------
+    def _read_replies(self) -> None:
+        """Drain for detached calls, oldest first, while any is pending; leave after an idle linger or on close."""
+        while True:
+            call = self._next_detached()
+            if call is None:
+                return
+            self.await_call(call, None)
+
+    def _next_detached(self) -> PendingCall | None:
+        idle_until = time.monotonic() + _READER_LINGER_S
+        with self._cond:
+            while not (self._closed and not self._pending):
+                call = next((c for c in self._pending.values() if c.detached), None)
+                if call is not None:
+                    return call
+                if time.monotonic() >= idle_until:
+                    break
+                self._cond.wait(max(0.0, idle_until - time.monotonic()))
+            self._reader = None
+            return None
 
     # -- failure ---------------------------------------------------------------------------------------------
     def fail(self, error: WorkerFailed) -> None:
-        """Make every pending and future call fail with ``error``; wake everyone blocked on our queues."""
+        """Make every pending and future call fail with ``error``; wake everyone blocked on our rings. The calls
+        are settled by their waiters or the reply reader — in this (the monitor's) thread only if nobody is
+        there to do it."""
         if self.failure is None:
             self.failure = error
+        self._cancel_rings()
+        self._sweep_if_unattended()
+
+    def _cancel_rings(self) -> None:
         for q in (self.bcast, *self.replies):
             try:
                 q.cancel_all()
             except Exception:
                 pass
+        with self._cond:
+            self._cond.notify_all()
+
+    def _sweep_if_unattended(self) -> None:
+        with self._cond:
+            if self._drainer is not None or self._reader is not None:
+                return
+        self._settle_all(self._sweep())
+
+    def _sweep(self) -> list[PendingCall]:
+        with self._cond:
+            calls = list(self._pending.values())
+            self._pending.clear()
+            for call in calls:
+                call.outcome = (False, self.failure)
+        return calls
 
     def close(self) -> None:
+        """The group stopped: every call still pending fails, the reply reader leaves, the rings are closed."""
+        if self.failure is None:
+            self.failure = WorkerFailed("the group stopped before answering")
+        with self._cond:
+            self._closed = True
+            reader = self._reader
+        self._cancel_rings()
+        if reader is not None and reader is not threading.current_thread():
+            reader.join(_CLOSE_JOIN_S)
+        self._sweep_if_unattended()
         for q in (self.bcast, *self.replies):
             q.close()
 
+    def global_ranks(self, ranks) -> tuple[int, ...]:
+        return tuple(r + self.rank_offset for r in ranks)
+
+
+# -- arguments -------------------------------------------------------------------------------------------------
+_PICKLE_ERRORS = (pickle.PicklingError, TypeError, AttributeError)
+
+
+class _ByValue:
+    """An argument plain pickle cannot take (a lambda, an instance of a local class): it travels cloudpickled,
+    the way callables do, and the worker's unpickler rebuilds it with ``cloudpickle.loads``."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __reduce__(self):
+        import cloudpickle
+
+        return cloudpickle.loads, (self.data,)
+
+
+def by_value(method_name: str, args: tuple, kwargs: dict | None) -> tuple[tuple, dict]:
+    """After the request failed to pickle: the arguments plain pickle refuses, cloudpickled; TypeError naming
+    the argument when cloudpickle cannot take it either. Only runs on that error path: the hot path pickles once."""
+    import cloudpickle
+
+    def fix(label: str, value: Any) -> Any:
+        try:
+            pickle.dumps(value, protocol=5)
+            return value
+        except Exception:
+            pass
+        try:
+            return _ByValue(cloudpickle.dumps(value))
+        except Exception as exc:
+            raise TypeError(f"collective_rpc({method_name}): argument {label} cannot be pickled: "
+                            f"{type(exc).__name__}: {exc}") from None
+
+    new_args = tuple(fix(f"args[{i}]", a) for i, a in enumerate(args))
+    new_kwargs = {k: fix(f"kwargs[{k!r}]", v) for k, v in (kwargs or {}).items()}
+    return new_args, new_kwargs
+
 
 class RpcFuture(concurrent.futures.Future):
-    """A non-blocking call: ``result(timeout)`` drains replies on demand (in-order), like vLLM's FutureWrapper."""
+    """The retrying calls' Future (supervisor/core/retry.py): resolved on demand by ``result(timeout)``. Plain
+    calls use CallFuture, which completes by itself. Re-entrant: a done-callback may call ``result()``."""
 
     def __init__(self, resolve: Callable[[float | None], Any]) -> None:
         super().__init__()
         self._resolve = resolve
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
     def result(self, timeout: float | None = None) -> Any:
         with self._lock:
             if not self.done():
                 try:
-                    self.set_result(self._resolve(timeout))
-                except RpcTimeout:
+                    value = self._resolve(timeout)
+                except (CallTimeout, RpcTimeout):
                     raise
                 except BaseException as exc:
                     self.set_exception(exc)
+                else:
+                    self.set_result(value)
         return super().result(0)

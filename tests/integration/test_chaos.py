@@ -107,7 +107,7 @@ def test_a_call_hung_on_one_rank_names_only_that_rank():
     chaos = _load_chaos()
     with Supervisor(config(*ECHO, "parallel.tp=2", "restart=one_for_one")) as sup:
         with pytest.raises(RpcTimeout) as err:
-            sup.collective_rpc(chaos._fault_hang, args=(0, 600.0), timeout=1.0)  # rank 0 sleeps, rank 1 answers
+            sup.collective_rpc(chaos._fault_hang, args=(0, 600.0), deadline=1.0)  # rank 0 sleeps, rank 1 answers
         hung = [e["rank"] for e in sup.events.of_kind("hung")]
         assert err.value.ranks == (0,) and hung == [0], (err.value.ranks, hung)
 

@@ -104,7 +104,7 @@ class WorkerProcess:
         return self.exitcode is None
 
     def exit_info(self) -> ExitInfo:
-        return ExitInfo(self.exitcode, hung=self.hung)
+        return ExitInfo(self.exitcode, hung=self.hung, hung_why=getattr(self, "hung_why", ""))
 
     def read_status(self):
         """One frame from the status pipe: None for a heartbeat, else the unpickled message. EOFError at EOF."""
