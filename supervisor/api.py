@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import psutil
 
-from supervisor.errors import RpcTimeout, ShutdownInProgress, WorkerFailed
+from supervisor.errors import ShutdownInProgress, WorkerFailed
 from supervisor.core.events import EventLog
 from supervisor.core.gate import Closed
 from supervisor.backends.base import Group as WorkerGroup
@@ -32,7 +32,7 @@ from supervisor.core.retry import LifecycleView, RetryingCall, RetryPolicy, Retr
 from supervisor.core.states import SupervisorState
 from supervisor.core.views import GroupView, PolicyWindow, group_view
 from supervisor.observe.calls import CallStats
-from supervisor.core.rpc import PendingCall, RpcFuture
+from supervisor.core.rpc import _PICKLE_ERRORS, CallFuture, PendingCall, RpcFuture, by_value
 from supervisor.settings import Config
 
 _POLL_S = 0.05  # rolling_restart() checks this often whether the tree stopped while it waits
@@ -223,34 +223,69 @@ class Supervisor:
     def collective_rpc(self, method: str | Callable[..., Any], timeout: float | None = None, args: tuple = (),
                        kwargs: dict | None = None, non_block: bool = False,
                        unique_reply_rank: int | None = None, group: int | None = None,
-                       retry: bool | None = None) -> Any:
-        """Call ``method`` on every rank (or every rank of dp group ``group``). Returns the list of results by
-        global rank, or the single result of ``unique_reply_rank``; with non_block, a Future of that.
+                       retry: bool | None = None, deadline: float | None = None) -> Any:
+        """Call ``method`` (a public method's name, or a callable that gets the worker first) on every rank (or
+        every rank of dp group ``group``). Returns the list of results by global rank, or the single result of
+        ``unique_reply_rank``; with non_block, a Future of that (it completes by itself: callbacks,
+        ``concurrent.futures.wait``, ``asyncio.wrap_future``; ``cancel()`` returns False: a sent call runs).
+        ``timeout`` is the caller's wait: at most this long (CallTimeout), the ranks left alone and a late answer
+        dropped; a Future's ``result()`` without a timeout waits at most this long from the call.
+        ``deadline`` is the call deadline: ranks that have not answered by then are declared hung (RpcTimeout
+        "missed the call deadline of N s"; stacks dumped, killed, the restart policy acts). None = no deadline.
         ``retry`` (default ``rpc.retry``): if a group fails before it answered, send its part again once the group
         serves again, up to ``rpc.retry_attempts`` within the deadline (the method then runs twice: mark only calls
         that are safe to repeat)."""
         name, payload = _method_payload(method)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        if unique_reply_rank is not None:
-            gi, local = divmod(unique_reply_rank, self.world)
-            targets = [(gi, local)]
-        else:
-            targets = [(gi, None) for gi in ([group] if group is not None else list(self._life.live))]
+        _check_seconds("timeout", timeout)
+        _check_seconds("deadline", deadline)
+        until = None if timeout is None else time.monotonic() + timeout
+        targets = self._targets(unique_reply_rank, group)
         if self.cfg.rpc.retry if retry is None else retry:
-            return self._retrying(name, payload, args, kwargs, targets, deadline, non_block,
+            return self._retrying(name, payload, args, kwargs, targets, until, non_block,
                                   unique_reply_rank is not None, movable=False)
-        sent = [self._send(gi, payload, args, kwargs, local, deadline, name) for gi, local in targets]
-
-        def resolve(t: float | None) -> Any:
-            d = deadline if t is None else time.monotonic() + t
-            out: list[Any] = []
-            for g, call in sent:
-                out.extend(self._wait(g, call, d))
-            return out[0] if unique_reply_rank is not None else out
-
+        sent = self._send_all(targets, payload, args, kwargs, until, name, deadline, non_block)
         if non_block:
-            return RpcFuture(resolve)
-        return resolve(None)
+            return self._future(sent, unique_reply_rank is not None, until)
+        out: list[Any] = []
+        for i, (g, call) in enumerate(sent):
+            try:
+                out.extend(self._wait(g, call, until))
+            except BaseException:
+                for g2, later in sent[i + 1:]:
+                    g2.channel.abandon(later)  # the caller gets one error; the other parts' answers are dropped
+                raise
+        return out[0] if unique_reply_rank is not None else out
+
+    def _targets(self, unique_reply_rank: int | None, group: int | None) -> list[tuple[int, int | None]]:
+        """(group, local rank or None for all) per part; ValueError naming the world for a rank or group outside it."""
+        if group is not None:
+            _check_index("group", group, self.cfg.parallel.dp, f"dp={self.cfg.parallel.dp} groups")
+        if unique_reply_rank is None:
+            return [(gi, None) for gi in ([group] if group is not None else list(self._life.live))]
+        p = self.cfg.parallel
+        _check_index("unique_reply_rank", unique_reply_rank, p.total,
+                     f"{p.total} ranks: dp={p.dp} groups of tp={p.tp} x pp={p.pp}")
+        gi, local = divmod(unique_reply_rank, self.world)
+        if group is not None and group != gi:
+            raise ValueError(f"unique_reply_rank={unique_reply_rank} is in group {gi}, not group={group}")
+        return [(gi, local)]
+
+    def _send_all(self, targets, payload, args, kwargs, until, name, deadline, detached) -> list:
+        sent: list[tuple[WorkerGroup, PendingCall]] = []
+        try:
+            for gi, local in targets:
+                sent.append(self._send(gi, payload, args, kwargs, local, until, name, deadline, detached))
+        except BaseException:
+            for g, call in sent:
+                g.channel.abandon(call)
+            raise
+        return sent
+
+    def _future(self, sent: list, single: bool, until: float | None) -> CallFuture:
+        future = CallFuture([call for _, call in sent], single, until)
+        for g, call in sent:
+            call.add_done_callback(lambda _c, g=g: self._after_call(g))
+        return future
 
     def execute_model(self, *args: Any, timeout: float | None = None, group: int | None = None,
                       retry: bool | None = None, **kwargs: Any) -> Any:
@@ -265,8 +300,8 @@ class Supervisor:
             deadline = None if timeout is None else time.monotonic() + timeout
             return self._retrying("execute_model", "execute_model", args, kwargs, [(gi, local)], deadline,
                                   False, True, movable=group is None)
-        return self.collective_rpc("execute_model", timeout, args, kwargs,
-                                   unique_reply_rank=gi * self.world + local)
+        return self.collective_rpc("execute_model", timeout, args, kwargs, unique_reply_rank=gi * self.world + local,
+                                   deadline=self.cfg.worker.call_deadline_s or None)
 
     def check_health(self, timeout: float | None = 10.0) -> list[Any]:
         """Raise if the tree is not healthy (a group down, a rank failing its check); else the ranks' reports."""
@@ -308,7 +343,10 @@ class Supervisor:
 
         return RpcFuture(resolve) if non_block else resolve(None)
 
-    def _send(self, gi: int, payload, args, kwargs, local, deadline, name) -> tuple[WorkerGroup, PendingCall]:
+    def _send(self, gi: int, payload, args, kwargs, local, deadline, name, call_deadline: float | None = None,
+              detached: bool = False) -> tuple[WorkerGroup, PendingCall]:
+        """Pass group ``gi``'s gate and send. ``deadline`` is the caller's limit (a monotonic time) for the wait at
+        the gate and for the request to be taken; ``call_deadline`` (seconds) the call deadline."""
         life = self._life
         if self.gave_up:  # checked first: after giving up the tree is stopped too, but nobody asked for that
             raise WorkerFailed(f"{name}: the supervisor gave up: {life.error}")
@@ -317,13 +355,18 @@ class Supervisor:
         gate = life.gates[gi]
         wait = self.cfg.restart.calls_during_restart == "wait"
         if not gate.enter(deadline, wait):
+            if self.gave_up:
+                raise WorkerFailed(f"{name}: the supervisor gave up: {life.error}")
             if life.stop_requested.is_set():
                 raise ShutdownInProgress(f"{name}: the supervisor is shutting down")
+            failure = getattr(life.groups.get(gi), "channel", None) and life.groups[gi].channel.failure
+            if str(gate.closed_reason) == "failed" and failure is not None:
+                raise WorkerFailed(f"{name}: group {gi} failed and will not restart: {failure}", failure.ranks)
             raise WorkerFailed(f"{name}: group {gi} is {gate.closed_reason}", restarting=gate.closed_reason is Closed.RESTARTING)
         try:
             group = life.groups[gi]
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            call = group.channel.send(payload, args, kwargs, local, remaining, name)
+            call = _channel_send(group.channel, payload, args, kwargs, local, remaining, name, call_deadline, detached)
             self.calls.sent(gi, call)  # the status table's "call in progress", latency and failure metrics
             return group, call
         finally:
@@ -332,13 +375,13 @@ class Supervisor:
     def _wait(self, group: WorkerGroup, call: PendingCall, deadline: float | None) -> list[Any]:
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
-            return group.channel.wait(call, remaining)
-        except RpcTimeout as exc:
-            if group.state is GroupState.READY:
-                self._life.declare_hung(group, exc.ranks)
-            raise
+            return group.channel.wait(call, remaining)  # a missed call deadline is the lifecycle's (on_deadline)
         finally:
-            if group.channel.over_budget and self._life.gates[group.index].is_open:
+            self._after_call(group)
+
+    def _after_call(self, group: WorkerGroup) -> None:
+        """A worker said it crossed max_rss / max_calls: recycle its group between calls."""
+        if group.channel.over_budget and self._life.gates[group.index].is_open:
                 group.channel.over_budget = False
                 self._life.request_recycle(group.index)
 
@@ -384,10 +427,37 @@ def _liveness(w: Any, call: tuple[str, float] | None) -> dict[str, Any]:
 
 def _method_payload(method: str | Callable[..., Any]) -> tuple[str, Any]:
     if isinstance(method, str):
+        if method.startswith("_") or not method.isidentifier():
+            raise ValueError(f"collective_rpc: {method!r} is not a public method name (only public methods are "
+                             "callable by name; send a callable to reach anything else)")
         return method, method
+    if not callable(method):
+        raise TypeError(f"collective_rpc: method must be a method name or a callable, got {type(method).__name__}")
     import cloudpickle
 
     return getattr(method, "__name__", "callable"), cloudpickle.dumps(method)
+
+
+def _channel_send(channel, payload, args, kwargs, local, remaining, name, call_deadline, detached) -> PendingCall:
+    """Send; arguments plain pickle refuses travel cloudpickled (as callables do), or fail naming the argument."""
+    try:
+        return channel.send(payload, args, kwargs, local, remaining, name, call_deadline, detached)
+    except _PICKLE_ERRORS:
+        args, kwargs = by_value(name, args, kwargs)
+        return channel.send(payload, args, kwargs, local, remaining, name, call_deadline, detached)
+
+
+def _check_seconds(what: str, value: float | None) -> None:
+    """A timeout or deadline is None or a finite number of seconds >= 0."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+        raise ValueError(f"{what}={value!r}: must be None or a finite number of seconds >= 0")
+
+
+def _check_index(what: str, value: Any, size: int, world: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < size:
+        raise ValueError(f"{what}={value!r} is outside the world: 0..{size - 1} ({world})")
 
 
 def _abandoned(life: Lifecycle) -> None:
