@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 
 from supervisor.backends.local import escalation
 from supervisor.errors import StartupError
+from supervisor.backends.local.monitor import STACK_DUMP_WAIT_S
 from supervisor.backends.local.process import WorkerProcess, parent_fds
 from supervisor.core.rpc import RpcChannel
 from transport import MessageQueue, TransportError, sweep_owner
@@ -144,8 +145,11 @@ class WorkerGroup:
         for w in self.workers:
             if w.rank not in readies:
                 w.dump_stack()
+        time.sleep(STACK_DUMP_WAIT_S)  # let faulthandler write before the teardown's SIGKILL
+        logs = [self.output.log_path(r) for r in late] if self.output is not None else []
+        where = f"; their stacks are in {', '.join(logs)}" if any(logs) else ""
         raise StartupError(f"ranks {late} did not become READY within the start-up timeout "
-                           f"(runtime.startup_timeout_s); they were killed", late[0] if late else None)
+                           f"(runtime.startup_timeout_s); they were killed{where}", late[0] if late else None)
 
     def _g(self, rank: int) -> int:
         return rank + self.rank_offset

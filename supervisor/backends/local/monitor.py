@@ -18,7 +18,7 @@ from loguru import logger
 
 from supervisor.backends.local.process import WorkerProcess
 
-_STACK_DUMP_WAIT_S = 0.05  # give faulthandler a moment to write before the kill
+STACK_DUMP_WAIT_S = 0.05  # give faulthandler a moment to write before the kill
 
 
 class Monitor(threading.Thread):
@@ -137,7 +137,7 @@ class Monitor(threading.Thread):
         for w in late:
             w.hung = True
             w.dump_stack()
-        time.sleep(_STACK_DUMP_WAIT_S)
+        time.sleep(STACK_DUMP_WAIT_S)
         by_group: dict[int, tuple[object, list[WorkerProcess]]] = {}
         for w in late:
             by_group.setdefault(id(watched[w]), (watched[w], []))[1].append(w)
