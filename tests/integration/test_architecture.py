@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 
@@ -49,7 +50,10 @@ def test_two_supervisors_in_one_process_run_and_stop_independently(method):
         assert b.collective_rpc("echo", args=(2,), timeout=10) == [2, 2]  # ... B serves on, untouched
         assert b.pids() == pids_b and b.outcome.ending is Ending.RUNNING
         os.kill(pids_b[0], signal.SIGKILL)  # B restarts its own group; A's give-up is not B's
-        assert b.wait_until_serving(timeout=20)
+        deadline = time.monotonic() + 20
+        while b.groups()[0].attempts < 2 and time.monotonic() < deadline:  # the restart has begun ...
+            time.sleep(0.01)
+        assert b.wait_until_serving(timeout=20)  # ... and finished
         assert b.collective_rpc("echo", args=(3,), timeout=10) == [3, 3] and b.groups()[0].restarts == 1
     finally:
         a.shutdown()
@@ -61,5 +65,10 @@ def test_two_supervisors_in_one_process_run_and_stop_independently(method):
 def test_wait_until_serving_returns_false_once_the_group_can_never_serve():
     with Supervisor(config(*ECHO, "parallel.tp=1", "restart=never")) as sup:
         os.kill(sup.pids()[0], signal.SIGKILL)
-        assert sup.wait_until_serving(0, timeout=20) is False  # gave up: answered at once, not at the timeout
+        deadline = time.monotonic() + 20
+        while sup.serving(0) and time.monotonic() < deadline:  # the death is noticed ...
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        assert sup.wait_until_serving(0, timeout=30) is False  # ... and the group will never serve again:
+        assert time.monotonic() - t0 < 29  # answered when the gate closed for good, not at the timeout
         assert sup.wait(20) and sup.gave_up
