@@ -34,20 +34,19 @@ from typing import Any
 
 from transport import codec, layout as L
 from transport.errors import QueueClosed
-from transport.message_queue import MessageQueue
+from transport.reader import RingReader
 
 BORROW_MIN = 64 << 10  # smaller frames are copied: a copy of a few KiB costs less than the pin's bookkeeping
 
 
-class ZeroCopyReader(MessageQueue):
+class ZeroCopyReader(RingReader):
     """A reader end whose big arrays are views into the ring (see the module docstring)."""
 
-    def _init_reader(self, handle, reader_rank: int) -> None:
-        super()._init_reader(handle, reader_rank)
+    def _before_attach(self) -> None:
         self._held: collections.deque[list] = collections.deque()  # [chunk, dropped] per pinned slot, in order
         self._dropped: list[list] = []  # entries whose views are gone, not yet accounted for
         self._rlock = threading.Lock()  # guards _held, the cursor's moves and the stores of consumed[r]
-        struct.pack_into("<I", self._seg.map, self.layout.reader(reader_rank) + L.R_LENDS, 1)  # before attached
+        struct.pack_into("<I", self._seg.map, self.layout.reader(self.reader_rank) + L.R_LENDS, 1)  # before attached
 
     @property
     def pinned(self) -> int:
@@ -55,9 +54,7 @@ class ZeroCopyReader(MessageQueue):
         return sum(not dropped for _, dropped in self._held)
 
     def dequeue(self, timeout: float | None = None, cancel: threading.Event | None = None) -> Any:
-        """As MessageQueue.dequeue; the arrays of a one-slot frame of BORROW_MIN bytes or more are views."""
-        if self.is_writer:
-            raise RuntimeError("dequeue on the writer end of the queue")
+        """As RingReader.dequeue; the arrays of a one-slot frame of BORROW_MIN bytes or more are views."""
         with self._lock:
             if self._closed_here:
                 raise QueueClosed("queue closed")

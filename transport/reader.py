@@ -1,0 +1,282 @@
+"""A reader end of a ring: attaches to the writer's segment, takes chunks in order, hands each slot back.
+
+::
+
+    dequeue() --next chunk a whole bare pickle?--yes--> hot path: unpickle in place, release the slot
+                       |no
+                       v
+                _dequeue_frame --WHOLE--> _read_whole: copy the frame out, release, decode
+                       |FIRST
+                       v
+                _read_stream: gather FIRST .. LAST into one buffer, releasing each slot as it is copied
+
+Extension points for subclasses (transport/zero_copy.py): ``_read_whole(data, length)`` decides how a one-slot
+frame leaves the ring, ``_release()`` hands the current chunk back (``_advance()`` moves the cursor,
+``_store_consumed(c)`` tells the writer). The hot path in ``dequeue`` inlines ``_release``: a subclass that
+changes how slots are released overrides ``dequeue`` to go through ``_dequeue_frame`` (as ZeroCopyReader does).
+
+``close()`` by any party closes the queue for every party (it is how a shutdown wakes everyone). Messages
+already published stay readable. A ``dequeue`` that times out in the middle of a multi-slot message drops
+that message for this reader (it is never delivered in part).
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+import sys
+import threading
+import time
+from typing import Any
+
+from transport import _proc, _sync, codec, layout as L, shm
+from transport.errors import CorruptMessage, QueueClosed
+from transport.ring import Handle, Ring
+
+_REUSE_MIN = 256 << 10  # frames of this size and up are recycled (see _frame)
+_REUSE_MAX = 64 << 20
+_REUSE_COUNT = 3
+_MASK = L.MASK
+_W_PUB = L.OFF_PUB // 4
+_W_WRITER_SLEEPING = L.OFF_WRITER_SLEEPING // 4
+_W_WAKE_TARGET = L.OFF_WAKE_TARGET // 4
+_WHOLE = L.WHOLE
+_PICKLED = L.PICKLED
+_FIRST = L.FIRST
+_LAST = L.LAST
+_NEED_ORDER_FENCES = _sync.NEED_ORDER_FENCES
+_full_fence = _sync.full_fence
+_loads = pickle.loads
+_mono = time.monotonic
+
+
+class RingReader(Ring):
+    """Reader ``reader_rank`` (0-based) of a ring. ``MessageQueue.create_from_handle`` builds one."""
+
+    is_writer = False
+
+    def __init__(self, handle: Handle, reader_rank: int, *, _fences: str = "auto") -> None:
+        self._init_common(_fences)
+        self._seg = shm.attach(handle.name, handle.size)
+        try:
+            head = L.read_geometry(self._seg.map, handle.size)
+            if not 0 <= reader_rank < head.layout.n_readers:
+                raise ValueError(f"reader_rank {reader_rank} out of range 0..{head.layout.n_readers - 1}")
+        except BaseException:
+            self._seg.map.close()
+            raise
+        self.layout, self.writer_pid, self.writer_start = head.layout, head.writer_pid, head.writer_start
+        self.max_message = head.max_message
+        self.reader_rank = reader_rank
+        self.spin_us = handle.spin_us
+        self.spin_yield, self.spin_adaptive = handle.spin_yield, handle.spin_adaptive
+        self._c = 0  # chunks consumed, mod 2**32
+        self._spare: list = []  # recent big frame buffers, reused once nothing references them (_frame)
+        self._before_attach()
+        self._bind()
+        self._cw = self._consumed_words[reader_rank]
+        self._announce_attached()
+
+    def _before_attach(self) -> None:
+        """What a subclass must record in its reader record before the writer may see it attached."""
+
+    def _announce_attached(self) -> None:
+        rec = self.layout.reader(self.reader_rank)
+        struct.pack_into("<IQ", self._mv, rec + L.R_PID, os.getpid(), _proc.start_time())
+        self._W[(rec + L.R_ATTACHED) // 4] = 1
+        _sync.full_fence()
+        if all(self._attached()):
+            shm.unlink(self._seg.name)  # the last reader in removes the name: nothing can leak from now on
+        _sync.fetch_add(self._wwake)
+        _sync.futex_wake(self._wwake)
+
+    def wait_until_ready(self, timeout: float | None = None) -> None:
+        """A reader is ready once it exists."""
+
+    def enqueue(self, obj: Any, timeout: float | None = None) -> None:
+        raise RuntimeError("enqueue on a reader end of the queue")
+
+    # -- receiving ---------------------------------------------------------------------------------------------
+    def dequeue(self, timeout: float | None = None, cancel: threading.Event | None = None) -> Any:
+        """Receive the next message. Raises QueueTimeout, QueueClosed (closed or ``cancel`` set), PeerDied
+        (the writer is gone) or CorruptMessage. A message is returned whole or not at all."""
+        with self._lock:
+            if self._closed_here:
+                raise QueueClosed("queue closed")
+            # the hot path, inlined: the next chunk is a whole bare pickle, unpickled in place
+            W, c = self._W, self._c
+            if W[_W_PUB] == c:
+                self._await_chunk(c, None if timeout is None else _mono() + timeout, cancel)
+            if _NEED_ORDER_FENCES:
+                _sync.acquire_fence()  # pub before the record and payload
+            s = self._slot
+            m = self._metas[s]
+            length = W[m + 1]
+            off = self._datas[s]
+            mv = self._mv
+            # a pickle starts with PROTO 5 and ends with STOP: a corrupt length or record never feeds pickle a
+            # shifted or truncated stream (checked again, with a clear error, in _dequeue_frame)
+            if (W[m + 2] != _PICKLED or W[m] != c or not 3 <= length <= self._slot_bytes
+                    or mv[off] != 0x80 or mv[off + length - 1] != 0x2E):
+                return self._dequeue_frame(timeout, cancel)
+            view = mv[off:off + length]
+            try:
+                return _loads(view)
+            except Exception as exc:
+                raise CorruptMessage(f"cannot unpickle message: {type(exc).__name__}: {exc}") from exc
+            finally:
+                view.release()
+                # release, inlined: same steps as _release (_advance + _store_consumed); keep them in step
+                if _NEED_ORDER_FENCES:
+                    _sync.release_fence()  # our copy is complete before the writer may reuse the slot
+                c = (c + 1) & _MASK
+                W[self._cw] = c
+                self._c = c
+                self._slot = s + 1 if s + 1 < self._nslots else 0
+                if not self._light:
+                    _full_fence()  # store(consumed) -> load(writer_sleeping)
+                if (W[_W_WRITER_SLEEPING] and (c - W[_W_WAKE_TARGET]) & _MASK < 0x80000000) or self._always_wake:
+                    _sync.fetch_add(self._wwake)
+                    _sync.futex_wake(self._wwake)
+
+    def _dequeue_frame(self, timeout, cancel) -> Any:
+        """Anything but a bare pickle: a one-slot frame, a stream of chunks, stray tails, corruption."""
+        deadline = None if timeout is None else _mono() + timeout
+        while True:
+            kind, length, data = self._next_chunk(deadline, cancel)
+            if kind == _PICKLED:
+                view = self._mv[data:data + length]
+                try:
+                    codec.check_pickle(view)
+                    return _loads(view)
+                except CorruptMessage:
+                    raise
+                except Exception as exc:
+                    raise CorruptMessage(f"cannot unpickle message: {type(exc).__name__}: {exc}") from exc
+                finally:
+                    view.release()
+                    self._release()
+            if kind == _WHOLE:
+                return self._read_whole(data, length)
+            if not kind & _FIRST:  # the tail of a message whose writer gave up: skip it
+                self._release()
+                continue
+            frame = self._read_stream(data, length, deadline, cancel)
+            if frame is not None:
+                return codec.decode(frame)
+
+    def _next_chunk(self, deadline, cancel) -> tuple[int, int, int]:
+        """Wait for chunk ``consumed`` and return its (kind, length, data offset), checked."""
+        W, c = self._W, self._c
+        if W[_W_PUB] == c:
+            self._await_chunk(c, deadline, cancel)
+        if _NEED_ORDER_FENCES:
+            _sync.acquire_fence()  # pub before the record and payload
+        d = (W[_W_PUB] - c) & _MASK
+        if d > self._nslots:
+            raise CorruptMessage(f"ring counter says {d} chunks are pending in a ring of {self._nslots} slots")
+        s = self._slot
+        m = self._metas[s]
+        seq, length, kind = W[m], W[m + 1], W[m + 2]
+        L.check_chunk(seq, length, kind, c, self._slot_bytes)
+        return kind, length, self._datas[s]
+
+    def _read_whole(self, data: int, length: int) -> Any:
+        """A one-slot codec frame (it has out-of-band buffers): one copy, so that arrays can keep pointing at
+        it after the slot is reused."""
+        try:
+            if length < _REUSE_MIN:
+                frame = bytearray(self._mv[data:data + length])  # no zero-fill; arrays will point into it
+            else:
+                frame = self._frame(length)
+                memoryview(frame).cast("B")[:] = self._mv[data:data + length]
+        finally:
+            self._release()
+        return codec.decode(frame)
+
+    def _read_stream(self, data, length, deadline, cancel):
+        """Gather a multi-slot frame. Returns None if the message turned out torn (a new FIRST arrived)."""
+        mv = self._mv
+        total = codec.frame_length(mv[data:data + length], self.max_message)
+        if total <= length:
+            raise CorruptMessage(f"a {total}-byte frame does not need more than one {length}-byte chunk")
+        frame = self._frame(total)
+        fv = memoryview(frame).cast("B")
+        got = 0
+        while True:
+            if got + length > total:
+                self._release()
+                raise CorruptMessage(f"message chunks exceed the announced {total} bytes")
+            fv[got:got + length] = mv[data:data + length]
+            got += length
+            self._release()
+            if got == total:
+                return frame
+            kind, length, data = self._next_chunk(deadline, cancel)
+            if kind & _FIRST:
+                return None  # torn: the writer started over; this chunk is read again as a new message
+            if kind & _LAST and got + length != total:
+                self._release()
+                raise CorruptMessage(f"message ended after {got + length} of {total} bytes")
+
+    def _frame(self, n: int):
+        """A buffer for an ``n``-byte frame. Big frames reuse one of the last few this reader handed out once
+        nothing references it any more (the arrays decoded from it are gone): a fresh big allocation costs page
+        faults and a zero-fill of every page, as much CPU as the copy itself."""
+        if n < _REUSE_MIN:
+            return codec.alloc(n)
+        spare = self._spare
+        for i in range(len(spare)):
+            # 2 = the list's reference + getrefcount's argument: no array, view or memoryview holds it
+            if len(spare[i]) == n and sys.getrefcount(spare[i]) == 2:
+                buf = spare.pop(i)
+                spare.append(buf)
+                return buf
+        buf = codec.alloc(n)
+        if n <= _REUSE_MAX:
+            spare.append(buf)
+            if len(spare) > _REUSE_COUNT:
+                del spare[0]
+        return buf
+
+    # -- handing slots back ------------------------------------------------------------------------------------
+    def _release(self) -> None:
+        """Hand the current chunk back to the writer."""
+        self._advance()
+        self._store_consumed(self._c)
+
+    def _advance(self) -> None:
+        """Move past the current chunk (this process's cursor only)."""
+        self._c = (self._c + 1) & _MASK
+        s = self._slot + 1
+        self._slot = s if s < self._nslots else 0
+
+    def _store_consumed(self, c: int) -> None:
+        """Tell the writer that every chunk below ``c`` is released; wake it if it waits for that."""
+        W = self._W
+        if _NEED_ORDER_FENCES:
+            _sync.release_fence()  # our copy of the payload is complete before the writer may reuse the slot
+        W[self._cw] = c
+        if not self._light:
+            _full_fence()  # store(consumed) -> load(writer_sleeping)
+        if (W[_W_WRITER_SLEEPING] and (c - W[_W_WAKE_TARGET]) & _MASK < 0x80000000) or self._always_wake:
+            _sync.fetch_add(self._wwake)
+            _sync.futex_wake(self._wwake)
+
+    # -- waiting -----------------------------------------------------------------------------------------------
+    def _await_chunk(self, c: int, deadline, cancel) -> None:
+        W = self._W
+        if self._spin_s and self._should_spin():
+            self._spun(self._spin(lambda: W[_W_PUB] != c))
+            if W[_W_PUB] != c:
+                return
+        self._sleep_until(lambda: W[_W_PUB] != c, self._rwake, deadline, cancel, tuple, "dequeue",
+                          self._reader_sleeping)
+
+    def _reader_sleeping(self, on: bool) -> None:
+        _sync.fetch_add(self._sleepers, 1 if on else -1)  # atomic, and a full fence: store -> load(pub)
+        if on and self._heavy:
+            _sync.heavy_fence()  # ... also on the writer's CPU, whose publish path has no fence
+
+    def _check_peer(self, pending) -> None:
+        self._peer_died(self.writer_pid, self.writer_start, 0, f"writer process {self.writer_pid} died")

@@ -1,0 +1,271 @@
+"""The writer end of a ring: creates the segment, publishes chunks, waits for space.
+
+::
+
+    enqueue(obj) --pickle--> bare pickle <= one slot? --yes--> hot path: copy into slot w, record, pub = w + 1
+                                    |no (out-of-band buffers, or bigger)
+                                    v
+                             codec frame --fits a slot--> _publish(WHOLE)
+                                    |no
+                                    v
+                             _put_stream: FIRST .. middle .. LAST chunks, each published when full
+
+The hot path is ``_publish`` inlined into ``enqueue`` (a small message is most of the traffic, and a method
+call costs as much as the stores it saves): keep the two in step.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+import sys
+import time
+from typing import Any
+
+from transport import _proc, _sync, codec, layout as L, shm
+from transport.defaults import MAX_MESSAGE_BYTES, SLOT_BYTES, SLOTS
+from transport.errors import CorruptMessage, QueueClosed
+from transport.ring import Ring
+
+# A writer on a full ring spins like any other waiter (then sleeps until half the ring is free). Not spinning
+# there (the readers have a backlog, so it is a throughput situation) measured no better, and worse for small
+# messages; the adaptive policy stops the spinning where it keeps failing anyway.
+_SPIN_ON_FULL = True
+_MASK = L.MASK
+_W_PUB = L.OFF_PUB // 4
+_W_WRITER_SLEEPING = L.OFF_WRITER_SLEEPING // 4
+_W_WAKE_TARGET = L.OFF_WAKE_TARGET // 4
+_W_SLEEPERS = L.OFF_SLEEPERS // 4
+_WHOLE = L.WHOLE
+_PICKLED = L.PICKLED
+_FIRST = L.FIRST
+_LAST = L.LAST
+_NEED_ORDER_FENCES = _sync.NEED_ORDER_FENCES
+_full_fence = _sync.full_fence
+_dumps = codec.dumps
+_pdumps = pickle.dumps
+_modules = sys.modules
+_mono = time.monotonic
+
+
+class RingWriter(Ring):
+    """The one writer of a ring. ``MessageQueue(n_reader, ...)`` builds one (transport/message_queue.py)."""
+
+    is_writer = True
+    reader_rank = None
+
+    def __init__(
+        self,
+        n_reader: int,
+        max_chunk_bytes: int = SLOT_BYTES,
+        max_chunks: int = SLOTS,
+        spin_us: float | None = None,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+        *,
+        spin_yield: bool | None = None,
+        spin_adaptive: bool = True,
+        _fences: str = "auto",
+    ) -> None:
+        self._init_common(_fences)
+        if max_message_bytes <= 0 or max_message_bytes >= 1 << 48:
+            raise ValueError(f"max_message_bytes must be in 1..2**48, got {max_message_bytes}")
+        self.layout = L.Layout(n_reader, max_chunks, max_chunk_bytes)
+        self.layout.check()
+        self._seg = shm.create(self.layout.size)
+        self.writer_pid, self.writer_start = os.getpid(), _proc.start_time()
+        L.write_geometry(self._seg.map, self.layout, self.writer_pid, self.writer_start, max_message_bytes)
+        # Asymmetric fences (transport/_sync.py): if this process is registered, its hot path skips the
+        # store->load fence, and every sleeper of this ring must use heavy_fence(); the header says so.
+        asym = self._fences == "auto" and _sync.register_asymmetric()
+        struct.pack_into("<I", self._seg.map, L.OFF_ASYM, int(asym))
+        self.max_message = max_message_bytes
+        self.spin_us, self.spin_yield, self.spin_adaptive = spin_us, spin_yield, spin_adaptive
+        self._w = 0  # chunks published (unbounded here; the segment holds it mod 2**32)
+        self._limit = max_chunks  # chunks below this number may be written without looking at the readers
+        self._bind()
+
+    def _unattached(self) -> tuple[int, ...]:
+        return tuple(r for r, ok in enumerate(self._attached()) if not ok)
+
+    def wait_until_ready(self, timeout: float | None = None) -> None:
+        """Block until every reader has attached, then unlink the segment's name."""
+        deadline = None if timeout is None else _mono() + timeout
+        self._W[_W_WAKE_TARGET] = 0
+        self._sleep_until(lambda: all(self._attached()), self._wwake, deadline, None, self._unattached,
+                          "wait_until_ready", self._writer_sleeping)
+        shm.unlink(self._seg.name)
+
+    def dequeue(self, timeout: float | None = None, cancel=None) -> Any:
+        raise RuntimeError("dequeue on the writer end of the queue")
+
+    # -- publishing --------------------------------------------------------------------------------------------
+    def enqueue(self, obj: Any, timeout: float | None = None) -> None:
+        """Broadcast ``obj`` to every reader. Pickling happens before the ring is touched, so an unpicklable
+        object raises here and leaves the ring usable. Blocks (bounded by ``timeout``) while the ring is full."""
+        if "torch" in _modules and not isinstance(obj, codec.PLAIN):
+            main, bufs = _dumps(obj)
+        else:
+            bufs = []
+            main = _pdumps(obj, 5, buffer_callback=bufs.append)
+        n = len(main)
+        if bufs or n > self._slot_bytes:
+            return self._enqueue_frame(main, bufs, timeout)
+        # The hot path, inlined (it is most of the cost of a small message): a bare pickle in one slot.
+        # Same steps as _publish; keep the two in step.
+        with self._lock:
+            if self._closed_here:
+                raise QueueClosed("queue closed")
+            w = self._w
+            if w >= self._limit:
+                self._await_space(w, None if timeout is None else _mono() + timeout)
+            s = self._slot
+            off = self._datas[s]
+            self._mv[off:off + n] = main
+            W = self._W
+            m = self._metas[s]
+            W[m] = w & _MASK
+            W[m + 1] = n
+            W[m + 2] = _PICKLED
+            if _NEED_ORDER_FENCES:
+                _sync.release_fence()  # payload and record before pub
+            w += 1
+            W[_W_PUB] = w & _MASK
+            self._w = w
+            self._slot = s + 1 if s + 1 < self._nslots else 0
+            if not self._light:
+                _full_fence()  # store(pub) -> load(sleepers)
+            if W[_W_SLEEPERS] or self._always_wake:
+                _sync.fetch_add(self._rwake)
+                _sync.futex_wake(self._rwake)
+
+    def _enqueue_frame(self, main, bufs, timeout: float | None) -> None:
+        """A message with out-of-band buffers or larger than a slot: a codec frame, in one slot or streamed."""
+        pieces, total = codec.frame(main, bufs)
+        if total > self.max_message:
+            raise ValueError(f"message of {total} bytes is over max_message_bytes={self.max_message}")
+        deadline = None if timeout is None else _mono() + timeout
+        with self._lock:
+            if self._closed_here:
+                raise QueueClosed("queue closed")
+            if total > self._slot_bytes:
+                return self._put_stream(pieces, total, deadline)
+            w = self._w
+            if w >= self._limit:
+                self._await_space(w, deadline)
+            s = self._slot
+            mv = self._mv
+            off = self._datas[s]
+            for p in pieces:
+                end = off + len(p)
+                mv[off:end] = p
+                off = end
+            self._publish(w, s, total, _WHOLE)
+
+    def _publish(self, w: int, s: int, length: int, kind: int) -> None:
+        """Write chunk ``w``'s record (its payload is in slot ``s``), publish it, wake sleeping readers."""
+        W = self._W
+        m = self._metas[s]
+        W[m] = w & _MASK
+        W[m + 1] = length
+        W[m + 2] = kind
+        if _NEED_ORDER_FENCES:
+            _sync.release_fence()  # payload and record before pub
+        w += 1
+        W[_W_PUB] = w & _MASK
+        self._w = w
+        self._slot = s + 1 if s + 1 < self._nslots else 0
+        if not self._light:
+            _full_fence()  # store(pub) -> load(sleepers): Dekker with the reader's announce-then-check
+        if W[_W_SLEEPERS] or self._always_wake:
+            _sync.fetch_add(self._rwake)
+            _sync.futex_wake(self._rwake)
+
+    def _put_stream(self, pieces, total: int, deadline: float | None) -> None:
+        """Spread one frame over consecutive slots, publishing each as soon as it is full."""
+        if len(pieces[0]) > self._slot_bytes:
+            raise ValueError("message header larger than one slot: too many out-of-band buffers for the slot size")
+        mv, size = self._mv, self._slot_bytes
+        kind, room, off, left = _FIRST, 0, 0, total
+        w = s = 0
+        for piece in pieces:
+            view = memoryview(piece).cast("B") if not isinstance(piece, bytes) else piece
+            pos, n = 0, len(view)
+            while pos < n:
+                if not room:
+                    w = self._w
+                    if w >= self._limit:
+                        self._await_space(w, deadline)
+                    s, room = self._slot, size
+                    off = self._datas[s]
+                k = min(room, n - pos)
+                mv[off:off + k] = view[pos:pos + k]
+                pos += k
+                off += k
+                room -= k
+                left -= k
+                if not room or not left:
+                    self._publish(w, s, size - room, kind | (_LAST if not left else 0))
+                    kind, room = 0, 0
+
+    # -- waiting for space -------------------------------------------------------------------------------------
+    def _await_space(self, w: int, deadline: float | None) -> None:
+        """Block until chunk ``w`` may be written: every reader has released chunk ``w - n_slots``."""
+        if w < self._refresh_limit(w):
+            return
+        if _SPIN_ON_FULL and self._spin_s and self._should_spin():
+            ok = self._spin(lambda: w < self._refresh_limit(w))
+            self._spun(ok)
+            if ok:
+                return
+        # Asleep, wait until half the ring is free, not one slot: a writer ahead of slow readers then sleeps
+        # once per half ring instead of once per message (each wake-up costs two system calls and a switch).
+        # Not with a reader that lends slots out: its pinned slots may keep half the ring busy indefinitely.
+        need = w - self._nslots + (1 if self._some_reader_lends() else max(1, self._nslots // 2))
+        self._W[_W_WAKE_TARGET] = need & _MASK
+        self._sleep_until(lambda: need <= self._refresh_limit(w) - self._nslots, self._wwake, deadline, None,
+                          lambda: self._behind(w), "enqueue", self._writer_sleeping)
+
+    def _some_reader_lends(self) -> bool:
+        W, lay = self._W, self.layout
+        return any(W[(lay.reader(r) + L.R_LENDS) // 4] for r in range(self._n))
+
+    def _refresh_limit(self, w: int) -> int:
+        """Read every reader's counter; the slowest one bounds how far the writer may run ahead."""
+        W, S = self._W, self._nslots
+        lag = 0
+        for cw in self._consumed_words:
+            d = (w - W[cw]) & _MASK
+            if d > lag:
+                lag = d
+        if lag > S:
+            raise CorruptMessage(f"a reader's counter is {lag} chunks behind a ring of {S} slots")
+        self._limit = w - lag + S
+        return self._limit
+
+    def _behind(self, w: int) -> tuple[int, ...]:
+        """Readers that have not released the chunk the writer needs."""
+        W, S = self._W, self._nslots
+        return tuple(r for r, cw in enumerate(self._consumed_words) if (w - W[cw]) & _MASK >= S)
+
+    def _writer_sleeping(self, on: bool) -> None:
+        self._W[_W_WRITER_SLEEPING] = 1 if on else 0
+        if on:  # store(writer_sleeping) -> load(consumed[*]), on this CPU and on the readers' (light hot paths)
+            _sync.heavy_fence() if self._heavy else _sync.full_fence()
+
+    def _check_peer(self, pending) -> None:
+        for r in pending():
+            pid, start = self._reader_identity(r)
+            self._peer_died(pid, start, r, f"reader {r} (pid {pid}) died", r)
+
+    # -- closing -----------------------------------------------------------------------------------------------
+    def _on_close(self) -> None:
+        shm.unlink(self._seg.name)
+
+    def __del__(self) -> None:
+        """A writer dropped without close(): remove the name and wake the readers (they would wait forever)."""
+        try:
+            if not self._closed_here and os.getpid() == self._pid:
+                shm.unlink(self._seg.name)
+                self.cancel_all()
+        except Exception:
+            pass
