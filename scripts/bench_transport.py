@@ -24,6 +24,7 @@ order each round, so that machine noise hits every peer alike):
     python scripts/bench_transport.py            # full run (a few minutes)
     python scripts/bench_transport.py --quick    # smaller counts, a sanity run
     --spin-us / --spin-yield / --spin-adaptive / --slot-bytes / --slots   # our knobs, to compare policies
+    --baseline REV   # adds peer "base": transport/ as of git revision REV, side by side with "ours" (before/after)
 
 What limits the numbers on the 2-vCPU development VM (profiled; see transport/message_queue.py for the policy):
 
@@ -44,14 +45,17 @@ What limits the numbers on the 2-vCPU development VM (profiled; see transport/me
 from __future__ import annotations
 
 import argparse
+import atexit
 import ctypes
 import faulthandler
 import glob
 import multiprocessing as mp
 import os
 import pickle
+import re
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -164,8 +168,10 @@ class _ZmqEnd:
 
 
 class _OursEnd:
-    def __init__(self, rank, n, handle, boot, opts, reply_opts, zero_copy=False):
-        from transport import MessageQueue
+    def __init__(self, rank, n, handle, boot, opts, reply_opts, zero_copy=False, package="transport"):
+        import importlib
+
+        MessageQueue = importlib.import_module(package).MessageQueue
 
         self.bcast = MessageQueue.create_from_handle(handle, rank, zero_copy=zero_copy)
         self.back = MessageQueue(1, RING_SLOT_BYTES, RING_SLOTS, **{**opts, **reply_opts})
@@ -179,7 +185,8 @@ class _OursEnd:
         self.back.close()
 
 
-_END_FACTORY = {"pipe": _PipeEnd, "mpq": _MpqEnd, "zmq": _ZmqEnd, "ours": _OursEnd, "zcopy": _OursEnd}
+_END_FACTORY = {"pipe": _PipeEnd, "mpq": _MpqEnd, "zmq": _ZmqEnd, "ours": _OursEnd, "zcopy": _OursEnd,
+                "base": _OursEnd}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -324,15 +331,17 @@ class OursPeer(Peer):
     reply_opts: dict = {}  # the same, for the reply queues only
     slot_bytes, slots = RING_SLOT_BYTES, RING_SLOTS  # geometry of the broadcast ring
     zero_copy = False
+    package = "transport"
 
     def __init__(self, ctx, n):
-        from transport import MessageQueue
+        import importlib
 
+        MessageQueue = importlib.import_module(self.package).MessageQueue
         super().__init__(ctx, n)
         self.bcast = MessageQueue(n, self.slot_bytes, self.slots, **self.opts)
         boots = [ctx.Pipe(duplex=False) for _ in range(n)]
         handle = self.bcast.export_handle()
-        self._spawn(ctx, lambda r: (handle, boots[r][1], self.opts, self.reply_opts, self.zero_copy))
+        self._spawn(ctx, lambda r: (handle, boots[r][1], self.opts, self.reply_opts, self.zero_copy, self.package))
         self.replies = []
         for r, (rd, wr) in enumerate(boots):
             wr.close()
@@ -359,7 +368,36 @@ class ZeroCopyPeer(OursPeer):
     slot_bytes = ZC_SLOT_BYTES  # a 16 MiB payload fits one slot, so it is lent out too (bigger ones stream)
 
 
-PEER_CLASSES = {"mpq": MpqPeer, "pipe": PipePeer, "zmq": ZmqPeer, "ours": OursPeer, "zcopy": ZeroCopyPeer}
+class BasePeer(OursPeer):
+    """``ours`` as of another git revision (``--baseline REV``): the before of a before/after comparison."""
+
+    name = "base"
+    package = "transport_base"
+
+
+def install_baseline(rev: str) -> str:
+    """Write transport/ as of ``rev`` into a temporary directory as the package ``transport_base`` (its own
+    imports renamed), put it on sys.path (spawned readers inherit sys.path), and return the directory."""
+    top = tempfile.mkdtemp(prefix="bench-base-")
+    atexit.register(shutil.rmtree, top, True)
+    pkg = os.path.join(top, "transport_base")
+    os.mkdir(pkg)
+    files = subprocess.run(["git", "-C", ROOT, "ls-tree", "--name-only", rev, "transport/"], check=True,
+                           capture_output=True, text=True).stdout.split()
+    for path in files:
+        if not path.endswith(".py"):
+            continue
+        src = subprocess.run(["git", "-C", ROOT, "show", f"{rev}:{path}"], check=True, capture_output=True,
+                             text=True).stdout
+        src = re.sub(r"^(\s*)(from|import) transport\b", r"\1\2 transport_base", src, flags=re.M)
+        with open(os.path.join(pkg, os.path.basename(path)), "w") as f:
+            f.write(src)
+    sys.path.insert(0, top)
+    return top
+
+
+PEER_CLASSES = {"mpq": MpqPeer, "pipe": PipePeer, "zmq": ZmqPeer, "ours": OursPeer, "zcopy": ZeroCopyPeer,
+                "base": BasePeer}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -562,7 +600,11 @@ def main(argv=None) -> int:
                     help="ours: stop spinning while spins keep failing")
     ap.add_argument("--slot-bytes", type=int, default=RING_SLOT_BYTES, help="ours: broadcast ring slot size")
     ap.add_argument("--slots", type=int, default=RING_SLOTS, help="ours: broadcast ring slot count")
+    ap.add_argument("--baseline", default=None, metavar="REV",
+                    help="add peer 'base': transport/ at git revision REV, measured side by side with 'ours'")
     args = ap.parse_args(argv)
+    if args.baseline:
+        install_baseline(args.baseline)
     OursPeer.slot_bytes, OursPeer.slots = args.slot_bytes, args.slots
     if args.spin_us is not None:
         OursPeer.opts["spin_us"] = args.spin_us
@@ -575,6 +617,8 @@ def main(argv=None) -> int:
 
     readers = [int(x) for x in args.readers.split(",")]
     names = [p for p in args.peers.split(",") if p]
+    if args.baseline and "base" not in names:
+        names.append("base")
     if "pipe" not in names:
         names.insert(0, "pipe")  # every ratio is against the pipe peer
     only = set(args.only.split(","))
