@@ -77,6 +77,7 @@ def overrides(ns: argparse.Namespace) -> list[str]:
                 f"restart.period_s={_FOREVER_S}", f"restart.startup_period_s={_FOREVER_S}"]
     if not ns.fast:
         out.append("runtime.preload=[]")  # fresh interpreters import torch themselves: the forkserver stays light
+    out.append("shutdown.drain_s=0")  # a rank's join lasts as long as its script: there is no call to drain
     if ns.shutdown_timeout is not None:
         out.append(f"shutdown.grace_s={ns.shutdown_timeout}")
     if ns.master_port is not None:
@@ -141,9 +142,7 @@ def _ranks(flag: str, value: str) -> tuple[int, ...]:
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    from supervisor.__main__ import SignalState
-
-    signals = SignalState()
+    signals = _signal_state()
     signals.install()
     try:
         cfg = load(args)
@@ -169,10 +168,30 @@ def load(args: list[str]):
     return cfg
 
 
-def run(cfg, signals) -> int:
-    from supervisor.__main__ import run_one
+def _signal_state():
+    """The CLI's own signal handling (first signal: graceful stop; a second: forced)."""
+    try:
+        from supervisor.signals import SignalState
+    except ImportError:  # before the CLI's move to supervisor/cli.py + signals.py (issue 13)
+        from supervisor.__main__ import SignalState  # type: ignore[no-redef]
+    return SignalState()
 
-    code = run_one(cfg, signals)
+
+def _run_one(cfg, signals) -> int:
+    """``python -m supervisor``'s own runner: run directory, logging, Supervisor, workload, summary, exit code."""
+    try:
+        from supervisor.cli import run_one
+    except ImportError:  # before the CLI's move (issue 13): the runner made its own run directory
+        from supervisor.__main__ import run_one as run_old  # type: ignore[attr-defined]
+
+        return run_old(cfg, signals)
+    from supervisor.config import make_run_dir
+
+    return run_one(cfg, make_run_dir(), signals)
+
+
+def run(cfg, signals) -> int:
+    code = _run_one(cfg, signals)
     if signals.signum and cfg.launch.torchrun_exit_codes:
         return 1  # torchrun: a SignalException ends the agent with exit code 1
     return code
