@@ -48,6 +48,7 @@ class Supervisor:
         self.events = events or EventLog(self.cfg.logging.run_dir if self.cfg.logging.events else "")
         self._life = Lifecycle(self.cfg, self.events, make_backend(self.cfg))
         self._rr = itertools.count()
+        self._cpu_samples: dict[tuple[int, float], tuple[float, float]] = {}  # status(): (pid, start) -> (cpu s, t)
         self.calls = CallStats()  # calls in flight and done, for status views and metrics (supervisor/observe)
         self._shutdown_lock = threading.Lock()
         self.world = self.cfg.parallel.group_world
@@ -404,7 +405,7 @@ class Supervisor:
                     try:
                         with p.oneshot():
                             rss = round(p.memory_info().rss / 2**20, 1)
-                            cpu = p.cpu_percent(interval=None)
+                            cpu = self._cpu_percent(p)
                     except psutil.Error:
                         pass
                 rows.append({"group": gi, "rank": g.rank_offset + w.rank, "name": w.spec.topology.name, "pid": w.pid,
@@ -413,6 +414,15 @@ class Supervisor:
                              "gpu_mib": round(gpu_mem[w.pid] / 2**20, 1) if w.pid in gpu_mem else None,
                              **_liveness(w, self.calls.in_progress(gi, w.rank))})
         return rows
+
+    def _cpu_percent(self, p: psutil.Process) -> float:
+        """CPU% of one worker since the previous status() (since it started, the first time): a fresh
+        psutil.Process per call would always say 0.0."""
+        times, now = p.cpu_times(), time.time()
+        key, used = (p.pid, p.create_time()), times.user + times.system
+        last_used, last_t = self._cpu_samples.get(key, (0.0, key[1]))
+        self._cpu_samples[key] = (used, now)
+        return round(100.0 * (used - last_used) / max(now - last_t, 1e-6), 1)
 
     def pids(self) -> list[int]:
         return [row["pid"] for row in self.status()]

@@ -70,6 +70,7 @@ class PendingCall(concurrent.futures.Future):
         self.expires_at = None if deadline_s is None else time.monotonic() + deadline_s
         self.detached = False  # no thread waits for it: the reply reader drains for it
         self.outcome: tuple[bool, Any] | None = None  # decided under the channel's lock; set on the Future after
+        self.hung: tuple[tuple[int, ...], str] | None = None  # missed its deadline: (global ranks, why)
 
     def missing(self) -> tuple[int, ...]:
         return tuple(r for r in self.expected if r not in self.results)
@@ -89,7 +90,7 @@ class PendingCall(concurrent.futures.Future):
         until = None if timeout is None else time.monotonic() + timeout
         if not self.channel.await_call(self, until):
             missing = self.channel.global_ranks(self.missing())
-            raise CallTimeout(f"{self.method_name}: no answer within the caller's timeout of {timeout:g} s "
+            raise CallTimeout(f"{self.method_name}: no answer within the caller's timeout of {timeout:.3g} s "
                               f"(ranks {list(missing)} still working; they are left alone)", missing)
         self.settle()
 
@@ -334,9 +335,10 @@ class RpcChannel:
                 return RemoteError(self.rank_offset + f.rank, f.exc_type, f.message, f.traceback)
         return None
 
-    @staticmethod
-    def _settle_all(calls: list[PendingCall]) -> None:
+    def _settle_all(self, calls: list[PendingCall]) -> None:
         for call in calls:
+            if call.hung is not None and self.on_deadline is not None:
+                self.on_deadline(*call.hung)  # the ranks are declared hung before the caller hears of it
             call.settle()  # callbacks run here, holding no lock of ours
 
     # -- deadlines -------------------------------------------------------------------------------------------
@@ -360,7 +362,7 @@ class RpcChannel:
 
     def _decide_due(self, due: list[PendingCall]) -> list[PendingCall]:
         """Under ``_cond``: those calls missed their deadline. The ranks that did not answer are handed to
-        ``on_deadline`` (from a thread of its own: it kills processes, and we hold a lock)."""
+        ``on_deadline`` when the call is settled, with no lock held (it kills processes)."""
         out = []
         for call in due:
             if self._pending.pop(call.call_id, None) is None:
@@ -369,9 +371,7 @@ class RpcChannel:
             why = f"missed the call deadline of {call.deadline_s:g} s ({call.method_name})"
             call.outcome = (False, RpcTimeout(f"{call.method_name}: ranks {list(missing)} {why}; declared hung",
                                               missing))
-            if missing and self.on_deadline is not None:
-                threading.Thread(target=self.on_deadline, args=(missing, why), name="rpc-deadline",
-                                 daemon=True).start()
+            call.hung = (missing, why) if missing else None
             out.append(call)
         return out
 
