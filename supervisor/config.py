@@ -374,6 +374,8 @@ def _missing_option(err: Any) -> ConfigError:
     """``restart=bogus`` -> ``restart: no such option 'bogus' (choose from: never, ...)``."""
     path = err.missing_cfg_file or ""
     group, _, option = path.rpartition("/")
+    if not group and path:
+        return ConfigError("--config-name", f"no primary config named '{path}' on the search path")
     if not group or err.options is None:
         return ConfigError(path or "config", _first_line(str(err)))
     choices = ", ".join(sorted(err.options))
@@ -672,7 +674,8 @@ def _parse_overrides(overrides: list[str]) -> list[Any]:
 
 
 def make_run_dir(base: str = "outputs") -> str:
-    """Create ``base/YYYY-MM-DD/HH-MM-SS`` (``-1``, ``-2``… when taken, e.g. two runs in one second)."""
+    """For launchers without Hydra's run machinery (rankvisor-run; ``python -m supervisor`` uses hydra.run.dir).
+    Create ``base/YYYY-MM-DD/HH-MM-SS`` (``-1``, ``-2``… when taken, e.g. two runs in one second)."""
     from datetime import datetime
 
     now = datetime.now()
@@ -686,14 +689,6 @@ def make_run_dir(base: str = "outputs") -> str:
         except FileExistsError:
             continue
     raise AssertionError("unreachable")
-
-
-def save_config(cfg: Config, run_dir: str) -> str:
-    """Write the resolved config to ``run_dir/config.yaml`` (loadable as a config again); return the path."""
-    path = os.path.join(run_dir, "config.yaml")
-    with open(path, "w", encoding="utf-8") as out:
-        out.write(to_yaml(cfg))
-    return path
 
 
 def to_yaml(cfg: Config) -> str:

@@ -10,6 +10,7 @@ import multiprocessing as mp
 import sys
 
 # Imported by the forkserver before it forks anything: the heavy part of a worker's start-up, done once.
+FIRST_PRELOAD = "supervisor._forkserver_path"  # our packages ahead of the current folder, before anything imports them
 _WORKER_MODULES = ("worker.main", "worker.base", "transport", "loguru", "psutil", "setproctitle", "cloudpickle")
 
 
@@ -30,18 +31,18 @@ def context(method: str, preload: tuple[str, ...]):
     """A multiprocessing context for ``method`` (already resolved); forkserver gets its preload list."""
     ctx = mp.get_context(method)
     if method == "forkserver":
-        ctx.set_forkserver_preload([*preload, *_WORKER_MODULES])
+        ctx.set_forkserver_preload([FIRST_PRELOAD, *preload, *_WORKER_MODULES])
     return ctx
 
 
 def prestart(args: list[str]) -> int | None:
     """Boot the forkserver (it imports torch: the longest part of start-up) before the configuration is even
-    loaded, so the two overlap. Only when the command line keeps the default method and preload; returns the
-    forkserver's pid so the caller can stop it at once if the configuration then turns out to be invalid."""
+    loaded, so the two overlap. Only for a plain run that keeps the default method and preload; returns the
+    forkserver's pid. ``stop_helpers`` stops it again, whether a tree used it or the configuration was refused."""
     if any(a.lstrip("+").startswith(("runtime.preload", "runtime=")) for a in args):
         return None
     method = next((a.split("=", 1)[1] for a in args if a.lstrip("+").startswith("runtime.start_method=")), "auto")
-    if method not in ("auto", "forkserver") or resolve(method) != "forkserver" or "-m" in args:
+    if method not in ("auto", "forkserver") or resolve(method) != "forkserver" or _not_a_plain_run(args):
         return None
     from multiprocessing import forkserver
 
@@ -50,15 +51,63 @@ def prestart(args: list[str]) -> int | None:
     return forkserver._forkserver._forkserver_pid
 
 
-def stop_prestarted(pid: int | None) -> None:
-    """Undo ``prestart`` (bad configuration: nothing may stay running)."""
-    if pid is None:
-        return
+def _not_a_plain_run(args: list[str]) -> bool:
+    """Flags (--help, --cfg, -m, ...) print something or sweep: no single tree will use a prestarted forkserver."""
+    return any(a.startswith("-") or a.replace(" ", "") == "hydra.mode=MULTIRUN" for a in args)
+
+
+TRACKER_EXIT_WAIT_S = 2.0  # the resource tracker exits at once when its pipe closes (after unlinking what leaked)
+_HELPER_POLL_S = 0.01
+
+
+def stop_helpers() -> None:
+    """Stop multiprocessing's helper processes of this process -- the forkserver, then the resource tracker -- and
+    reap them, so none outlives the command (left alone they exit 1-2 s after it, when they notice the EOF).
+
+    Call once every worker is gone: the resource tracker then reports (and unlinks) anything still registered."""
+    from multiprocessing import forkserver, resource_tracker
+
+    server = forkserver._forkserver
+    with server._lock:
+        if server._forkserver_pid is not None:  # it holds nothing of ours: killed at once, even mid-preload
+            _close_and_reap(server._forkserver_alive_fd, server._forkserver_pid, wait_s=0.0)
+            address = server._forkserver_address
+            server._forkserver_pid = server._forkserver_alive_fd = server._forkserver_address = None
+            if address and not address.startswith("\0"):  # a filesystem socket (not Linux's abstract namespace)
+                _unlink(address)
+    tracker = resource_tracker._resource_tracker
+    with tracker._lock:
+        if tracker._fd is not None and tracker._pid is not None:
+            _close_and_reap(tracker._fd, tracker._pid, wait_s=TRACKER_EXIT_WAIT_S)
+            tracker._fd = tracker._pid = None
+
+
+def _close_and_reap(fd: int, pid: int, wait_s: float) -> None:
+    """Close the helper's pipe (its signal to exit), wait up to ``wait_s``, then kill it; always reap it."""
     import os
     import signal
+    import time
 
+    os.close(fd)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return
+        except ChildProcessError:  # already reaped (by a subreaper sweep of ours)
+            return
+        time.sleep(_HELPER_POLL_S)
     try:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
     except (ProcessLookupError, ChildProcessError):
+        pass
+
+
+def _unlink(path: str) -> None:
+    import os
+
+    try:
+        os.unlink(path)
+    except OSError:
         pass

@@ -1,0 +1,110 @@
+"""What each signal does to ``python -m supervisor``, at any instant of start-up, run or shutdown.
+
+    | signal                  | first                                            | second (any of the three) |
+    |-------------------------|--------------------------------------------------|---------------------------|
+    | SIGINT, SIGTERM, SIGHUP | graceful stop, exit 128+N (SIGTERM drains calls  | forced stop at once       |
+    |                         | in flight first, up to shutdown.drain_s)         |                           |
+    | SIGQUIT                 | forced stop at once, exit 131                    |                           |
+    | SIGUSR1                 | every rank dumps its Python stacks into the log (faulthandler), the supervisor too; |
+    |                         | the run goes on                                                                     |
+    | SIGUSR2                 | rolling restart: the dp groups restart one by one, no call lost; the run goes on     |
+
+"At any instant" is the point of this module: the handlers are installed before anything else happens (before the
+config loads and the forkserver starts), and a stop that arrives before the tree exists is remembered (``stop``) and
+checked at each step of start-up, so nothing starts after it. A stop that arrives while the tree starts is passed to
+the supervisor at once (``request_shutdown``), which abandons the start-up. A forced stop kills every worker, then the
+start method's helper processes, then exits -- nothing outlives the command.
+
+Handlers run on the main thread between two bytecodes, possibly while it holds a lock the supervisor needs: what could
+block (collecting pids, a rolling restart) is done on a short-lived thread instead.
+"""
+from __future__ import annotations
+
+import faulthandler
+import os
+import signal
+import sys
+import threading
+from typing import Any
+
+GRACEFUL = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+FORCED = signal.SIGQUIT
+DUMP_STACKS = signal.SIGUSR1  # also what the workers listen on (worker/main.py registers faulthandler for it)
+ROLLING_RESTART = signal.SIGUSR2
+
+
+def exit_code(signum: int) -> int:
+    return 128 + signum
+
+
+class SignalState:
+    """The CLI's signal handling. ``stop`` is set by the first stopping signal; ``signum`` says which one."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.signum: int | None = None
+        self.supervisor: Any = None  # set by the CLI as soon as the Supervisor object exists (before it starts)
+
+    def install(self) -> None:
+        for sig in GRACEFUL:
+            signal.signal(sig, self._graceful)
+        signal.signal(FORCED, self._forced)
+        signal.signal(DUMP_STACKS, self._dump_stacks)
+        signal.signal(ROLLING_RESTART, self._rolling_restart)
+
+    def attach(self, sup: Any) -> bool:
+        """Hand the tree to the handlers; False if a stop came first (then do not start it). The check comes after
+        the assignment, so a signal in between is seen one way or the other."""
+        self.supervisor = sup
+        return not self.stop.is_set()
+
+    @property
+    def code(self) -> int | None:
+        return exit_code(self.signum) if self.signum is not None else None
+
+    def _graceful(self, signum: int, _frame: Any) -> None:
+        if self.signum is not None:
+            self._force_exit()
+        drain = signum == signal.SIGTERM  # a first SIGTERM drains calls in flight; any later signal skips it
+        self.signum = signum
+        self.stop.set()
+        sup = self.supervisor
+        if sup is not None:
+            sup.request_shutdown(drain=drain)  # non-blocking: the main thread finishes the stop
+
+    def _forced(self, signum: int, _frame: Any) -> None:
+        self.signum = self.signum or signum
+        self._force_exit()
+
+    def _force_exit(self) -> None:
+        """Kill every worker now, then the helper processes; exit with the code of the signal that stopped us."""
+        from supervisor.backends.local import startmethod
+
+        sup = self.supervisor
+        if sup is not None:
+            sup.force_stop()
+        startmethod.stop_helpers()
+        sys.stderr.flush()
+        os._exit(exit_code(self.signum or FORCED))
+
+    def _dump_stacks(self, _signum: int, _frame: Any) -> None:
+        threading.Thread(target=self._dump_now, name="dump-stacks", daemon=True).start()
+
+    def _dump_now(self) -> None:
+        from loguru import logger
+
+        sup = self.supervisor
+        pids = sup.pids() if sup is not None else []
+        logger.warning(f"SIGUSR1: dumping the Python stacks of the supervisor and of {len(pids)} rank(s) {pids}")
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        for pid in pids:
+            try:
+                os.kill(pid, DUMP_STACKS)  # each rank's faulthandler writes into its rank-prefixed output
+            except ProcessLookupError:
+                pass
+
+    def _rolling_restart(self, _signum: int, _frame: Any) -> None:
+        sup = self.supervisor
+        if sup is not None and self.signum is None:
+            threading.Thread(target=sup.rolling_restart, kwargs={"wait": False}, name="rolling-restart",
+                             daemon=True).start()  # the manager thread does it; progress is in the events
