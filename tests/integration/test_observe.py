@@ -1,0 +1,346 @@
+"""Seeing the tree (issue 15): rank-prefixed output and per-rank logs, stacks of a hung rank in its log, the story
+in supervisor.log and events.jsonl, `python -m supervisor status` from another process, Prometheus metrics parsed
+with prometheus_client's own parser, /healthz and /readyz while a group restarts, and the live page in a real
+headless Chromium. No fixed ports: http.port=0 and the bound port read back from RUN_DIR/http.json."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from html.parser import HTMLParser
+from multiprocessing.connection import Connection
+
+import psutil
+import pytest
+from loguru import logger
+from prometheus_client.parser import text_string_to_metric_families
+
+from supervisor.api import Supervisor
+from supervisor.backends.local.output import RankOutput
+from supervisor.core.exits import ExitInfo
+from tests.integration.helpers import ECHO, REPO, config, fault_env, gone_within, reap_adopted
+
+ENV = {**os.environ, "PYTHONPATH": REPO}
+ONE_FOR_ONE = "restart=one_for_one"
+
+
+def wait_until(pred, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"waited {timeout} s for {what}")
+        time.sleep(0.02)
+
+
+# -- output: whole lines, prefixed, copied into rank logs ---------------------------------------------------------
+def test_output_lines_of_two_ranks_never_mix(tmp_path, capfd):
+    """Fragments of two ranks' lines arriving interleaved come out as whole lines, one rank each."""
+    out = RankOutput(str(tmp_path))
+    writers = {}
+    for rank in (0, 1):
+        (r_out, w_out), (r_err, w_err) = os.pipe(), os.pipe()
+        out.add(rank, 1000 + rank, 0, Connection(r_out, writable=False), Connection(r_err, writable=False))
+        writers[rank] = (w_out, w_err)
+    for i in range(50):
+        for rank in (0, 1):  # half a line from each rank, then the other halves
+            os.write(writers[rank][0], f"rank{rank}-line{i}-".encode() + b"x" * 300)
+        for rank in (0, 1):
+            os.write(writers[rank][0], f"-end{i}\n".encode())
+    os.write(writers[1][1], b"an error\nlast words without a newline")
+    for fds in writers.values():
+        for fd in fds:
+            os.close(fd)
+    out.close(timeout_s=5)
+    lines = capfd.readouterr()
+    for rank in (0, 1):
+        mine = [ln for ln in lines.out.splitlines() if ln.startswith(f"[rank{rank}]: ")]
+        assert mine == [f"[rank{rank}]: rank{rank}-line{i}-{'x' * 300}-end{i}" for i in range(50)]
+    assert lines.err.splitlines() == ["[rank1]: an error", "[rank1]: last words without a newline"]
+    log1 = (tmp_path / "ranks" / "rank1.log").read_text().splitlines()
+    assert log1[0].startswith("==> rank 1 pid 1001 attempt 0 started ")
+    assert log1[-2:] == ["an error", "last words without a newline"] and len(log1) == 53
+
+
+def hang_holding_the_gil(w):
+    """Catastrophic regex backtracking: minutes in C with the GIL held, so the heartbeat thread cannot beat (a
+    wedged rank), while faulthandler (a C signal handler) can still dump the stacks."""
+    if w.rank == 1:
+        re.match(r"(a+)+$", "a" * 40 + "b")
+    return w.rank
+
+
+def test_rank_output_prefixed_logged_and_hang_stacks_in_its_log(tmp_path, capfd):
+    run_dir = str(tmp_path / "run")
+    cfg = config(*ECHO, "parallel.tp=2", ONE_FOR_ONE, "logging.events=true", f"logging.run_dir={run_dir}",
+                 "worker.heartbeat_interval_s=0.1", "worker.heartbeat_timeout_s=1")
+    errors: list[str] = []
+    sink = logger.add(lambda m: errors.append(str(m)), level="ERROR")
+    try:
+        with Supervisor(cfg) as sup:
+            long = "y" * 5000  # far beyond PIPE_BUF: the kernel may split it, our lines may not
+            sup.collective_rpc(lambda w, s: [print(f"from {w.rank} {i} {s}") for i in range(200)] and None,
+                               args=(long,), timeout=30)
+            sup.collective_rpc(lambda w: print(f"to stderr from {w.rank}", file=sys.stderr), timeout=30)
+            hung_pid = sup.pids()[1]
+            fut = sup.collective_rpc(hang_holding_the_gil, non_block=True)
+            wait_until(lambda: sup.events.of_kind("hung"), 30, "rank 1 to be declared hung")
+            with pytest.raises(Exception):
+                fut.result(timeout=30)
+            wait_until(lambda: sup.serving() and hung_pid not in sup.pids(), 30, "group 0 to serve again")
+    finally:
+        logger.remove(sink)
+    out, err = capfd.readouterr()
+    for rank in (0, 1):
+        got = [ln for ln in out.splitlines() if ln.startswith(f"[rank{rank}]: from ")]
+        assert got == [f"[rank{rank}]: from {rank} {i} {long}" for i in range(200)], "a line was cut or mixed"
+        assert f"[rank{rank}]: to stderr from {rank}" in err.splitlines()
+    stray = [ln for ln in out.splitlines() if "from " in ln and not ln.startswith("[rank")]
+    assert stray == []
+    log1 = os.path.join(run_dir, "ranks", "rank1.log")
+    text = open(log1).read()
+    assert "Most recent call first" in text or "most recent call first" in text, text[-2000:]
+    assert "hang_holding_the_gil" in text and f"from 1 199 {long}" in text
+    assert "attempt 1 started" in text  # the restarted rank appends to the same file, under a header
+    hung = sup.events.of_kind("hung")[0]
+    assert hung["rank"] == 1 and hung["stack_log"] == log1
+    assert any(f"stacks dumped to {log1}" in m for m in errors), errors
+
+
+# -- the CLI: story, events, status from another process, metrics, probes -----------------------------------------
+class ServeCli:
+    """`python -m supervisor workload=serve ...` in tmp_path, with HTTP on a free port."""
+
+    def __init__(self, tmp_path, *overrides: str) -> None:
+        self.dir = tmp_path
+        self._err = open(tmp_path / "stderr.txt", "w")
+        self._out = open(tmp_path / "stdout.txt", "w")
+        args = [sys.executable, "-m", "supervisor", "workload=serve", *ECHO, "http.when=always", "http.port=0",
+                "workload.status_interval_s=60", *overrides]
+        self.proc = subprocess.Popen(args, cwd=tmp_path, env=ENV, stdout=self._out, stderr=self._err)
+        wait_until(lambda: "READY in" in self.stderr() or self.proc.poll() is not None, 60, "the READY line")
+        assert self.proc.poll() is None, self.stderr()
+        self.run_dir = glob.glob(str(tmp_path / "outputs" / "*" / "*"))[0]
+        self.port = json.load(open(os.path.join(self.run_dir, "http.json")))["port"]
+        self._tree = psutil.Process(self.proc.pid).children(recursive=True)  # its forkserver may come back to us
+
+    def stderr(self) -> str:
+        return (self.dir / "stderr.txt").read_text()
+
+    def status(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "supervisor", "status", *args], cwd=self.dir, env=ENV,
+                              capture_output=True, text=True, timeout=60)
+
+    def status_json(self) -> dict:
+        res = self.status(self.run_dir, "--json")
+        assert res.returncode == 0, res.stderr
+        return json.loads(res.stdout)
+
+    def get(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=10) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    def metrics(self) -> dict[tuple[str, tuple], float]:
+        status, text = self.get("/metrics")
+        assert status == 200
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+    def close(self, timeout: float = 30) -> int | None:
+        try:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+            return self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait(5)
+            reap_adopted(self._tree)
+            self._err.close()
+            self._out.close()
+
+
+def _events(run_dir: str) -> list[dict]:
+    with open(os.path.join(run_dir, "events.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _pid_of(st: dict, rank: int) -> int:
+    return next(w["pid"] for w in st["workers"] if w["rank"] == rank)
+
+
+def test_cli_status_metrics_probes_and_story_through_a_restart(tmp_path):
+    cli = ServeCli(tmp_path, "parallel.tp=2", "parallel.dp=2", ONE_FOR_ONE)
+    code = None
+    try:
+        sock = os.path.join(cli.run_dir, "control.sock")
+        assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+        st = cli.status_json()  # another process, through the control socket
+        assert [(w["group"], w["rank"], w["state"]) for w in st["workers"]] == \
+            [(0, 0, "running"), (0, 1, "running"), (1, 2, "running"), (1, 3, "running")]
+        assert all(isinstance(w["heartbeat_age_s"], float) and w["rss_mib"] for w in st["workers"])
+        table = cli.status()  # "latest" from the run's own folder
+        assert table.returncode == 0 and table.stderr == "" and "beat s" in table.stdout, table
+        m = cli.metrics()
+        assert m[("rankvisor_workers", (("state", "running"),))] == 4
+        assert m[("rankvisor_group_serving", (("group", "1"),))] == 1
+        assert len([k for k in m if k[0] == "rankvisor_worker_heartbeat_age_seconds"]) == 4
+        assert cli.get("/readyz")[0] == 200 and cli.get("/healthz") == (200, "ok\n")
+
+        victim = _pid_of(st, 3)
+        probes = _probe_while(cli, lambda: os.kill(victim, signal.SIGKILL))
+        readyz = [code for code, _ in probes]
+        first_down = readyz.index(503)  # readyz went unready ...
+        assert 200 in readyz[first_down:], readyz  # ... then ready again
+        assert all(h == 200 for _, h in probes)  # the supervisor stayed alive throughout
+        m = cli.metrics()
+        assert m[("rankvisor_restarts_total", (("cause", "SIGKILL"), ("group", "1")))] == 1
+        assert m[("rankvisor_worker_exits_total", (("reason", "SIGKILL"),))] >= 1
+        st = cli.status_json()
+        assert [g["restarts"] for g in st["groups"]] == [0, 1] and _pid_of(st, 3) != victim
+
+        res = cli.status(cli.run_dir, "--restart", "0")  # a graceful restart of group 0 from the shell
+        assert res.returncode == 0, res.stderr
+        wait_until(lambda: any(e["kind"] == "recycled" for e in _events(cli.run_dir)), 30, "group 0 recycled")
+        wait_until(lambda: cli.get("/readyz")[0] == 200, 30, "group 0 back")
+        res = cli.status(cli.run_dir, "--stop")
+        assert res.returncode == 0, res.stderr
+        code = cli.proc.wait(30)
+    finally:
+        cli.close()
+    assert code == 143, cli.stderr()[-3000:]
+    _check_story(cli.run_dir, cli.stderr())
+
+
+def _probe_while(cli: ServeCli, act) -> list[tuple[int, int]]:
+    """(readyz, healthz) status codes, polled from before ``act`` until readyz has been unready and ready again."""
+    probes: list[tuple[int, int]] = []
+    act()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        probes.append((cli.get("/readyz")[0], cli.get("/healthz")[0]))
+        codes = [c for c, _ in probes]
+        if 503 in codes and codes[-1] == 200:
+            break
+        time.sleep(0.01)
+    return probes
+
+
+def _check_story(run_dir: str, stderr: str) -> None:
+    log = open(os.path.join(run_dir, "supervisor.log")).read()
+    for needle in ("starting tp=2", "group 0 READY", "group 1 READY", "READY in", "exited with SIGKILL: killed",
+                   "restarting groups [1]", "group 0 recycled", "serve summary", "group 1 stopped",
+                   "exit 143: stopped by SIGTERM"):
+        assert needle in log, f"{needle!r} not in supervisor.log:\n{log[-3000:]}"
+    events = _events(run_dir)
+    assert len({e["run"] for e in events}) == 1 and all(re.match(r"\d{4}-\d\d-\d\dT.*Z$", e["iso"]) for e in events)
+    for pid in {e["pid"] for e in events if e["kind"] == "ready"}:
+        kinds = [e["kind"] if e["kind"] != "phase" else e["phase"] for e in events if e.get("pid") == pid]
+        assert kinds[:5] == ["started", "imported", "init_device", "load_model", "ready"], kinds
+    exited = [e for e in events if e["kind"] == "exited" and e["reason"] == "SIGKILL"]
+    assert exited and exited[0]["meaning"].startswith("killed")
+    for rank in range(4):
+        assert os.path.exists(os.path.join(run_dir, "ranks", f"rank{rank}.log"))
+    worker_lines = [ln for ln in stderr.splitlines() if "| Worker_" in ln]
+    assert worker_lines and all(re.match(r"\[rank\d\]: ", ln) for ln in worker_lines), worker_lines[:5]
+
+
+def test_status_cli_bad_input_is_one_line(tmp_path):
+    def status(*args):
+        return subprocess.run([sys.executable, "-m", "supervisor", "status", *args], cwd=tmp_path, env=ENV,
+                              capture_output=True, text=True, timeout=60)
+
+    for args, code, text in [(("nowhere",), 2, "nowhere: no such run folder"),
+                             ((), 2, "latest: no running supervisor"),
+                             (("--watch", "0", str(tmp_path)), 2, "--watch: must be a number > 0"),
+                             (("--bogus",), 2, "--bogus: no such option")]:
+        res = status(*args)
+        assert (res.returncode, res.stderr.count("\n")) == (code, 1) and text in res.stderr, (args, res.stderr)
+    stale = tmp_path / "outputs" / "2026-01-01" / "00-00-00"
+    stale.mkdir(parents=True)
+    (stale / "control.sock").write_text("")  # a supervisor killed with -9 leaves its socket file behind
+    res = status(str(stale))
+    assert res.returncode == 1 and res.stderr.startswith("error: no supervisor answers") and res.stderr.count("\n") == 1
+
+
+def test_exit_codes_of_ours_have_words():
+    from worker.protocol import EXIT_MEANINGS
+
+    for code in (70, 71, 72, 73):
+        assert EXIT_MEANINGS[code] and EXIT_MEANINGS[code] in ExitInfo(code).reason
+    assert "grace" in ExitInfo(72).meaning and ExitInfo(-9).meaning.startswith("killed")
+    readme = open(os.path.join(REPO, "README.md")).read()
+    for code in (70, 71, 72, 73):
+        assert re.search(rf"^\| {code} \|", readme, re.M), f"exit code {code} missing from README's table"
+
+
+# -- the live page in a real browser ------------------------------------------------------------------------------
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+class _Ranks(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ranks: dict[int, dict[str, str]] = {}
+        self.events: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if "data-rank" in a:
+            self.ranks[int(a["data-rank"])] = a
+        if a.get("class") == "event":
+            self.events.append(a.get("data-kind", ""))
+
+
+def _page(browser: str, port: int, tmp_path, shot: str) -> _Ranks:
+    """The page's DOM after its script ran (headless Chromium), and a screenshot kept under tmp_path."""
+    base = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+            f"--user-data-dir={tmp_path / 'chromium'}", "--virtual-time-budget=5000"]
+    url = f"http://127.0.0.1:{port}/"
+    dom = subprocess.run([*base, "--dump-dom", url], capture_output=True, text=True, timeout=90)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    subprocess.run([*base, f"--screenshot={tmp_path / shot}", "--window-size=1000,900", url], capture_output=True,
+                   timeout=90)
+    parsed = _Ranks()
+    parsed.feed(dom.stdout)
+    return parsed
+
+
+def test_live_page_in_headless_chromium_shows_every_rank_and_a_kill(tmp_path):
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("no chromium on this machine (.ci/run installs it with apt-get)")
+    cli = ServeCli(tmp_path, "parallel.tp=2", "parallel.dp=2", ONE_FOR_ONE)
+    try:
+        before = _page(browser, cli.port, tmp_path, "before.png")
+        assert sorted(before.ranks) == [0, 1, 2, 3]
+        assert {r["data-state"] for r in before.ranks.values()} == {"running"}
+        victim = int(before.ranks[2]["data-pid"])
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: cli.get("/readyz")[0] == 200 and victim not in
+                   [w["pid"] for w in cli.status_json()["workers"]], 30, "group 1 to restart")
+        after = _page(browser, cli.port, tmp_path, "after.png")
+        assert sorted(after.ranks) == [0, 1, 2, 3]
+        assert int(after.ranks[2]["data-pid"]) != victim and after.ranks[2]["data-restarts"] == "1"
+        assert after.ranks[0]["data-pid"] == before.ranks[0]["data-pid"]  # one_for_one: group 0 untouched
+        assert "exited" in after.events and "restarting" in after.events and "exited" not in before.events
+        assert (tmp_path / "after.png").stat().st_size > 0
+    finally:
+        code = cli.close()
+    assert code == 143
