@@ -8,6 +8,7 @@ its segment as soon as every party has attached, so afterwards even ``kill -9`` 
 """
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import secrets
@@ -43,6 +44,7 @@ def create(size: int) -> Segment:
     try:
         os.fchmod(fd, 0o600)  # the umask can only remove bits, but be explicit about the contract
         os.ftruncate(fd, size)
+        reserve(fd, size)
         mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     except BaseException:
         os.close(fd)
@@ -51,6 +53,45 @@ def create(size: int) -> Segment:
     os.close(fd)
     _populate(mm)
     return Segment(name, mm, size)
+
+
+def reserve(fd: int, size: int) -> None:
+    """Allocate every page of the segment now. A tmpfs (/dev/shm) hands pages out at first touch, and a full one
+    answers that touch with SIGBUS, which kills the process wherever it is; reserving them here turns a full
+    /dev/shm into an exception at creation, naming the cause."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.ENOMEM):
+            raise ShmFull(size, free_bytes()) from None
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without fallocate: touch-fault
+            raise
+
+
+class ShmFull(OSError):
+    """No room in /dev/shm for a segment (found at creation, not by a SIGBUS later)."""
+
+    def __init__(self, need: int, free: int) -> None:
+        super().__init__(errno.ENOSPC, f"no room in {SHM_DIR} for a {mib(need)} ring ({mib(free)} free): "
+                                       f"lower transport.slots / transport.slot_bytes, or give the container more "
+                                       f"(docker run --shm-size=..., or --ipc=host)")
+        self.need, self.free = need, free
+
+    def __str__(self) -> str:
+        return self.strerror  # one line, without OSError's "[Errno 28]" prefix
+
+
+def free_bytes(path: str = SHM_DIR) -> int:
+    """Bytes an unprivileged process may still allocate in ``path`` (0 if it does not exist)."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize
+
+
+def mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
 
 
 def attach(name: str, size: int) -> Segment:

@@ -8,15 +8,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from transport import defaults as _tx
+
 
 @dataclass(frozen=True)
 class TransportSettings:
-    """Sizes of the shared-memory rings (see transport/ring.py for the layout)."""
+    """Sizes of the shared-memory rings (layout: transport/layout.py). Defaults: transport/defaults.py."""
 
-    slot_bytes: int = 1 << 20  # payload bytes per slot; larger messages span consecutive slots
-    slots: int = 8  # slots per ring
-    spin_us: float = 50.0  # busy-poll window before blocking in the kernel (futex)
-    max_message_bytes: int = 1 << 31  # a header announcing more is treated as corrupt
+    slot_bytes: int = _tx.SLOT_BYTES  # payload bytes per slot of the broadcast ring; larger messages span slots
+    slots: int = _tx.SLOTS  # slots per broadcast ring
+    reply_slot_bytes: int = _tx.REPLY_SLOT_BYTES  # payload bytes per slot of each rank's reply ring
+    reply_slots: int = _tx.REPLY_SLOTS  # slots per reply ring
+    spin_us: float = _tx.SPIN_US  # busy-poll window before blocking in the kernel (futex)
+    max_message_bytes: int = _tx.MAX_MESSAGE_BYTES  # a header announcing more is treated as corrupt
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ class LocalBackend:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
+        _preflight_shm(cfg)  # before any process starts: a layout /dev/shm cannot hold is a config error
         # Every process of this tree carries the marker in its environment (TREE_ENV): the supervisor's pid (what
         # outside tools look for) and which of this process's supervisors it belongs to.
         self.tree_marker = f"{os.getpid()}:{next(_SERIAL)}"
@@ -57,3 +58,20 @@ class LocalBackend:
     def close(self) -> None:
         self.output.close()  # the workers are gone: what their pipes still hold is written out first
 
+
+def _preflight_shm(cfg: Config) -> None:
+    """ConfigError (exit 2 from the CLI) if the rings of every group cannot fit in /dev/shm, or are malformed."""
+    from supervisor.config import ConfigError
+    from transport.budget import Geometry, shortfall
+
+    t, par = cfg.transport, cfg.parallel
+    rings = [Geometry(par.dp, par.group_world, t.slots, t.slot_bytes, ("transport.slots", "transport.slot_bytes")),
+             Geometry(par.total, 1, t.reply_slots, t.reply_slot_bytes,
+                      ("transport.reply_slots", "transport.reply_slot_bytes"))]
+    try:
+        problem = shortfall(rings)
+    except ValueError as exc:
+        key, _, why = str(exc).partition(": ")
+        raise ConfigError(key, why) from None
+    if problem is not None:
+        raise ConfigError("transport", problem)

@@ -1,0 +1,102 @@
+"""The tree in a container-sized /dev/shm (issue 14 part 2): a private mount namespace with a 64 MiB tmpfs on
+/dev/shm, Docker's default. The default geometry fits at tp=8; a layout that does not fit is refused before any
+process starts (exit 2, one line); a segment that does not fit is an exception at creation, never a SIGBUS."""
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.integration.helpers import REPO
+from transport import budget, shm
+from transport.defaults import REPLY_SLOT_BYTES, REPLY_SLOTS, SLOT_BYTES, SLOTS
+
+DOCKER_SHM = "64m"
+_ENV = {**os.environ, "PYTHONPATH": REPO}
+
+
+@functools.lru_cache(maxsize=1)
+def _namespace_refused() -> str:
+    """Why a private /dev/shm cannot be mounted here ("" if it can): needs root (or a user namespace) and unshare."""
+    try:
+        r = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                            "mount -t tmpfs -o size=1m tmpfs /dev/shm"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unshare unavailable: {exc}"
+    return "" if r.returncode == 0 else f"cannot mount a private tmpfs on /dev/shm: {r.stderr.strip()}"
+
+
+def in_small_shm(size: str, *argv: str, timeout: float = 120, prelude: str = "") -> subprocess.CompletedProcess:
+    """Run ``argv`` with /dev/shm a fresh ``size`` tmpfs that only it sees; afterwards list what it left there."""
+    reason = _namespace_refused()
+    if reason:
+        pytest.skip(reason)
+    script = (f"mount -t tmpfs -o size={size} tmpfs /dev/shm && {prelude} \"$@\"; rc=$?; "
+              "rm -f /dev/shm/filler; echo LEFT: $(ls -A /dev/shm); exit $rc")
+    return subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *argv],
+                          capture_output=True, text=True, timeout=timeout, env=_ENV, cwd=REPO)
+
+
+def _cli(tmp_path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "supervisor", "worker=echo", "workload=echo", "logging.level=WARNING",
+            f"hydra.run.dir={tmp_path}/run", *overrides]
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_default_tree_at_tp8_runs_in_a_64_mib_dev_shm(tmp_path, method):
+    r = in_small_shm(DOCKER_SHM, *_cli(tmp_path, "parallel.tp=8", f"runtime.start_method={method}"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "echo check" in r.stdout and "PASS" in r.stdout, r.stdout
+    assert r.stdout.rstrip().endswith("LEFT:"), "segments left in /dev/shm: " + r.stdout
+
+
+def test_a_layout_that_does_not_fit_is_refused_before_any_process_starts(tmp_path):
+    r = in_small_shm(DOCKER_SHM, *_cli(tmp_path, "parallel.tp=8", "transport.reply_slots=8",
+                                       "transport.reply_slot_bytes=1048576"))
+    assert r.returncode == 2, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, r.stderr
+    line = errors[0]
+    for part in ("72.0 MiB", "64.0 MiB is free", "transport.reply_slots", "transport.slot_bytes", "--shm-size="):
+        assert part in line, line
+    assert "Traceback" not in r.stderr and "rank" not in line
+    assert not (tmp_path / "run" / "ranks").exists() or not os.listdir(tmp_path / "run" / "ranks")
+
+
+_CREATE_TOO_BIG = (
+    "import sys\n"
+    "from transport import MessageQueue, shm\n"
+    "try:\n"
+    "    MessageQueue(1, 1 << 20, 32)\n"
+    "except shm.ShmFull as exc:\n"
+    "    print('REFUSED', exc); sys.exit(0)\n"
+    "sys.exit('created a 32 MiB ring in a 16 MiB /dev/shm')\n"
+)
+
+
+def test_a_full_dev_shm_is_an_exception_at_creation_not_a_sigbus():
+    r = in_small_shm("16m", sys.executable, "-c", _CREATE_TOO_BIG)
+    assert r.returncode == 0, (r.returncode, r.stdout, r.stderr[-2000:])  # -7 would be SIGBUS
+    assert "REFUSED no room in /dev/shm for a 32.0 MiB ring" in r.stdout, r.stdout
+    assert r.stdout.rstrip().endswith("LEFT:"), r.stdout
+
+
+def test_default_geometry_leaves_room_in_a_64_mib_dev_shm():
+    need = budget.need_bytes([budget.Geometry(1, 8, SLOTS, SLOT_BYTES, ("a", "b")),
+                              budget.Geometry(8, 1, REPLY_SLOTS, REPLY_SLOT_BYTES, ("c", "d"))])
+    assert need <= (64 << 20) // 2, shm.mib(need)  # at tp=8 dp=1: at most half of Docker's default
+    assert REPLY_SLOT_BYTES * REPLY_SLOTS < SLOT_BYTES * SLOTS
+
+
+def test_shortfall_names_the_biggest_rings_keys_first_and_a_shm_size():
+    rings = [budget.Geometry(1, 2, 4, 4096, ("transport.slots", "transport.slot_bytes")),
+             budget.Geometry(2, 1, 64, 1 << 20, ("transport.reply_slots", "transport.reply_slot_bytes"))]
+    assert budget.shortfall(rings, free=1 << 30) is None
+    line = budget.shortfall(rings, free=1 << 20)
+    assert line.index("transport.reply_slots") < line.index("transport.slots"), line
+    assert "--shm-size=320m" in line and "\n" not in line  # 2 x (128 MiB + headers), in whole 64 MiB steps
+    with pytest.raises(ValueError, match="transport.reply_slot_bytes"):
+        budget.shortfall([budget.Geometry(1, 1, 4, 1000, ("transport.reply_slots", "transport.reply_slot_bytes"))])
