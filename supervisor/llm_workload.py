@@ -176,6 +176,7 @@ def run_llm(sup: "Supervisor", stop: threading.Event) -> "Report":
     phases = sup.collective_rpc("phase_timings", timeout=30)
     shape = read_shape(info["checkpoint"])
     prompts = make_prompts(llm, shape, info["checkpoint"])
+    generate(sup, prompts, min(2, llm.max_new_tokens), stop)  # warm-up: kernels, allocator, the CUDA graph capture
     rows, ttft, itl = generate(sup, prompts, llm.max_new_tokens, stop)
     report = Report()
     report.add("model", f"{llm.checkpoint or llm.preset} ({_count(shape.total_params())} parameters, "
@@ -184,7 +185,7 @@ def run_llm(sup: "Supervisor", stop: threading.Event) -> "Report":
     report.add("load time (weights, slowest rank)", f"{max(p['weight_load_s'] for p in phases):.3f} s"
                + (f" (+ {write:.1f} s writing the random checkpoint once)" if write > 0.5 else ""))
     report.add("time to first token", f"{ttft * 1e3:.1f} ms (prefill, batch {len(prompts)} x "
-                                      f"{max(map(len, prompts))} tokens)")
+                                      f"{max(map(len, prompts))} tokens, after one warm-up run)")
     total = sum(itl)
     report.add("decode tokens/s", f"{len(prompts) * len(itl) / total:.1f} (batch {len(prompts)})" if total else "n/a")
     report.add("inter-token latency p50 / p99",
