@@ -13,6 +13,7 @@ Global rank = dp_rank * (tp * pp) + pp_rank * tp + tp_rank.
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import itertools
 import threading
 import time
@@ -32,7 +33,7 @@ from supervisor.core.retry import LifecycleView, RetryingCall, RetryPolicy, Retr
 from supervisor.core.states import SupervisorState
 from supervisor.core.views import GroupView, PolicyWindow, group_view
 from supervisor.observe.calls import CallStats
-from supervisor.core.rpc import _PICKLE_ERRORS, CallFuture, PendingCall, RpcFuture, by_value
+from supervisor.core.rpc import _PICKLE_ERRORS, CallFuture, PendingCall, by_value
 from supervisor.settings import Config
 
 _POLL_S = 0.05  # rolling_restart() checks this often whether the tree stopped while it waits
@@ -54,6 +55,9 @@ class Supervisor:
         self.world = self.cfg.parallel.group_world
         self.retry_stats = RetryStats()  # retried calls, per group they moved away from (status: "retried")
         self._serving_view = LifecycleView(self._life, lambda: self.gave_up)
+        # Multi-call requests (a generation) admitted per group: a rolling restart or a drain waits for them
+        # (supervisor/core/requests.py); supervisor/serving.py admits each request it runs.
+        self.requests = self._life.requests
         _LIVE.add(self)
         # Garbage collection without shutdown() must not leave the tree running; interpreter exit is _LIVE's job.
         weakref.finalize(self, _abandoned, self._life).atexit = False
@@ -243,7 +247,7 @@ class Supervisor:
         targets = self._targets(unique_reply_rank, group)
         if self.cfg.rpc.retry if retry is None else retry:
             return self._retrying(name, payload, args, kwargs, targets, until, non_block,
-                                  unique_reply_rank is not None, movable=False)
+                                  unique_reply_rank is not None, movable=False, call_deadline=deadline)
         sent = self._send_all(targets, payload, args, kwargs, until, name, deadline, non_block)
         if non_block:
             return self._future(sent, unique_reply_rank is not None, until)
@@ -300,7 +304,8 @@ class Supervisor:
         if self.cfg.rpc.retry_execute_model == "always" if retry is None else retry:
             deadline = None if timeout is None else time.monotonic() + timeout
             return self._retrying("execute_model", "execute_model", args, kwargs, [(gi, local)], deadline,
-                                  False, True, movable=group is None)
+                                  False, True, movable=group is None,
+                                  call_deadline=self.cfg.worker.call_deadline_s or None)
         return self.collective_rpc("execute_model", timeout, args, kwargs, unique_reply_rank=gi * self.world + local,
                                    deadline=self.cfg.worker.call_deadline_s or None)
 
@@ -324,25 +329,37 @@ class Supervisor:
                 return gi
         return live[next(self._rr) % len(live)]  # none open: wait on one (or fail) as configured
 
-    def _retrying(self, name: str, payload: Any, args: tuple, kwargs: dict | None, targets: list, deadline,
-                  non_block: bool, unique: bool, movable: bool) -> Any:
+    def _retrying(self, name: str, payload: Any, args: tuple, kwargs: dict | None, targets: list, until,
+                  non_block: bool, unique: bool, movable: bool, call_deadline: float | None = None) -> Any:
         """The retryable form of a call: one RetryingCall per target group (supervisor/core/retry.py), each sent
-        now; the answer is gathered (and the call re-sent while its group fails) when the result is asked for."""
+        now and re-sent while its group fails, within ``until`` (the caller's limit). Non-blocking: a Future that
+        completes by itself, the retries run on a thread of its own (only retryable calls pay for it)."""
         policy = RetryPolicy(self.cfg.rpc.retry_attempts)
 
         def sender(local):
-            return lambda gi, d: self._send(gi, payload, args, kwargs, local, d, name)
+            return lambda gi, d: self._send(gi, payload, args, kwargs, local, d, name, call_deadline)
 
-        calls = [RetryingCall(name, gi, movable=movable, policy=policy, deadline=deadline, send=sender(local),
+        calls = [RetryingCall(name, gi, movable=movable, policy=policy, deadline=until, send=sender(local),
                               wait=self._wait, view=self._serving_view, emit=self.events.emit,
                               stats=self.retry_stats).start() for gi, local in targets]
 
-        def resolve(t: float | None) -> Any:
-            d = deadline if t is None else time.monotonic() + t
-            out = [r for c in calls for r in c.result(d)]
+        def resolve() -> Any:
+            out = [r for c in calls for r in c.result(until)]
             return out[0] if unique else out
 
-        return RpcFuture(resolve) if non_block else resolve(None)
+        if not non_block:
+            return resolve()
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        future.set_running_or_notify_cancel()  # sent: cannot be cancelled
+
+        def run() -> None:
+            try:
+                future.set_result(resolve())
+            except BaseException as exc:  # noqa: BLE001 -- the caller gets it from the Future
+                future.set_exception(exc)
+
+        threading.Thread(target=run, name=f"retry-{name}", daemon=True).start()
+        return future
 
     def _send(self, gi: int, payload, args, kwargs, local, deadline, name, call_deadline: float | None = None,
               detached: bool = False) -> tuple[WorkerGroup, PendingCall]:
@@ -351,7 +368,8 @@ class Supervisor:
         life = self._life
         if self.gave_up:  # checked first: after giving up the tree is stopped too, but nobody asked for that
             raise WorkerFailed(f"{name}: the supervisor gave up: {life.error}")
-        if life.stop_requested.is_set() or life.state in (SupervisorState.STOPPING, SupervisorState.STOPPED):
+        stopping = life.stop_requested.is_set() and not life.requests.carries(gi)  # a request in flight may finish
+        if stopping or life.state in (SupervisorState.STOPPING, SupervisorState.STOPPED):
             raise ShutdownInProgress(f"{name}: the supervisor is shutting down")
         gate = life.gates[gi]
         wait = self.cfg.restart.calls_during_restart == "wait"

@@ -21,6 +21,8 @@ resets the group's cache and takes prompts of any length.
 
 One request at a time per group (a lease): the group's cache holds one batch. Leases wait for a serving, idle group
 within the request's deadline; the retry policy (which errors, how many attempts) is supervisor/core/retry.py's.
+A lease is also an admitted request (supervisor/core/requests.py): a rolling restart or a shutdown's drain window
+waits for the requests in flight on a group to finish before it stops the group, and admits no new one there.
 """
 from __future__ import annotations
 
@@ -38,8 +40,8 @@ class GroupLeases:
     """Which dp groups are busy with a request. A lease is taken only on a serving group, never on the incarnation
     of a group that just failed this request."""
 
-    def __init__(self, view: Any) -> None:
-        self._view = view
+    def __init__(self, view: Any, requests: Any) -> None:
+        self._view, self._requests = view, requests  # requests: core/requests.py, what planned stops wait for
         self._lock = threading.Lock()
         self._busy: set[int] = set()
         self._turn = 0
@@ -54,6 +56,8 @@ class GroupLeases:
                     continue
                 if avoid is not None and g == avoid[0] and self._view.incarnation(g) is avoid[1]:
                     continue
+                if not self._requests.admit(g):  # a rolling restart or a drain is waiting for this group
+                    continue
                 self._busy.add(g)
                 self._turn += 1
                 return g
@@ -62,6 +66,7 @@ class GroupLeases:
     def release(self, group: int) -> None:
         with self._lock:
             self._busy.discard(group)
+            self._requests.finish(group)
 
 
 class Generator:
@@ -74,7 +79,7 @@ class Generator:
         self.sup = sup
         self.retry = sup.cfg.rpc.retry_execute_model != "never" if retry is None else retry
         self.policy = RetryPolicy(sup.cfg.rpc.retry_attempts)
-        self.leases = GroupLeases(sup._serving_view)
+        self.leases = GroupLeases(sup._serving_view, sup.requests)
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, timeout: float | None = None) -> list[list[int]]:
         """The ``max_new_tokens`` greedy tokens after each prompt. One answer, or the last attempt's error."""

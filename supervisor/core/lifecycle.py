@@ -29,6 +29,7 @@ from loguru import logger
 from supervisor.errors import GaveUp, StartupError, WorkerFailed
 from supervisor.core.events import EventLog
 from supervisor.core.gate import Closed, GroupGate
+from supervisor.core.requests import Requests
 from supervisor.core.policy import Action, ChildExit, Decision, Phase, PolicySpec, PolicyState, decide_many
 from supervisor.core.states import GroupState, SupervisorState, WorkerState
 from supervisor.core.topology import build_specs, resolve_device
@@ -129,6 +130,7 @@ class Lifecycle:
         self.inbox: "queue.Queue[Message]" = queue.Queue()
         self.stop_requested = threading.Event()
         self.drain_s = 0.0  # set by the first request_shutdown that asks for a drain window
+        self.requests = Requests(dp)  # multi-call requests in flight per group: what planned stops wait for
         self.skip_drain = threading.Event()  # a second signal: stop draining, stop now
         self.started = threading.Event()
         self.finished = threading.Event()
@@ -163,8 +165,12 @@ class Lifecycle:
         finish first (the first such request sets it); 0 cuts a drain in progress short; None asks nothing of it."""
         if drain_s is not None and drain_s > 0 and not self.stop_requested.is_set():
             self.drain_s = drain_s
+            self.requests.close(draining=True)  # no new request; those in flight may still call until drained
         elif drain_s is not None and drain_s <= 0:
             self.skip_drain.set()
+            self.requests.close()
+        elif not self.stop_requested.is_set():
+            self.requests.close()
         self.stop_requested.set()
         self.inbox.put(Shutdown())
         for gate in self.gates:
@@ -342,10 +348,19 @@ class Lifecycle:
             self.live.remove(i)
 
     def _recycle(self, i: int) -> None:
-        """A worker crossed max_rss / max_calls: restart its group between calls, losing none."""
+        """A planned restart of group i (max_rss / max_calls, a rolling restart), losing no call and no request:
+        admit no new request there and let those in flight finish, then close the gate, drain, settle, restart."""
+        bound = self.cfg.worker.heartbeat_timeout_s * _RECYCLE_DRAIN_HEARTBEATS
+        self.requests.close(i)
+        try:
+            self.requests.wait_idle([i], bound, cancel=self.stop_requested)
+            self._restart_between_calls(i, bound)
+        finally:
+            self.requests.reopen(i)
+
+    def _restart_between_calls(self, i: int, bound: float) -> None:
         gate = self.gates[i]
         gate.close(Closed.RECYCLING)
-        bound = self.cfg.worker.heartbeat_timeout_s * _RECYCLE_DRAIN_HEARTBEATS
         gate.drain(timeout=bound)
         channel = self.groups[i].channel
         if channel is not None:  # stopping closes the reply queues: collect the replies of calls in flight first
@@ -465,15 +480,17 @@ class Lifecycle:
             return
         t0 = time.monotonic()
         deadline = t0 + self.drain_s
-        self.events.emit("draining", drain_s=self.drain_s)
+        self.events.emit("draining", drain_s=self.drain_s, requests=self.requests.in_flight())
+        requests_done = self.requests.wait_idle(list(self.live), self.drain_s, cancel=self.skip_drain)
+        self.requests.end_drain()  # from here on every new call is refused, a request's too
         serving = [i for i in self.live if i in self.groups and self.gates[i].is_open]
         for i in serving:
             self.gates[i].close(Closed.STOPPED)
         complete = all([self.gates[i].drain(max(0.0, deadline - time.monotonic())) for i in serving])
         for i in serving:
             complete = self._settle_until(self.groups[i], deadline) and complete
-        self.events.emit("drained", seconds=round(time.monotonic() - t0, 4), complete=complete,
-                         skipped=self.skip_drain.is_set())
+        self.events.emit("drained", seconds=round(time.monotonic() - t0, 4), complete=complete and requests_done,
+                         requests_left=self.requests.in_flight(), skipped=self.skip_drain.is_set())
 
     def _settle_until(self, group: WorkerGroup, deadline: float) -> bool:
         """Collect the replies of ``group``'s calls in flight, in short slices so that a second signal is heard;
