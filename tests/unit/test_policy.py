@@ -219,7 +219,8 @@ def test_a_batch_with_any_runtime_failure_is_charged_to_runtime():
 # --- backoff and settings -------------------------------------------------------------------------------------------
 
 def test_backoff():
-    assert [spec().backoff(k) for k in (1, 2, 50)] == [0.0, 0.0, 0.0]
+    assert [spec().backoff(k) for k in (1, 2, 50)] == [0.1, 0.2, 5.0]  # the default: 0.1 s, doubling to 5 s
+    assert [spec(backoff_initial_s=0.0).backoff(k) for k in (1, 2, 50)] == [0.0, 0.0, 0.0]
     s = spec(backoff_initial_s=0.1, backoff_factor=3.0, backoff_max_s=1.0)
     assert [round(s.backoff(k), 9) for k in (1, 2, 3, 4)] == [0.1, 0.3, 0.9, 1.0]
     assert s.backoff(100_000) == 1.0  # no float overflow however long the window
