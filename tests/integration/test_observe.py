@@ -119,6 +119,35 @@ def test_rank_output_prefixed_logged_and_hang_stacks_in_its_log(tmp_path, capfd)
     assert any(f"stacks dumped to {log1}" in m for m in errors), errors
 
 
+def test_status_shows_the_call_in_progress_and_metrics_time_every_call():
+    from supervisor.observe.metrics import Metrics
+
+    with Supervisor(config(*ECHO, "parallel.tp=2")) as sup:
+        metrics = Metrics(sup)
+        sup.calls.add_sink(metrics.on_call)
+        for i in range(20):
+            sup.collective_rpc("echo", args=(i,), timeout=30)
+        with pytest.raises(Exception):
+            sup.collective_rpc(lambda w: 1 / 0, timeout=30)
+        fut = sup.collective_rpc("sleep", args=(1.0,), non_block=True)
+        rows = wait_until(lambda: [r for r in sup.status() if r["call"] == "sleep" and r["call_s"] > 0.1], 30,
+                          "the sleep call to show in status")
+        assert sorted(r["rank"] for r in rows) == [0, 1]
+        fut.result(timeout=30)
+        wait_until(lambda: all(r["call"] is None for r in sup.status()), 30, "the call to end")
+        families = {f.name: f for f in text_string_to_metric_families(metrics.exposition().decode())}
+        counts = {s.labels["method"]: s.value for s in families["rankvisor_rpc_latency_seconds"].samples
+                  if s.name.endswith("_count")}
+        assert counts["echo"] == 20 and counts["sleep"] == 1
+        sleep_sum = [s.value for s in families["rankvisor_rpc_latency_seconds"].samples
+                     if s.name.endswith("_sum") and s.labels["method"] == "sleep"]
+        assert sleep_sum[0] >= 1.0
+        failures = [(s.labels["kind"], s.value) for s in families["rankvisor_rpc_failures"].samples
+                    if s.name.endswith("_total")]
+        assert failures == [("RemoteError", 1.0)]
+        sup.calls.remove_sink(metrics.on_call)
+
+
 # -- the CLI: story, events, status from another process, metrics, probes -----------------------------------------
 class ServeCli:
     """`python -m supervisor workload=serve ...` in tmp_path, with HTTP on a free port."""
