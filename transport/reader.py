@@ -21,6 +21,7 @@ that message for this reader (it is never delivered in part).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import struct
@@ -31,7 +32,7 @@ from typing import Any
 
 from transport import _proc, _sync, codec, layout as L, shm
 from transport.errors import CorruptMessage, QueueClosed
-from transport.ring import Handle, Ring
+from transport.ring import Handle, Ring, _release_view
 
 _REUSE_MIN = 256 << 10  # frames of this size and up are recycled (see _frame)
 _REUSE_MAX = 64 << 20
@@ -48,6 +49,10 @@ _NEED_ORDER_FENCES = _sync.NEED_ORDER_FENCES
 _full_fence = _sync.full_fence
 _loads = pickle.loads
 _mono = time.monotonic
+
+
+def _no_announce(on: bool) -> None:
+    """A sleep whose waker always wakes needs not say that it sleeps."""
 
 
 class RingReader(Ring):
@@ -92,6 +97,12 @@ class RingReader(Ring):
 
     def wait_until_ready(self, timeout: float | None = None) -> None:
         """A reader is ready once it exists."""
+
+    def wait_all_attached(self, timeout: float | None = None) -> None:
+        """Block until every reader of the ring has attached: a reader's half of a collective readiness (every
+        attach bumps and wakes the futex word ``wwake``, so this sleep needs no announcement)."""
+        self._sleep_until(lambda: all(self._attached()), self._wwake, None if timeout is None else _mono() + timeout,
+                          None, self._unattached, "wait_until_ready", _no_announce)
 
     def enqueue(self, obj: Any, timeout: float | None = None) -> None:
         raise RuntimeError("enqueue on a reader end of the queue")
@@ -138,6 +149,21 @@ class RingReader(Ring):
                 if (W[_W_WRITER_SLEEPING] and (c - W[_W_WAKE_TARGET]) & _MASK < 0x80000000) or self._always_wake:
                     _sync.fetch_add(self._wwake)
                     _sync.futex_wake(self._wwake)
+
+    @contextlib.contextmanager
+    def borrow(self, timeout: float | None = None, cancel: threading.Event | None = None):
+        """The next chunk's payload as a memoryview into the ring, whatever it holds; the slot is handed back when
+        the block exits. For callers that frame their own bytes (transport/compat/vllm.py's ``acquire_read``)."""
+        with self._lock:
+            if self._closed_here:
+                raise QueueClosed("queue closed")
+            _, length, data = self._next_chunk(None if timeout is None else _mono() + timeout, cancel)
+            view = self._mv[data:data + length]
+            try:
+                yield view
+            finally:
+                _release_view(view)
+                self._release()
 
     def _dequeue_frame(self, timeout, cancel) -> Any:
         """Anything but a bare pickle: a one-slot frame, a stream of chunks, stray tails, corruption."""

@@ -76,9 +76,16 @@ class Handle:
 
 class Ring:
     """State and waiting shared by both ends. Subclasses set ``_seg``, ``layout``, the spin settings and the
-    writer's identity, then call ``_bind()``; they provide ``_check_peer(pending)``."""
+    writer's identity, then call ``_bind()``; they provide ``_check_peer(pending)``.
+
+    Two knobs for the slow path only (a wait that went to sleep), used by faces such as transport/compat/vllm.py:
+    ``cancel_event`` (a threading.Event every sleep of this end also watches, the writer's included) and
+    ``on_long_wait(what, waited_s)``, called every ``long_wait_s`` seconds while a wait stays asleep."""
 
     is_writer: bool
+    cancel_event: threading.Event | None = None
+    long_wait_s: float | None = None
+    on_long_wait = None
 
     def _init_common(self, fences: str) -> None:
         self._lock = threading.Lock()
@@ -127,6 +134,9 @@ class Ring:
         W, lay = self._W, self.layout
         return [bool(W[(lay.reader(r) + L.R_ATTACHED) // 4]) for r in range(self._n)]
 
+    def _unattached(self) -> tuple[int, ...]:
+        return tuple(r for r, ok in enumerate(self._attached()) if not ok)
+
     # -- spinning ----------------------------------------------------------------------------------------------
     def _should_spin(self) -> bool:
         """Spin only while it pays off: while most recent spins ended before the window did. Once they mostly
@@ -172,8 +182,12 @@ class Ring:
         check sees it and changes the futex word (which makes the kernel refuse to put us to sleep)."""
         W = self._W
         word = (futex.value - self._base) // 4
-        next_liveness = _mono() + _LIVENESS_POLL_S
+        cancel = cancel if cancel is not None else self.cancel_event
+        started = _mono()
+        next_liveness = started + _LIVENESS_POLL_S
         nap_max = _CANCEL_POLL_S if cancel is not None else _LIVENESS_POLL_S
+        every = self.long_wait_s if self.on_long_wait is not None else None
+        next_report = started + every if every else None
         while True:
             seq = W[word]
             announce(True)
@@ -188,7 +202,12 @@ class Ring:
                 if now >= next_liveness:
                     self._check_peer(pending)
                     next_liveness = now + _LIVENESS_POLL_S
+                if next_report is not None and now >= next_report:
+                    self.on_long_wait(what, now - started)
+                    next_report += every
                 nap = nap_max if deadline is None else min(nap_max, deadline - now)
+                if next_report is not None:
+                    nap = min(nap, max(0.0, next_report - now))
                 if not _sync.futex_wait(futex, seq, nap) and ready():
                     self.late_wakeups += 1  # news that came without a wake-up: a protocol bug (tests assert 0)
                     return
@@ -277,3 +296,10 @@ class Ring:
         role = "writer" if self.is_writer else f"reader {self.reader_rank}"
         return f"<MessageQueue {self._seg.name} {role} of {self._n} readers, {self._nslots}x{self._slot_bytes} B>"
 
+
+def _release_view(view: memoryview) -> None:
+    """Release a view lent to a caller; one the caller still slices is left to garbage collection."""
+    try:
+        view.release()
+    except BufferError:
+        pass

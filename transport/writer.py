@@ -15,6 +15,7 @@ call costs as much as the stores it saves): keep the two in step.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import struct
@@ -25,7 +26,7 @@ from typing import Any
 from transport import _proc, _sync, codec, layout as L, shm
 from transport.defaults import MAX_MESSAGE_BYTES, SLOT_BYTES, SLOTS
 from transport.errors import CorruptMessage, QueueClosed
-from transport.ring import Ring
+from transport.ring import Ring, _release_view
 
 # A writer on a full ring spins like any other waiter (then sleeps until half the ring is free). Not spinning
 # there (the readers have a backlog, so it is a throughput situation) measured no better, and worse for small
@@ -84,9 +85,6 @@ class RingWriter(Ring):
         self._limit = max_chunks  # chunks below this number may be written without looking at the readers
         self._bind()
 
-    def _unattached(self) -> tuple[int, ...]:
-        return tuple(r for r, ok in enumerate(self._attached()) if not ok)
-
     def wait_until_ready(self, timeout: float | None = None) -> None:
         """Block until every reader has attached, then unlink the segment's name."""
         deadline = None if timeout is None else _mono() + timeout
@@ -137,6 +135,27 @@ class RingWriter(Ring):
             if W[_W_SLEEPERS] or self._always_wake:
                 _sync.fetch_add(self._rwake)
                 _sync.futex_wake(self._rwake)
+
+    @contextlib.contextmanager
+    def reserve(self, timeout: float | None = None):
+        """The next slot as a writable memoryview of ``slot_bytes`` bytes; published (whole, as a one-slot frame
+        of that length) when the block exits normally, left unpublished if it raises. For callers that frame
+        their own bytes (transport/compat/vllm.py's ``acquire_write``); readers take it with ``borrow``."""
+        deadline = None if timeout is None else _mono() + timeout
+        with self._lock:
+            if self._closed_here:
+                raise QueueClosed("queue closed")
+            w = self._w
+            if w >= self._limit:
+                self._await_space(w, deadline)
+            s = self._slot
+            off = self._datas[s]
+            view = self._mv[off:off + self._slot_bytes]
+            try:
+                yield view
+            finally:
+                _release_view(view)
+            self._publish(w, s, self._slot_bytes, _WHOLE)
 
     def _enqueue_frame(self, main, bufs, timeout: float | None) -> None:
         """A message with out-of-band buffers or larger than a slot: a codec frame, in one slot or streamed."""
