@@ -1,8 +1,9 @@
-"""`python -m supervisor status [RUN_DIR|latest] [--json] [--watch [SECONDS]] [--restart GROUP] [--stop]`
+"""`python -m supervisor status [RUN_DIR|latest] [--json] [--watch [SECONDS]] [--restart GROUP|all] [--stop]`
 
 Asks a running supervisor, through RUN_DIR/control.sock, for its live table: one row per rank with group, pid,
 state, restarts, RSS, CPU%, GPU MiB, heartbeat age and the call in progress with its age. ``latest`` (the default)
-is the newest run folder under ./outputs whose supervisor still answers.
+is the newest run folder under ./outputs whose supervisor still answers. ``--restart G`` restarts group G between
+calls, ``--restart all`` every group one at a time (a rolling restart), ``--stop`` stops the tree as SIGTERM does.
 
 Exit codes: 0 answered; 1 no supervisor answers there (not running any more); 2 bad arguments (one line).
 """
@@ -18,7 +19,7 @@ from typing import Any
 from supervisor.observe import control
 
 USAGE = ("usage: python -m supervisor status [RUN_DIR|latest] [--json] [--watch [SECONDS]] "
-         "[--restart GROUP] [--stop]")
+         "[--restart GROUP|all] [--stop]")
 DEFAULT_WATCH_S = 2.0
 _CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear screen: what `watch` does between frames
 
@@ -60,9 +61,10 @@ def _parse(argv: list[str]) -> dict[str, Any]:
         elif a == "--watch":
             opts["watch"] = _number(args.pop(0), "--watch") if args and _is_number(args[0]) else DEFAULT_WATCH_S
         elif a == "--restart":
-            if not args or not args[0].isdigit():
-                raise _Usage("--restart: needs a group number, e.g. --restart 1")
-            opts["restart"] = int(args.pop(0))
+            if not args or not (args[0].isdigit() or args[0] == "all"):
+                raise _Usage("--restart: needs a group number or 'all' (a rolling restart), e.g. --restart 1")
+            group = args.pop(0)
+            opts["restart"] = group if group == "all" else int(group)
         elif a.startswith("-"):
             raise _Usage(f"{a}: no such option ({USAGE})")
         else:
