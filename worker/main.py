@@ -2,8 +2,10 @@
 
 ::
 
-    entry() -> own session, death watch, PDEATHSIG, env, title, logs, signals
+    entry() -> fds 1 and 2 onto the supervisor's output pipes ([rankN]: prefixes, RUN_DIR/ranks; worker/output.py)
+            -> own session, death watch, PDEATHSIG, env, title, logs, signals
             -> Worker(spec).init_device(), load_model()          (failure: StartupFailed on the status pipe, exit 71)
+               each phase announced on the status pipe as it begins (PhaseReached: imported, init_device, load_model)
             -> reply queue created, broadcast queue attached
             -> Ready(reply handle) on the status pipe; heartbeats from now on
             -> loop: Request from the broadcast queue -> call -> Reply on the reply queue
