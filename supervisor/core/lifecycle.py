@@ -307,8 +307,8 @@ class Lifecycle:
         if group.channel is not None:  # a missed call deadline declares the silent ranks hung
             group.channel.on_deadline = lambda ranks, why, g=group: self.declare_hung(g, ranks, why)
         self.gates[i].open()
-        self.events.emit("group_ready", group=i, attempt=attempt, ranks=[group.rank_offset + w.rank for w in group.workers],
-                         startup_s=round(time.monotonic() - t0, 4))
+        self.events.emit("group_ready", group=i, attempt=attempt, startup_s=round(time.monotonic() - t0, 4),
+                         ranks=[group.rank_offset + w.rank for w in group.workers])
 
     def _watch_startup(self, group, attempt: int) -> set[int]:
         """Start-up progress as events: ``started`` at spawn, ``phase`` as each rank enters the next phase (a
