@@ -41,7 +41,9 @@ function el(tag, attrs, text) {
   if (text !== undefined) e.textContent = text;
   return e;
 }
-function fmt(v, unit) { return v === null || v === undefined ? "-" : (typeof v === "number" ? v.toFixed(1) : v) + (unit || ""); }
+function fmt(v, unit) {
+  return v === null || v === undefined ? "-" : (typeof v === "number" ? v.toFixed(1) : v) + (unit || "");
+}
 function drawTree(st) {
   const tree = document.getElementById("tree"); tree.replaceChildren();
   for (const g of st.groups) {
@@ -52,10 +54,13 @@ function drawTree(st) {
     for (const w of st.workers.filter(w => w.group === g.group)) {
       const card = el("div", {class: "rank s-" + w.state, id: "rank-" + w.rank, "data-rank": w.rank,
                               "data-pid": w.pid, "data-state": w.state, "data-restarts": w.restarts});
-      const call = w.call ? `${w.call} ${w.call_s.toFixed(1)} s` : "idle";
-      card.innerHTML = `<b>rank ${w.rank}</b> ${w.name}<br>pid ${w.pid} · ${w.state}<br>` +
-        `rss ${fmt(w.rss_mib, " MiB")} · cpu ${fmt(w.cpu_pct, "%")}` + (w.gpu_mib ? ` · gpu ${fmt(w.gpu_mib, " MiB")}` : "") +
-        `<br>beat ${fmt(w.heartbeat_age_s, " s")} · ${call}`;
+      const call = w.call ? `${w.call} ${w.call_s.toFixed(1)} s` : "idle";  // text only: a method name is user data
+      const gpu = w.gpu_mib ? ` · gpu ${fmt(w.gpu_mib, " MiB")}` : "";
+      card.appendChild(el("b", {}, `rank ${w.rank} `));
+      card.appendChild(document.createTextNode(w.name));
+      const lines = [`pid ${w.pid} · ${w.state}`, `rss ${fmt(w.rss_mib, " MiB")} · cpu ${fmt(w.cpu_pct, "%")}${gpu}`,
+                     `beat ${fmt(w.heartbeat_age_s, " s")} · ${call}`];
+      for (const line of lines) card.appendChild(el("div", {}, line));
       ranks.appendChild(card);
     }
     box.appendChild(ranks); tree.appendChild(box);
@@ -76,7 +81,8 @@ function drawHistory(st, events) {
   for (const g of st.groups) svg.appendChild(el("svg:text", {x: 4, y: lane(g.group) + 4}, "group " + g.group));
   for (const e of events) {
     if (e.group === undefined || e.time < t0) continue;
-    const c = el("svg:circle", {cx: x(e.time), cy: lane(e.group), r: 5, fill: COLORS[e.kind] || "#999", class: "mark-" + e.kind});
+    const c = el("svg:circle", {cx: x(e.time), cy: lane(e.group), r: 5, fill: COLORS[e.kind] || "#999",
+                                class: "mark-" + e.kind});
     c.appendChild(el("svg:title", {}, `${e.iso} ${e.kind} ${e.reason || e.why || ""}`)); svg.appendChild(c);
   }
   axis(svg, left, right, lane(ng), t0, now);
@@ -113,8 +119,10 @@ async function refresh() {
     const st = s.status, badge = document.getElementById("badge");
     badge.textContent = st.serving ? "serving" : st.state; badge.className = "badge " + (st.serving ? "ok" : "bad");
     document.getElementById("meta").textContent =
-      `run ${st.run} · ${st.run_dir} · supervisor pid ${st.pid} · ${st.state} · up ${st.uptime_s.toFixed(0)} s · ` +
-      `${st.workers.length} ranks in ${st.groups.length} groups · updated ${new Date(st.time * 1000).toLocaleTimeString()}`;
+      `run ${st.run} · ${st.run_dir} · supervisor pid ${st.pid} · ${st.state} · ` +
+      `up ${st.uptime_s.toFixed(0)} s · ` +
+      `${st.workers.length} ranks in ${st.groups.length} groups · ` +
+      `updated ${new Date(st.time * 1000).toLocaleTimeString()}`;
     drawTree(st); drawHistory(st, s.history.events); drawLatency(s.history.latency);
   } catch (err) {
     document.getElementById("meta").textContent = "supervisor not answering: " + err;

@@ -112,7 +112,8 @@ def _command(run_dir: str, opts: dict[str, Any]) -> int:
     if not reply.get("ok"):
         print(f"error: {reply.get('error')}", file=sys.stderr)
         return 2
-    print(json.dumps(reply) if opts["json"] else ("stopping" if opts["stop"] else f"restarting group {opts['restart']}"))
+    what = "stopping" if opts["stop"] else f"restarting group {opts['restart']}"
+    print(json.dumps(reply) if opts["json"] else what)
     return 0
 
 

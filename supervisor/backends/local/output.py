@@ -2,9 +2,9 @@
 
 ::
 
-    worker rank N  fd 1 ─pipe─┐                          ┌─> our stdout / stderr: "[rankN]: line"  (one write per batch)
-                   fd 2 ─pipe─┼─> RankOutput thread ─────┤
-    worker rank M  fd 1/2 ────┘   (epoll, whole lines)   └─> RUN_DIR/ranks/rankN.log: the line as written, both streams
+    rank N  fd 1 ─pipe─┐                        ┌─> our stdout / stderr: "[rankN]: line" (one write per batch)
+            fd 2 ─pipe─┼─> RankOutput thread ───┤
+    rank M  fd 1/2 ────┘   (epoll, whole lines) └─> RUN_DIR/ranks/rankN.log: the line as written, both streams
 
 Why here and not in the worker (worker/output.py says more): a pipe per stream catches what bypasses Python
 (faulthandler's stack dumps, native libraries, a crash's last words), and cutting lines on our side means two ranks
