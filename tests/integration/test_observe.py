@@ -289,6 +289,24 @@ def _check_story(run_dir: str, stderr: str) -> None:
     assert worker_lines and all(re.match(r"\[rank\d\]: ", ln) for ln in worker_lines), worker_lines[:5]
 
 
+def test_a_forced_stop_leaves_an_event_and_a_log_line(tmp_path):
+    """Ctrl-C, then Ctrl-C again while the graceful stop is still waiting on a slow shutdown()."""
+    cli = ServeCli(tmp_path, "parallel.tp=2", *fault_env("slow_stop", arg="30"), "shutdown.grace_s=60")
+    try:
+        pids = [w["pid"] for w in cli.status_json()["workers"]]
+        cli.proc.send_signal(signal.SIGINT)
+        wait_until(lambda: cli.status_json()["state"] == "stopping", 30, "the graceful stop to begin")
+        cli.proc.send_signal(signal.SIGINT)  # while shutdown() takes its 30 s
+        code = cli.proc.wait(30)
+    finally:
+        cli.close()
+    assert code == 130, cli.stderr()[-3000:]
+    assert gone_within(pids, 5.0) == []
+    forced = [e for e in _events(cli.run_dir) if e["kind"] == "forced_stop"]
+    assert len(forced) == 1 and sorted(forced[0]["pids"]) == sorted(pids)
+    assert "forced stop: every worker SIGKILLed" in open(os.path.join(cli.run_dir, "supervisor.log")).read()
+
+
 def test_status_cli_bad_input_is_one_line(tmp_path):
     def status(*args):
         return subprocess.run([sys.executable, "-m", "supervisor", "status", *args], cwd=tmp_path, env=ENV,
