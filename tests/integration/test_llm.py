@@ -120,3 +120,22 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, bad, says: str) -> Non
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], err
     assert not (tmp_path / "outputs").exists()  # refused before a run directory or a worker existed
+
+
+@pytest.mark.timeout(180)
+def test_text_prompts_go_through_the_checkpoints_tokenizer(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from worker.llm.checkpoint import ensure_random_checkpoint
+
+    folder = tmp_path / "with-tokenizer"
+    ensure_random_checkpoint(folder, preset("tiny"), seed=SEED, dtype="float32")
+    words = Tokenizer(models.WordLevel(vocab={f"w{i}": i for i in range(512)}, unk_token="w0"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="w0").save_pretrained(str(folder))
+    code, out, err = Cli(tmp_path, "workload=llm", "device=cpu", f"llm.checkpoint={folder}", "llm.batch=3",
+                         "llm.prompt_text=[w5 w9 w400 w3,w17 w2]", f"llm.max_new_tokens={NEW_TOKENS}").run()
+    assert code == 0, err[-3000:]
+    assert "batch 3 x 4 tokens" in out  # "w5 w9 w400 w3" is 4 tokens; the 2-token prompt is left-padded
+    assert "PASS: greedy tokens identical (3 rows x 16 tokens)" in out
