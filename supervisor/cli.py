@@ -31,8 +31,8 @@ class _Refused(Exception):
 
 
 class _SweepStopped(BaseException):
-    """A signal arrived during a sweep: not an Exception, so Hydra's job runner lets it through and no later job
-    starts (a failed job, by contrast, does not stop a sweep)."""
+    """A signal arrived before a job started: not an Exception, so Hydra's job runner lets it through and no later
+    job of a sweep starts (a failed job, by contrast, does not stop a sweep)."""
 
 
 def main(argv: list[str], signals: SignalState, on_exit: Callable[[], None]) -> int:
@@ -119,6 +119,8 @@ def _dispatch(args: Any, parser: Any, signals: SignalState) -> int:
     hydra = _create_hydra(path)
     try:
         return _command(hydra, args, parser, name, signals)
+    except _SweepStopped:  # a signal between the preflight and the (next) job: nothing more starts
+        return signals.code  # type: ignore[return-value]
     finally:
         GlobalHydra.instance().clear()
 
@@ -182,11 +184,7 @@ def _multirun(hydra: Any, name: str, overrides: list[str], signals: SignalState)
     _preflight(name, expand_sweep([line for line in plain if not line.startswith("hydra.")]))
     if signals.stop.is_set():
         return signals.code  # type: ignore[return-value]
-    try:
-        returns = hydra.multirun(config_name=name, task_function=_task(signals),
-                                 overrides=[*plain, "hydra.mode=MULTIRUN"])
-    except _SweepStopped:
-        return signals.code  # type: ignore[return-value]
+    returns = hydra.multirun(config_name=name, task_function=_task(signals), overrides=[*plain, "hydra.mode=MULTIRUN"])
     codes = [job.return_value for batch in returns for job in batch]
     return max(codes, default=EXIT_OK)
 

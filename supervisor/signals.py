@@ -31,6 +31,7 @@ GRACEFUL = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 FORCED = signal.SIGQUIT
 DUMP_STACKS = signal.SIGUSR1  # also what the workers listen on (worker/main.py registers faulthandler for it)
 ROLLING_RESTART = signal.SIGUSR2
+FORCE_DEADLINE_S = 5.0  # a forced stop exits after this long even if its kills are stuck: the death pipes end the rest
 
 
 def exit_code(signum: int) -> int:
@@ -44,6 +45,7 @@ class SignalState:
         self.stop = threading.Event()
         self.signum: int | None = None
         self.supervisor: Any = None  # set by the CLI as soon as the Supervisor object exists (before it starts)
+        self._forcing = False
 
     def install(self) -> None:
         for sig in GRACEFUL:
@@ -77,15 +79,28 @@ class SignalState:
         self._force_exit()
 
     def _force_exit(self) -> None:
-        """Kill every worker now, then the helper processes; exit with the code of the signal that stopped us."""
+        """Kill every worker now, then the helper processes; exit with the code of the signal that stopped us.
+        On a thread: the interrupted main thread may hold a lock the kills need, and must get on to release it."""
+        if self._forcing:
+            return
+        self._forcing = True
+        code = exit_code(self.signum or FORCED)
+        deadline = threading.Timer(FORCE_DEADLINE_S, os._exit, [code])
+        deadline.daemon = True
+        deadline.start()
+        threading.Thread(target=self._force_now, args=(code,), name="forced-stop", daemon=True).start()
+
+    def _force_now(self, code: int) -> None:
         from supervisor.backends.local import startmethod
 
+        _quiet_stderr(f"stopping at once ({signal.Signals(self.signum or FORCED).name}, exit {code}): "
+                      "killing every worker")
         sup = self.supervisor
         if sup is not None:
             sup.force_stop()
         startmethod.stop_helpers()
         sys.stderr.flush()
-        os._exit(exit_code(self.signum or FORCED))
+        os._exit(code)
 
     def _dump_stacks(self, _signum: int, _frame: Any) -> None:
         threading.Thread(target=self._dump_now, name="dump-stacks", daemon=True).start()
@@ -108,3 +123,13 @@ class SignalState:
         if sup is not None and self.signum is None:
             threading.Thread(target=sup.rolling_restart, kwargs={"wait": False}, name="rolling-restart",
                              daemon=True).start()  # the manager thread does it; progress is in the events
+
+
+def _quiet_stderr(last_line: str) -> None:
+    """One line, then nothing more on stderr: threads that were starting or stopping workers now fail in every way
+    (their forkserver and workers are being killed under them); their reports still reach supervisor.log."""
+    sys.stderr.write(last_line + "\n")
+    sys.stderr.flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)

@@ -88,7 +88,10 @@ def _close_and_reap(fd: int, pid: int, wait_s: float) -> None:
     import signal
     import time
 
-    os.close(fd)
+    try:
+        os.close(fd)
+    except OSError:  # closed already
+        pass
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         try:

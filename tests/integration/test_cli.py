@@ -1,0 +1,319 @@
+"""`python -m supervisor` as a Hydra user expects it (issue 13), FAULTS rows 43 and 44.
+
+Flags and bad input run in-process through ``cli.main`` (no interpreter start, nothing spawned: a run that got past the
+preflight would fail the test). Runs, sweeps, signals and shadowing run the real command in a child process, each
+tagged with a marker in its environment so that the test can tell that nothing it started -- forkserver and resource
+tracker included -- outlives the command.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from supervisor import cli, config
+from supervisor.signals import SignalState
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ECHO = ("workload=echo", "workload.steps=2", "parallel.tp=2", "logging.level=WARNING")
+SERVE = ("workload=serve", "worker=echo", "parallel.tp=2", "logging.level=WARNING")
+MARK = "RV_CLI_TEST_MARK"
+
+
+# -- in-process: flags and one-line errors ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def run_main(monkeypatch, capfd):
+    """``cli.main(argv)`` in this process -> (exit code, stdout, stderr); a tree it would start fails the test."""
+    def refuse(*_a, **_k):
+        raise AssertionError("the preflight let a bad configuration through to a run")
+
+    monkeypatch.setattr(cli, "run_one", refuse)
+
+    def call(*argv: str) -> tuple[int, str, str]:
+        try:
+            code = cli.main(list(argv), SignalState(), on_exit=lambda: None)
+        except SystemExit as exc:  # argparse's --version and errors
+            code = exc.code
+        out, err = capfd.readouterr()
+        return code, out, err
+
+    return call
+
+
+def user_conf(tmp_path: Path) -> Path:
+    (tmp_path / "parallel").mkdir()
+    (tmp_path / "parallel" / "big.yaml").write_text("tp: 2\ndp: 2\n")
+    (tmp_path / "mine.yaml").write_text("defaults:\n  - config\n  - _self_\nparallel:\n  tp: 4\n")
+    (tmp_path / "parallel" / "broken.yaml").write_text("tp: [1, 2\npp: 1\n")
+    return tmp_path
+
+
+FLAGS = [  # argv, what stdout must contain
+    (["--cfg", "job"], ["parallel:", "tp: 1", "restart:", "strategy: never"]),
+    (["--cfg", "job", "--package", "parallel"], ["# @package parallel", "tp: 1"]),
+    (["--cfg", "hydra"], ["run:", "sweep:", "subdir: ${hydra.job.num}"]),
+    (["--cfg", "all", "--resolve", "+runtime.env.X=${oc.env:RV_CLI_UNSET,fallback}"], ["X: fallback", "hydra:"]),
+    (["--cfg", "job", "parallel.tp=4", "restart=one_for_all"], ["tp: 4", "strategy: one_for_all"]),
+    (["--info", "searchpath"], [config.DEFAULT_CONFIG_DIR]),
+    (["--info", "defaults"], ["restart/never", "workload/tp_mlp"]),
+    (["--help"], ["restart: never, one_for_all, one_for_one, rest_for_one", "Exit codes", "heartbeat_timeout_s: 5.0",
+                  "--config-dir", "SIGUSR1"]),
+    (["--hydra-help"], ["hydra/job_logging"]),
+    (["--shell-completion", "install=bash"], ["complete"]),
+    (["--version"], ["rankvisor"]),
+]
+
+
+@pytest.mark.parametrize("argv,expected", FLAGS, ids=[" ".join(a)[:40] for a, _ in FLAGS])
+def test_flag(run_main, argv, expected):
+    code, out, err = run_main(*argv)
+    assert code == 0, err
+    for text in expected:
+        assert text in out, out[-2000:]
+
+
+def test_config_dir_adds_a_users_options(run_main, tmp_path):
+    code, out, err = run_main("-cd", str(user_conf(tmp_path)), "--cfg", "job", "parallel=big")
+    assert code == 0 and "tp: 2" in out and "dp: 2" in out, err
+    code, out, err = run_main("-cd", str(tmp_path), "-cn", "mine", "--cfg", "job")
+    assert code == 0 and "tp: 4" in out, err
+
+
+def test_config_path_replaces_the_primary_folder(run_main, tmp_path):
+    (tmp_path / "config.yaml").write_text("defaults:\n  - base_config\n  - _self_\nparallel:\n  dp: 3\n")
+    code, out, err = run_main("-cp", str(tmp_path), "--cfg", "job")
+    assert code == 0 and "dp: 3" in out, err
+
+
+BAD = [  # argv, the key or flag the one line must name -- each former escape of issue 13 among them
+    (["--bogus"], "unrecognized arguments"),
+    (["--resolve"], "--resolve"),
+    (["--cfg", "job", "--info", "all"], "--run, --multirun"),
+    (["-cn", "nope"], "--config-name"),
+    (["-cd", "/nonexistent/conf"], "--config-dir"),
+    (["--experimental-rerun", "x"], "--experimental-rerun"),
+    (["logging.run_dir=/tmp/x"], "logging.run_dir"),
+    (["hydra.nonsense.key=1"], "hydra.nonsense"),
+    (["parallel.tp=0"], "parallel.tp"),
+    (["restart=sometimes"], "restart"),
+    (["transport.slots=70000"], "transport.slots"),
+    (["transport.slot_bytes=8589934592"], "transport.slot_bytes"),
+    (["parallel.tp=100000", "parallel.dp=1000"], "parallel.tp"),
+    (["parallel.tp=64", "parallel.dp=64", "workload.hidden=1024"], "parallel"),
+    (["worker.max_rss_mb=1"], "worker.max_rss_mb"),
+    (["runtime.preload=[nosuchmodule]"], "runtime.preload"),
+    (["+runtime.env.CUDA_VISIBLE_DEVICES=0,1"], "runtime.env.CUDA_VISIBLE_DEVICES"),
+    (["-m", "parallel.tp=1,0"], "parallel.tp"),  # every job of a sweep is checked before the first starts
+    (["-m", "restart=never,bogus"], "restart"),
+]
+
+
+@pytest.mark.parametrize("argv,names", BAD, ids=[" ".join(a)[:40] for a, _ in BAD])
+def test_bad_input_is_one_line_exit_2(run_main, argv, names):
+    code, out, err = run_main(*argv)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and names in lines[0], (code, err)
+
+
+def test_yaml_syntax_error_is_one_line(run_main, tmp_path):
+    code, _, err = run_main("-cd", str(user_conf(tmp_path)), "parallel=broken")
+    assert code == 2 and err.count("\n") == 1 and "YAML syntax error at line" in err, err
+
+
+def test_backend_ray_without_ray_is_one_line(run_main, monkeypatch):
+    monkeypatch.setattr(config, "_importable", lambda name: name != "ray")
+    code, _, err = run_main("backend=ray")
+    assert code == 2 and err.startswith("error: backend: ray is not installed") and err.count("\n") == 1, err
+
+
+def test_device_cuda_without_a_usable_gpu_is_one_line(run_main, monkeypatch):
+    import supervisor.gpu
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.setattr(supervisor.gpu, "usable_gpus", lambda: ())
+    code, _, err = run_main("device=cuda")
+    assert code == 2 and err.startswith("error: device: cuda requested but no GPU is usable") and err.count("\n") == 1
+
+
+def test_cuda_visible_devices_naming_no_gpu_is_no_gpu(monkeypatch):
+    """device=auto decides from what torch and the driver can use: an id the driver does not have is no GPU."""
+    from supervisor import gpu
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.setattr(gpu, "device_count", lambda: 0)
+    monkeypatch.setattr("glob.glob", lambda _p: [])
+    assert gpu.usable_gpus() == ()
+    monkeypatch.setattr(gpu, "device_count", lambda: 2)
+    monkeypatch.setattr(gpu, "torch_has_cuda", lambda: True)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,7,0")  # CUDA stops at the first id that names no device
+    assert gpu.usable_gpus() == ("1",)
+    monkeypatch.setattr(gpu, "torch_has_cuda", lambda: False)  # a CPU build of torch can use none of them
+    assert gpu.usable_gpus() == ()
+
+
+# -- the real command ------------------------------------------------------------------------------------------------
+
+
+def command(cwd: Path, *args: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    mark = uuid.uuid4().hex
+    full_env = {**os.environ, "PYTHONPATH": REPO, MARK: mark, **(env or {})}
+    proc = subprocess.Popen([sys.executable, "-m", "supervisor", *args], cwd=cwd, env=full_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return proc, mark
+
+
+def marked(mark: str) -> list[int]:
+    """Every live process started by the command tagged ``mark`` (workers, forkserver, resource tracker...)."""
+    found = []
+    for p in psutil.process_iter(["pid", "environ"]):
+        try:
+            if (p.info["environ"] or {}).get(MARK) == mark and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p.pid)
+        except psutil.Error:
+            pass
+    return found
+
+
+def finish(proc: subprocess.Popen, mark: str, timeout: float = 60) -> tuple[int, str, str]:
+    """Wait for the command; nothing it started may still run once it returned."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert marked(mark) == [], f"still running after the command returned: {marked(mark)}\n{err[-2000:]}"
+    return proc.returncode, out, err
+
+
+def run_cmd(cwd: Path, *args: str, env: dict | None = None, timeout: float = 60) -> tuple[int, str, str]:
+    proc, mark = command(cwd, *args, env=env)
+    return finish(proc, mark, timeout)
+
+
+def test_run_folder_records_what_was_asked_and_used_and_no_secret(tmp_path):
+    from supervisor.gpu import usable_gpus
+
+    secret = "s3cr3t-" + uuid.uuid4().hex
+    code, out, err = run_cmd(tmp_path, *ECHO, "hydra.run.dir=run", "+runtime.env.RV_TOKEN=${oc.env:RV_SECRET}",
+                             env={"RV_SECRET": secret, "CUDA_VISIBLE_DEVICES": "0"})
+    assert code == 0, err[-3000:]
+    hydra_dir = tmp_path / "run" / ".hydra"
+    assert {p.name for p in hydra_dir.iterdir()} >= {"config.yaml", "overrides.yaml", "hydra.yaml", "used.yaml"}
+    assert "${oc.env:RV_SECRET}" in (hydra_dir / "config.yaml").read_text()
+    leaked = [p for p in (tmp_path / "run").rglob("*") if p.is_file() and secret in p.read_text(errors="replace")]
+    assert leaked == []
+    used = (hydra_dir / "used.yaml").read_text()
+    device = "cuda" if usable_gpus() else "cpu"  # CUDA_VISIBLE_DEVICES=0 names no usable GPU on a CPU host
+    assert f"asked: auto\n  used: {device}" in used and "used: forkserver" in used and "torch:" in used, used
+
+
+def test_multirun_numbered_jobs_with_hydras_header(tmp_path):
+    code, out, err = run_cmd(tmp_path, "-m", *ECHO[:2], "parallel.tp=1,2", "logging.level=WARNING",
+                             "hydra.sweep.dir=sweep")
+    assert code == 0, err[-3000:]
+    assert "#0 : " in out and "#1 : " in out and "parallel.tp=2" in out, out
+    for job, tp in (("0", 1), ("1", 2)):
+        assert f"parallel.tp={tp}" in (tmp_path / "sweep" / job / ".hydra" / "overrides.yaml").read_text()
+        assert (tmp_path / "sweep" / job / "events.jsonl").exists()
+
+
+def test_job_chdir_runs_in_the_run_folder(tmp_path):
+    code, _, err = run_cmd(tmp_path, *ECHO, "hydra.job.chdir=true", "hydra.run.dir=there")
+    assert code == 0, err[-3000:]
+    assert (tmp_path / "there" / "supervisor.log").exists() and (tmp_path / "there" / ".hydra").is_dir()
+
+
+def test_row44_our_package_names_in_the_current_folder(tmp_path):
+    """FAULTS 44: a worker.py and a transport/ in the current folder do not shadow ours (forkserver included), and
+    the user's own modules there stay importable."""
+    (tmp_path / "worker.py").write_text("raise SystemExit('the user worker.py was imported')\n")
+    (tmp_path / "transport").mkdir()
+    (tmp_path / "transport" / "__init__.py").write_text("raise SystemExit('the user transport was imported')\n")
+    (tmp_path / "my_workers.py").write_text("from worker.tp_mlp import EchoWorker\n\nclass Mine(EchoWorker):\n"
+                                            "    pass\n")
+    code, _, err = run_cmd(tmp_path, *ECHO, "worker.cls=my_workers:Mine", "hydra.run.dir=run")
+    assert code == 0 and "was imported" not in err, err[-3000:]
+
+
+# -- signals ---------------------------------------------------------------------------------------------------------
+
+
+def ready_events(run: Path) -> list[dict]:
+    path = run / "events.jsonl"
+    if not path.exists():
+        return []
+    return [e for e in map(json.loads, filter(str.strip, path.read_text().splitlines())) if e["kind"] == "ready"]
+
+
+def wait_until(pred, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, f"waited {timeout} s for {what}"
+        time.sleep(0.05)
+
+
+STOPS = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129, signal.SIGQUIT: 131}
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(sig=st.sampled_from(sorted(STOPS)), delay=st.floats(0.0, 3.0), twice=st.booleans())
+def test_row43_signal_at_a_random_instant_of_start_up(tmp_path_factory, sig, delay, twice):
+    """FAULTS 43: a stop at any instant of start-up -- config loading, forkserver preload, spawn, READY, the run --
+    ends the command with 128+N (the first signal's), at once, leaving nothing; a second signal forces it."""
+    cwd = tmp_path_factory.mktemp("sig")
+    proc, mark = command(cwd, *SERVE, "hydra.run.dir=run")
+    time.sleep(delay)
+    proc.send_signal(sig)
+    if twice:
+        time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+    code, _, err = finish(proc, mark, timeout=30)
+    before_handlers = code == -sig or (sig == signal.SIGINT and "KeyboardInterrupt" in err)
+    assert code == STOPS[sig] or (delay < 0.5 and before_handlers), (code, delay, err[-2000:])
+    if code == STOPS[sig]:
+        assert "Traceback" not in err and "leaked" not in err, err[-3000:]
+
+
+def test_sigusr1_dumps_every_ranks_stack_and_keeps_running(tmp_path):
+    proc, mark = command(tmp_path, *SERVE, "hydra.run.dir=run")
+    try:
+        wait_until(lambda: len(ready_events(tmp_path / "run")) >= 2, 60, "2 ranks READY")
+        proc.send_signal(signal.SIGUSR1)
+        log = tmp_path / "run" / "supervisor.log"
+        wait_until(lambda: "SIGUSR1: dumping" in log.read_text(), 20, "the dump line")
+        time.sleep(0.5)  # the ranks write their stacks (faulthandler) into their output
+        assert proc.poll() is None  # still running
+        proc.send_signal(signal.SIGTERM)
+    finally:
+        code, _, err = finish(proc, mark)
+    assert code == 143, err[-3000:]
+    ranks = "".join(p.read_text(errors="replace") for p in (tmp_path / "run" / "ranks").glob("*"))
+    assert err.count("Current thread") + ranks.count("Current thread") >= 3, (err[-3000:], ranks[-3000:])
+
+
+def test_sigusr2_restarts_the_groups_one_by_one_and_keeps_running(tmp_path):
+    proc, mark = command(tmp_path, *SERVE, "parallel.dp=2", "parallel.tp=1", "hydra.run.dir=run")
+    try:
+        wait_until(lambda: len(ready_events(tmp_path / "run")) >= 2, 60, "2 groups READY")
+        first = {e["pid"] for e in ready_events(tmp_path / "run")}
+        proc.send_signal(signal.SIGUSR2)
+        wait_until(lambda: len(ready_events(tmp_path / "run")) >= 4, 60, "both groups READY again")
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGINT)
+    finally:
+        code, _, err = finish(proc, mark)
+    assert code == 130, err[-3000:]
+    assert not first & {e["pid"] for e in ready_events(tmp_path / "run")[2:]}
