@@ -39,16 +39,15 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Sequence, get_args, get_origin, get_type_hints
 
 from supervisor.settings import Choice, Config
-from transport.layout import MAX_SLOTS
+from transport.layout import MAX_SLOTS, MIN_SLOT_BYTES
 
-MAX_SLOT_BYTES = (1 << 32) - 64  # transport/layout.py: a slot's size is a u32, a multiple of 64
+SLOT_ALIGN = 64  # transport/layout.py: slot payloads stay cache-line aligned (readers and writer never share a line)
+MAX_SLOT_BYTES = (1 << 32) - SLOT_ALIGN  # transport/layout.py: a slot's size is a u32
 
 DEFAULT_CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")  # package data; a link to conf/ in a checkout
 CONFIG_NAME = "config"
 
 WORKLOADS = ("tp_mlp", "echo", "serve", "bench", "llm", "script")
-MIN_SLOT_BYTES = 4096  # one page: smaller slots make every message span many slots
-SLOT_ALIGN = 64  # cache line: slot payloads stay aligned so readers and the writer never share a line
 
 # Bounds that are not the transport's own (transport/layout.py states those) -- each with the reason it exists.
 MAX_RANKS = 4096  # ranks of one tree, on any backend: beyond this the supervisor's own bookkeeping is the bottleneck

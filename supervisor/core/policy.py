@@ -60,20 +60,7 @@ import enum
 from dataclasses import dataclass
 from typing import Sequence
 
-from supervisor.settings import RestartSettings
-
-
-class Strategy(enum.Enum):
-    NEVER = "never"
-    ONE_FOR_ONE = "one_for_one"
-    ONE_FOR_ALL = "one_for_all"
-    REST_FOR_ONE = "rest_for_one"
-
-
-class RestartType(enum.Enum):
-    PERMANENT = "permanent"
-    TRANSIENT = "transient"
-    TEMPORARY = "temporary"
+from supervisor.settings import RestartSettings, RestartType, Strategy  # the config's own Enums: one set of choices
 
 
 class Phase(enum.Enum):
@@ -89,6 +76,7 @@ class Action(enum.Enum):
 
 
 def _parse(enum_type: type[enum.Enum], key: str, value: str) -> enum.Enum:
+    """A member from a member (a loaded config) or its value (settings built in code)."""
     try:
         return enum_type(value)
     except ValueError:
