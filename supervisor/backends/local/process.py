@@ -63,6 +63,7 @@ class WorkerProcess:
         self.started_at = time.monotonic()
         self.last_beat = self.started_at
         self.create_time = _create_time(self.pid)
+        self._ps: psutil.Process | None = None
         self._exitcode: int | None = None
         self._closed = False
         _OPEN.add(self)
@@ -115,9 +116,12 @@ class WorkerProcess:
     def psutil_process(self) -> psutil.Process | None:
         """The live process, verified by create time so a recycled pid is never signalled."""
         try:
-            p = psutil.Process(self.pid)
-            if self.create_time is not None and abs(p.create_time() - self.create_time) > 0.01:
-                return None
+            p = self._ps
+            if p is None or not p.is_running():  # is_running() compares create times: a reused pid is not ours
+                p = psutil.Process(self.pid)
+                if self.create_time is not None and abs(p.create_time() - self.create_time) > 0.01:
+                    return None
+                self._ps = p  # kept: cpu_percent() measures from the previous call on the same object
             return p
         except psutil.Error:
             return None
