@@ -30,8 +30,8 @@ import threading
 import time
 from typing import Any
 
-from supervisor.core.retry import RetryPolicy, next_request_id, wait_for
-from supervisor.errors import WorkerFailed
+from supervisor.core.retry import RetryPolicy, group_failure, next_request_id, wait_for
+from supervisor.errors import RemoteError, WorkerFailed
 
 STEP_TIMEOUT_S = 120.0  # one prefill or decode step, when the request has no deadline of its own
 
@@ -91,8 +91,11 @@ class Generator:
             while True:
                 incarnation = view.incarnation(group)
                 try:
-                    self._run(group, prompts, rows, max_new_tokens, deadline)
-                    return rows
+                    try:
+                        self._run(group, prompts, rows, max_new_tokens, deadline)
+                        return rows
+                    except RemoteError as exc:
+                        raise (group_failure(exc, view, group, incarnation) if self.retry else None) or exc
                 except WorkerFailed as exc:
                     if not self.retry or attempt >= self.policy.attempts or _passed(deadline):
                         raise

@@ -16,7 +16,8 @@ failed is never looked at again, so a reply a dead group might still produce (no
 queues cancelled) has no path to the caller; only the attempt that answers is returned, once.
 
 What is retried: ``WorkerFailed`` (the group died or was declared hung before it answered; or, under
-``restart.calls_during_restart=fail``, it was not serving). What is final: ``RemoteError`` (the method itself
+``restart.calls_during_restart=fail``, it was not serving), and a ``RemoteError`` after which the group goes down
+within PEER_DEATH_GRACE_S (a surviving rank's collective failed because its peer died). What is final: ``RemoteError`` (the method itself
 raised: it would raise again), ``RpcTimeout`` (the call's deadline passed), ``ShutdownInProgress``, a supervisor that
 gave up. A retried method runs again from the start on the new group, so only calls that are safe to repeat
 (idempotent, or deterministic like greedy generation) should be marked retryable.
@@ -33,9 +34,13 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
-from supervisor.errors import ShutdownInProgress, WorkerFailed
+from supervisor.errors import RemoteError, ShutdownInProgress, WorkerFailed
 
 _SERVING_POLL_S = 0.005  # while waiting for a group to serve again: recoveries take ~0.1-1 s, so 5 ms costs nothing
+# A rank whose peer was killed mid-collective answers first, with the collective's own error (gloo: "Connection
+# reset by peer"), a moment before the monitor has seen the death. A RemoteError of a retryable call is therefore
+# checked against this long a wait for its group to go down: if it does, the error was the group's failure.
+PEER_DEATH_GRACE_S = 0.5
 _ids = itertools.count(1)
 
 
@@ -110,7 +115,10 @@ class RetryingCall:
             try:
                 if self._error is not None:
                     raise self._error
-                return self._wait(self._incarnation, self._handle, deadline)
+                try:
+                    return self._wait(self._incarnation, self._handle, deadline)
+                except RemoteError as exc:
+                    raise group_failure(exc, self._view, self.group, self._incarnation) or exc
             except WorkerFailed as exc:
                 self._error = None
                 self._retry_or_raise(exc, deadline)
@@ -172,6 +180,20 @@ def wait_for(view: ServingView, name: str, claim: Callable[[], int | None], poss
         if not possible() or _passed(deadline):
             raise exc
         time.sleep(_SERVING_POLL_S)
+
+
+def group_failure(exc: RemoteError, view: ServingView, group: int, incarnation: Any) -> WorkerFailed | None:
+    """The WorkerFailed that ``exc`` really was, if ``group``'s incarnation goes down within PEER_DEATH_GRACE_S
+    (a rank raised because a peer died under it); None if the group keeps serving (the method itself raised)."""
+    deadline = time.monotonic() + PEER_DEATH_GRACE_S
+    while view.serving(group) and view.incarnation(group) is incarnation:
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(_SERVING_POLL_S)
+    first = str(exc).splitlines()[0]
+    failed = WorkerFailed(f"{first} -- and group {group} failed (a peer died under the call)", (exc.rank,), True)
+    failed.__cause__ = exc
+    return failed
 
 
 def next_request_id() -> int:
