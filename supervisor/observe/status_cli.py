@@ -39,6 +39,9 @@ def main(argv: list[str]) -> int:
         if opts["stop"] or opts["restart"] is not None:
             return _command(run_dir, opts)
         return _show(run_dir, opts)
+    except BrokenPipeError:  # our reader went away (`status --watch | head`): not the supervisor's fault
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 0
     except OSError as exc:
         print(f"error: no supervisor answers in {run_dir} ({exc.strerror or exc}); it is not running any more",
               file=sys.stderr)
