@@ -214,7 +214,8 @@ def _pid_of(st: dict, rank: int) -> int:
 
 
 def test_cli_status_metrics_probes_and_story_through_a_restart(tmp_path):
-    cli = ServeCli(tmp_path, "parallel.tp=2", "parallel.dp=2", ONE_FOR_ONE)
+    # backoff 0.5 s: the unready window is at least that long, however loaded the machine is
+    cli = ServeCli(tmp_path, "parallel.tp=2", "parallel.dp=2", ONE_FOR_ONE, "restart.backoff_initial_s=0.5")
     code = None
     try:
         sock = os.path.join(cli.run_dir, "control.sock")
