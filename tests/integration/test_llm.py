@@ -1,5 +1,6 @@
-"""The Llama decoder on real trees (CPU, gloo): greedy tokens identical to transformers at tp = 1, 2, 4 and pp = 2;
-the CLI's summary and check; bad input -> one line, exit 2, before anything is spawned."""
+"""The Llama decoder on real trees (CPU, gloo): greedy tokens identical to transformers at tp = 2, 4 and pp = 2
+(tp = 1: the CLI run below, and tests/unit/test_llama.py in one process); the CLI's summary and check, with text
+prompts; bad input -> one line, exit 2, before anything is spawned."""
 from __future__ import annotations
 
 import json
@@ -79,16 +80,6 @@ class Cli:
         return self.proc.returncode, out, err
 
 
-@pytest.mark.timeout(180)
-def test_cli_prints_the_summary_and_passes_the_check(cache_dir: str, tmp_path: Path) -> None:
-    code, out, err = Cli(tmp_path, *_overrides(cache_dir)).run()
-    assert code == 0, err[-3000:]
-    for line in ("load time", "time to first token", "decode tokens/s", "inter-token latency p50 / p99",
-                 "check vs transformers"):
-        assert line in out, out
-    assert "PASS: greedy tokens identical (3 rows x 16 tokens)" in out
-
-
 def _not_llama(tmp_path: Path) -> str:
     (tmp_path / "gpt").mkdir()
     (tmp_path / "gpt" / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
@@ -123,7 +114,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, bad, says: str) -> Non
 
 
 @pytest.mark.timeout(180)
-def test_text_prompts_go_through_the_checkpoints_tokenizer(tmp_path: Path) -> None:
+def test_cli_summary_and_check_with_text_prompts_through_the_tokenizer(tmp_path: Path) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -137,5 +128,7 @@ def test_text_prompts_go_through_the_checkpoints_tokenizer(tmp_path: Path) -> No
     code, out, err = Cli(tmp_path, "workload=llm", "device=cpu", f"llm.checkpoint={folder}", "llm.batch=3",
                          "llm.prompt_text=[w5 w9 w400 w3,w17 w2]", f"llm.max_new_tokens={NEW_TOKENS}").run()
     assert code == 0, err[-3000:]
+    for line in ("load time", "time to first token", "decode tokens/s", "inter-token latency p50 / p99"):
+        assert line in out, out
     assert "batch 3 x 4 tokens" in out  # "w5 w9 w400 w3" is 4 tokens; the 2-token prompt is left-padded
     assert "PASS: greedy tokens identical (3 rows x 16 tokens)" in out
