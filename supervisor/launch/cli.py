@@ -20,8 +20,13 @@ import uuid
 USAGE_ERROR = 2
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line naming the flag, not argparse's usage block
+        raise UsageError(message)
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rankvisor-run", allow_abbrev=False,
+    p = _Parser(prog="rankvisor-run", allow_abbrev=False,
                                 description="torchrun's single-node launcher, supervised (see README: rankvisor-run)")
     a = p.add_argument
     a("--nnodes", default="1", help="1 (or 1:1): single node only")
@@ -121,8 +126,8 @@ def nproc(value: str) -> int:
 def check_single_node(ns: argparse.Namespace) -> None:
     lo, _, hi = ns.nnodes.partition(":")
     if not (lo == "1" and hi in ("", "1")):
-        raise UsageError(f"--nnodes={ns.nnodes}: rankvisor-run supervises one node; multi-node runs are not "
-                         "supported (run torchrun, or one rankvisor-run per node is not equivalent)")
+        raise UsageError(f"--nnodes={ns.nnodes}: rankvisor-run supervises a single node; multi-node runs are not "
+                         "supported (no cross-node rendezvous yet: use torchrun for those)")
     if ns.node_rank != 0:
         raise UsageError(f"--node-rank={ns.node_rank}: single node only, the node rank is 0")
 
@@ -144,20 +149,28 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     signals = _signal_state()
     signals.install()
+    from supervisor.backends.local import startmethod
+
     try:
-        cfg = load(args)
+        ns = parser().parse_args(args)
+        if ns.fast:  # the forkserver's torch import (the fast way's long pole) overlaps loading the configuration
+            startmethod.prestart([])
+        cfg = load(ns)
     except UsageError as exc:
+        startmethod.stop_helpers()
         print(f"error: {exc}", file=sys.stderr)
         return USAGE_ERROR
-    return run(cfg, signals)
+    try:
+        return run(cfg, signals)
+    finally:
+        startmethod.stop_helpers()  # the forkserver and resource tracker go with the command, not seconds later
 
 
-def load(args: list[str]):
-    """The validated Config for torchrun-style ``args`` (UsageError for a bad flag or key)."""
+def load(ns: argparse.Namespace):
+    """The validated Config for parsed torchrun-style flags (UsageError for a bad flag or key)."""
     from supervisor.backends.local.startmethod import cuda_initialized
     from supervisor.config import ConfigError, load_config, validate
 
-    ns = parser().parse_args(args)
     check_single_node(ns)
     try:
         cfg = load_config(overrides(ns))

@@ -1,0 +1,66 @@
+"""rankvisor-run's flag mapping and torchrun's failure summary (pure: no processes)."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from supervisor.launch import cli
+from supervisor.launch.rootcause import RankFailure, failures, format_failures
+from worker.script import rank_dir
+from worker.spec import ScriptSettings
+
+
+def _ns(*args: str):
+    return cli.parser().parse_args([*args, "train.py", "--epochs", "3"])
+
+
+def test_max_restarts_is_one_for_all_with_a_total_budget():
+    out = cli.overrides(_ns("--max-restarts=3", "--nproc-per-node=4"))
+    assert "parallel.tp=4" in out and "restart=one_for_all" in out
+    assert "restart.intensity=3" in out and "restart.startup_intensity=3" in out
+    assert "restart=one_for_all" not in cli.overrides(_ns())  # torchrun's default: no restarts
+
+
+def test_flags_after_the_script_belong_to_the_script_and_torchrun_spellings_both_work():
+    ns = _ns("--nproc_per_node=2", "--max_restarts=1", "--rdzv-id=abc", "-r", "3", "--tee=1",
+             "--local-ranks-filter=0,1")
+    s = cli.launch_settings(ns, ScriptSettings())
+    assert (ns.script, s.args) == ("train.py", ("--epochs", "3"))
+    assert (s.run_id, s.redirects, s.tee, s.local_ranks_filter) == ("abc", 3, 1, (0, 1))
+
+
+@pytest.mark.parametrize("args, flag", [(["--nnodes=2"], "--nnodes=2"), (["--nnodes=1:4"], "--nnodes=1:4"),
+                                        (["--node-rank=1"], "--node-rank=1")])
+def test_multi_node_is_refused_in_one_line(args, flag):
+    with pytest.raises(cli.UsageError, match=flag):
+        cli.check_single_node(_ns(*args))
+
+
+def test_bad_stream_masks_and_nproc_name_the_flag():
+    with pytest.raises(cli.UsageError, match="--redirects"):
+        cli.launch_settings(_ns("--redirects=0:1,1:2"), ScriptSettings())
+    with pytest.raises(cli.UsageError, match="--nproc-per-node"):
+        cli.nproc("zero")
+
+
+def test_root_cause_reads_the_record_error_file_and_names_the_first_failure(tmp_path):
+    path = rank_dir(str(tmp_path), 1, 3) + "/error.json"
+    os.makedirs(rank_dir(str(tmp_path), 1, 3))
+    with open(path, "w") as f:
+        json.dump({"message": {"message": "ValueError: x", "extraInfo": {"py_callstack": "Traceback...\nValueError: x",
+                                                                          "timestamp": "0"}}}, f)
+    events = [{"kind": "started", "pid": 10, "attempt": 0}, {"kind": "started", "pid": 11, "attempt": 1},
+              {"kind": "started", "pid": 12, "attempt": 1},
+              {"kind": "exited", "pid": 10, "rank": 3, "code": -9, "time": 1.0},  # an earlier attempt: not listed
+              {"kind": "exited", "pid": 12, "rank": 2, "code": -9, "time": 3.0},
+              {"kind": "exited", "pid": 11, "rank": 3, "code": 1, "time": 2.0}]
+    found = failures(events, str(tmp_path))
+    assert [(f.rank, f.exitcode) for f in found] == [(3, 1), (2, -9)]
+    text = format_failures("train.py", found)
+    root = text.split("Root Cause (first observed failure):")[1]
+    assert "rank      : 3 (local_rank: 3)" in root and f"error_file: {path}" in root
+    assert "Traceback...\n  ValueError: x" in root
+    assert "Signal 9 (SIGKILL) received by PID 12" in text.split("Root Cause")[0]
+    assert RankFailure(0, 2, 5, 0.0, "").message().startswith("To enable traceback")
