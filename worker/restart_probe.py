@@ -1,0 +1,46 @@
+"""ProbedLLMWorker: the Llama worker with its weight load split in two, for scripts/bench_restart.py.
+
+LLMWorker records ``weight_load_s`` as one phase: reading each slice out of the safetensors files (page cache ->
+a CPU tensor) and copying it into the parameter on the device (host -> device on CUDA) are interleaved. This
+subclass times the reads (every SliceReader call) so that ``weight_read_s`` + ``weight_copy_s`` = ``weight_load_s``:
+which of the two a restart pays for decides what to cut (keep the bytes closer, or keep them on the device).
+
+    worker.cls=worker.restart_probe:ProbedLLMWorker
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from worker.llm.worker import LLMWorker
+
+
+class ProbedLLMWorker(LLMWorker):
+    def load_model(self) -> None:
+        from worker.llm import checkpoint
+
+        plain = checkpoint.SliceReader
+        timer = {"read_s": 0.0}
+        checkpoint.SliceReader = _timed_reader(plain, timer)  # only for this load, in this process
+        try:
+            super().load_model()
+        finally:
+            checkpoint.SliceReader = plain
+        self.phases["weight_read_s"] = timer["read_s"]
+        self.phases["weight_copy_s"] = max(0.0, self.phases["weight_load_s"] - timer["read_s"])
+
+
+def _timed_reader(base: type, timer: dict[str, float]) -> type:
+    def timed(name: str):
+        method = getattr(base, name)
+
+        def call(self: Any, *args: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return method(self, *args)
+            finally:
+                timer["read_s"] += time.perf_counter() - t0
+
+        return call
+
+    return type("TimedSliceReader", (base,), {name: timed(name) for name in ("full", "rows", "cols")})
