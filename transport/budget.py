@@ -55,3 +55,12 @@ def shortfall(rings: list[Geometry], free: int | None = None, where: str = shm.S
     suggest = -(-need * HEADROOM // _SUGGEST_ROUND) * _SUGGEST_ROUND >> 20
     return (f"the shared-memory rings need {shm.mib(need)} of {where} but {shm.mib(free)} is free: lower {keys}, "
             f"or give the container more (docker run --shm-size={suggest}m, or --ipc=host)")
+
+
+def preflight(rings: list[Geometry]) -> str | None:
+    """What a supervisor calls before starting anything: geometry checks (ValueError naming the key), then, for
+    named segments only, the /dev/shm budget. Anonymous segments (transport/shm.py) are not files in /dev/shm: its
+    size does not bound them (they count as the processes' shared memory)."""
+    for g in rings:
+        g.check()
+    return None if shm.anonymous_default() else shortfall(rings)

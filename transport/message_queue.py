@@ -2,7 +2,7 @@
 
 ::
 
-    writer process                        segment /dev/shm/rvq-<pid>-<random> (unlinked once every reader attached)
+    writer process                        segment memfd rvq-<pid>-<random> (transport/shm.py; or a /dev/shm name)
     enqueue(obj) --encode--> pieces --copy--> [slot 0][slot 1]...[slot k-1] --copy--> reader 0: dequeue() -> obj
                                               pub: chunks published         --copy--> reader 1 ...
                                               consumed[r]: chunks reader r released
@@ -43,6 +43,8 @@ class MessageQueue(abc.ABC):
     Both ends offer: ``enqueue(obj, timeout)`` (writer), ``dequeue(timeout, cancel)`` (reader; the other end's
     call raises RuntimeError), ``wait_until_ready(timeout)`` (writer: every reader attached; reader: no-op),
     ``export_handle()``, ``name``, ``cancel_all()``, ``close()``, ``closed``, and use as a context manager.
+    ``named=True`` makes the writer's segment a /dev/shm file instead of an anonymous memfd (transport/shm.py says
+    when that is needed); readers follow the handle.
     """
 
     def __new__(
@@ -55,11 +57,12 @@ class MessageQueue(abc.ABC):
         *,
         spin_yield: bool | None = None,
         spin_adaptive: bool = True,
+        named: bool | None = None,
         _fences: str = "auto",
     ) -> Any:
         # The writer is a registered (virtual) subclass, so type.__call__ does not run __init__ on it again.
         return RingWriter(n_reader, max_chunk_bytes, max_chunks, spin_us, max_message_bytes, spin_yield=spin_yield,
-                          spin_adaptive=spin_adaptive, _fences=_fences)
+                          spin_adaptive=spin_adaptive, named=named, _fences=_fences)
 
     @classmethod
     def create_from_handle(cls, handle: Handle, reader_rank: int, *, zero_copy: bool = False,

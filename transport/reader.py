@@ -62,7 +62,7 @@ class RingReader(Ring):
 
     def __init__(self, handle: Handle, reader_rank: int, *, _fences: str = "auto") -> None:
         self._init_common(_fences)
-        self._seg = shm.attach(handle.name, handle.size)
+        self._seg = shm.attach(handle.name, handle.size, handle.writer_pid, handle.fd)
         try:
             head = L.read_geometry(self._seg.map, handle.size)
             if not 0 <= reader_rank < head.layout.n_readers:
@@ -91,7 +91,7 @@ class RingReader(Ring):
         self._W[(rec + L.R_ATTACHED) // 4] = 1
         _sync.full_fence()
         if all(self._attached()):
-            shm.unlink(self._seg.name)  # the last reader in removes the name: nothing can leak from now on
+            self._seg.unlink()  # the last reader in removes the name: nothing can leak from now on
         _sync.fetch_add(self._wwake)
         _sync.futex_wake(self._wwake)
 

@@ -72,6 +72,7 @@ class Handle:
     spin_us: float | None
     spin_yield: bool | None = None
     spin_adaptive: bool = True
+    fd: int = -1  # an anonymous segment: the writer's descriptor of it (transport/shm.py); -1: named
 
 
 class Ring:
@@ -128,7 +129,7 @@ class Ring:
 
     def export_handle(self) -> Handle:
         return Handle(self._seg.name, self._seg.size, self._n, self.writer_pid, self.spin_us, self.spin_yield,
-                      self.spin_adaptive)
+                      self.spin_adaptive, self._seg.fd)
 
     def _attached(self) -> list[bool]:
         W, lay = self._W, self.layout
@@ -278,7 +279,7 @@ class Ring:
         try:
             self._W.release()
             self._mv.release()
-            self._seg.map.close()
+            self._seg.close()
         except BufferError:  # a view is still exported somewhere: garbage collection unmaps it later
             pass
 

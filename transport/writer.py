@@ -65,6 +65,7 @@ class RingWriter(Ring):
         *,
         spin_yield: bool | None = None,
         spin_adaptive: bool = True,
+        named: bool | None = None,
         _fences: str = "auto",
     ) -> None:
         self._init_common(_fences)
@@ -72,7 +73,7 @@ class RingWriter(Ring):
             raise ValueError(f"max_message_bytes must be in 1..2**48, got {max_message_bytes}")
         self.layout = L.Layout(n_reader, max_chunks, max_chunk_bytes)
         self.layout.check()
-        self._seg = shm.create(self.layout.size)
+        self._seg = shm.create(self.layout.size, named)
         self.writer_pid, self.writer_start = os.getpid(), _proc.start_time()
         L.write_geometry(self._seg.map, self.layout, self.writer_pid, self.writer_start, max_message_bytes)
         # Asymmetric fences (transport/_sync.py): if this process is registered, its hot path skips the
@@ -91,7 +92,7 @@ class RingWriter(Ring):
         self._W[_W_WAKE_TARGET] = 0
         self._sleep_until(lambda: all(self._attached()), self._wwake, deadline, None, self._unattached,
                           "wait_until_ready", self._writer_sleeping)
-        shm.unlink(self._seg.name)
+        self._seg.unlink()
 
     def dequeue(self, timeout: float | None = None, cancel=None) -> Any:
         raise RuntimeError("dequeue on the writer end of the queue")
@@ -278,13 +279,13 @@ class RingWriter(Ring):
 
     # -- closing -----------------------------------------------------------------------------------------------
     def _on_close(self) -> None:
-        shm.unlink(self._seg.name)
+        self._seg.unlink()
 
     def __del__(self) -> None:
         """A writer dropped without close(): remove the name and wake the readers (they would wait forever)."""
         try:
             if not self._closed_here and os.getpid() == self._pid:
-                shm.unlink(self._seg.name)
+                self._seg.unlink()
                 self.cancel_all()
         except Exception:
             pass

@@ -29,7 +29,7 @@ from transport import MessageQueue, shm
 pytestmark = pytest.mark.timeout(180)
 
 NAME = re.compile(r"^rvq-(?P<pid>\d+)-(?P<rand>[0-9a-f]+)$")
-SHM_MAP = re.compile(r"^(?P<start>[0-9a-f]+)-(?P<end>[0-9a-f]+) \S+ \S+ \S+ \S+\s+/dev/shm/(?P<name>rvq-\S+)"
+SHM_MAP = re.compile(r"^(?P<start>[0-9a-f]+)-(?P<end>[0-9a-f]+) \S+ \S+ \S+ \S+\s+(?:/dev/shm/|/memfd:)(?P<name>rvq-\S+)"
                      r"(?P<deleted> \(deleted\))?$")
 
 
@@ -125,7 +125,7 @@ def test_two_queues_never_share_a_name_and_an_existing_name_is_refused(monkeypat
     lock = threading.Lock()
 
     def make():
-        q = MessageQueue(1, 4096, 2)
+        q = MessageQueue(1, 4096, 2, named=True)  # /dev/shm names (anonymous segments have none to collide)
         with lock:
             queues.append(q)
 
@@ -139,7 +139,7 @@ def test_two_queues_never_share_a_name_and_an_existing_name_is_refused(monkeypat
         taken = queues[0].name
         monkeypatch.setattr(shm, "new_name", lambda owner_pid=None: taken)  # a collision, however unlikely
         with pytest.raises(FileExistsError):
-            MessageQueue(1, 4096, 2)
+            MessageQueue(1, 4096, 2, named=True)
     finally:
         for q in queues:
             q.close()
@@ -148,7 +148,7 @@ def test_two_queues_never_share_a_name_and_an_existing_name_is_refused(monkeypat
 def test_segments_are_0600_even_under_a_permissive_umask():
     old = os.umask(0)
     try:
-        q = MessageQueue(2, 4096, 2)
+        q = MessageQueue(2, 4096, 2, named=True)  # anonymous segments have no file to stat (transport/shm.py)
     finally:
         os.umask(old)
     try:

@@ -222,8 +222,8 @@ def writer_then_stall(slot_bytes, n_slots, handle_out, started):
 
 
 def writer_unattached(handle_out):
-    """Create a queue that nobody attaches to, then wait to be killed: its name stays in /dev/shm."""
-    q = MessageQueue(1, 4096, 2)
+    """Create a named queue that nobody attaches to, then wait to be killed: its name stays in /dev/shm."""
+    q = MessageQueue(1, 4096, 2, named=True)
     handle_out.send(q.name)
     handle_out.close()
     time.sleep(60)
@@ -411,7 +411,7 @@ def test_wrong_end_and_bad_rank_are_errors():
 
 # -- segments: names, modes, unlinking, the sweep ------------------------------------------------------------------
 def test_segment_mode_name_and_unlink_after_every_reader_attached():
-    q = MessageQueue(2, 4096, 2)
+    q = MessageQueue(2, 4096, 2, named=True)
     path = os.path.join(shm.SHM_DIR, q.name)
     try:
         assert re.fullmatch(rf"rvq-{os.getpid()}-[0-9a-f]{{16}}", q.name)
@@ -431,7 +431,7 @@ def test_segment_mode_name_and_unlink_after_every_reader_attached():
 
 
 def test_close_without_readers_removes_the_name():
-    q = MessageQueue(3, 4096, 2)
+    q = MessageQueue(3, 4096, 2, named=True)
     path = os.path.join(shm.SHM_DIR, q.name)
     q.close()
     assert not os.path.exists(path)

@@ -29,15 +29,16 @@ def _namespace_refused() -> str:
     return "" if r.returncode == 0 else f"cannot mount a private tmpfs on /dev/shm: {r.stderr.strip()}"
 
 
-def in_small_shm(size: str, *argv: str, timeout: float = 120, prelude: str = "") -> subprocess.CompletedProcess:
-    """Run ``argv`` with /dev/shm a fresh ``size`` tmpfs that only it sees; afterwards list what it left there."""
+def in_small_shm(size: str, *argv: str, timeout: float = 120, named: bool = True) -> subprocess.CompletedProcess:
+    """Run ``argv`` with /dev/shm a fresh ``size`` tmpfs that only it sees; afterwards list what it left there.
+    ``named``: the rings are /dev/shm files (RV_SHM_NAMED=1), the case a small /dev/shm constrains."""
     reason = _namespace_refused()
     if reason:
         pytest.skip(reason)
-    script = (f"mount -t tmpfs -o size={size} tmpfs /dev/shm && {prelude} \"$@\"; rc=$?; "
-              "rm -f /dev/shm/filler; echo LEFT: $(ls -A /dev/shm); exit $rc")
+    script = f"mount -t tmpfs -o size={size} tmpfs /dev/shm && \"$@\"; rc=$?; echo LEFT: $(ls -A /dev/shm); exit $rc"
     return subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *argv],
-                          capture_output=True, text=True, timeout=timeout, env=_ENV, cwd=REPO)
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          env={**_ENV, shm.NAMED_ENV: "1" if named else "0"})
 
 
 def _cli(tmp_path, *overrides: str) -> list[str]:
@@ -45,9 +46,10 @@ def _cli(tmp_path, *overrides: str) -> list[str]:
             f"hydra.run.dir={tmp_path}/run", *overrides]
 
 
-@pytest.mark.parametrize("method", ["spawn", "forkserver"])
-def test_default_tree_at_tp8_runs_in_a_64_mib_dev_shm(tmp_path, method):
-    r = in_small_shm(DOCKER_SHM, *_cli(tmp_path, "parallel.tp=8", f"runtime.start_method={method}"))
+@pytest.mark.parametrize("method,named", [("spawn", True), ("forkserver", True), ("forkserver", False)])
+def test_default_tree_at_tp8_runs_in_a_64_mib_dev_shm(tmp_path, method, named):
+    """Named segments live in /dev/shm and must fit it; anonymous ones (the default) do not touch it at all."""
+    r = in_small_shm(DOCKER_SHM, *_cli(tmp_path, "parallel.tp=8", f"runtime.start_method={method}"), named=named)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "echo check" in r.stdout and "PASS" in r.stdout, r.stdout
     assert r.stdout.rstrip().endswith("LEFT:"), "segments left in /dev/shm: " + r.stdout
@@ -100,3 +102,27 @@ def test_shortfall_names_the_biggest_rings_keys_first_and_a_shm_size():
     assert "--shm-size=320m" in line and "\n" not in line  # 2 x (128 MiB + headers), in whole 64 MiB steps
     with pytest.raises(ValueError, match="transport.reply_slot_bytes"):
         budget.shortfall([budget.Geometry(1, 1, 4, 1000, ("transport.reply_slots", "transport.reply_slot_bytes"))])
+
+
+SOAK_ROUNDS = 20  # scripts/shm_soak.py runs 200
+
+
+@pytest.mark.timeout(300)
+def test_kill_9_of_the_whole_tree_at_random_instants_of_start_up_leaves_nothing_in_dev_shm(tmp_path):
+    """Issue 14 part 3: SIGKILL the supervisor and every worker at once, at a random instant of start-up: no
+    segment of theirs is in /dev/shm (anonymous segments have no name to leave) and no process survives."""
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    try:
+        import shm_soak
+    finally:
+        sys.path.remove(os.path.join(REPO, "scripts"))
+    import random
+
+    seed = random.SystemRandom().randrange(1 << 31)
+    rng = random.Random(seed)
+    trees = []
+    for i in range(SOAK_ROUNDS):
+        r = shm_soak.one_round(rng, str(tmp_path), tp=2, window_s=2.0)
+        assert r.left_segments == [] and r.survivors == [], (i, r, f"seed {seed}")
+        trees.append(r.tree)
+    assert max(trees) >= 3, f"no round caught the workers alive (tree sizes {trees}): the instants missed start-up"

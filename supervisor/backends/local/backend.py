@@ -62,14 +62,14 @@ class LocalBackend:
 def _preflight_shm(cfg: Config) -> None:
     """ConfigError (exit 2 from the CLI) if the rings of every group cannot fit in /dev/shm, or are malformed."""
     from supervisor.config import ConfigError
-    from transport.budget import Geometry, shortfall
+    from transport.budget import Geometry, preflight
 
     t, par = cfg.transport, cfg.parallel
     rings = [Geometry(par.dp, par.group_world, t.slots, t.slot_bytes, ("transport.slots", "transport.slot_bytes")),
              Geometry(par.total, 1, t.reply_slots, t.reply_slot_bytes,
                       ("transport.reply_slots", "transport.reply_slot_bytes"))]
     try:
-        problem = shortfall(rings)
+        problem = preflight(rings)
     except ValueError as exc:
         key, _, why = str(exc).partition(": ")
         raise ConfigError(key, why) from None
