@@ -38,18 +38,19 @@ def _overrides(cache_dir: str, *extra: str) -> list[str]:
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize(("tp", "pp"), [(2, 1), (4, 1), (1, 2), (2, 2)])
-def test_greedy_tokens_identical_to_transformers(cache_dir: str, tp: int, pp: int) -> None:
-    cfg = config(*_overrides(cache_dir, f"parallel.tp={tp}", f"parallel.pp={pp}"))
+@pytest.mark.parametrize(("tp", "pp", "dp"), [(2, 1, 1), (4, 1, 1), (1, 2, 1), (2, 2, 1), (1, 1, 2)])
+def test_greedy_tokens_identical_to_transformers(cache_dir: str, tp: int, pp: int, dp: int) -> None:
+    cfg = config(*_overrides(cache_dir, f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.dp={dp}"))
     with Supervisor(cfg) as sup:
         # The tree wrote the preset checkpoint (once, whichever rank took the lock first) and loaded it from there.
         path = preset_dir(cache_dir, "tiny", SEED, "float32")
         prompts = make_prompts(cfg.llm, preset("tiny"), str(path))
-        rows, _, itl = generate(sup, prompts, NEW_TOKENS)
+        replicas = [generate(sup, prompts, NEW_TOKENS, group=g) for g in range(dp)]
         phases = sup.collective_rpc("phase_timings", timeout=30)
         assert sup.collective_rpc("model_info", timeout=30)[0]["checkpoint"] == str(path)
-    assert rows == hf_generate(load_hf(str(path)), prompts, NEW_TOKENS)
-    assert len(itl) == NEW_TOKENS - 1 and len(phases) == tp * pp
+    ref = hf_generate(load_hf(str(path)), prompts, NEW_TOKENS)
+    assert all(rows == ref for rows, _, _ in replicas)
+    assert all(len(itl) == NEW_TOKENS - 1 for _, _, itl in replicas) and len(phases) == tp * pp * dp
     assert all(p["weight_load_s"] > 0 and "first_decode_s" in p for p in phases)
 
 
