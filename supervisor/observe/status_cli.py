@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import signal
 import sys
 import time
 from typing import Any
@@ -29,6 +30,9 @@ class _Usage(Exception):
 
 
 def main(argv: list[str]) -> int:
+    # A viewer, not a supervisor: Ctrl-C ends it (KeyboardInterrupt), SIGTERM as by default, whatever the CLI set up.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         opts = _parse(argv)
         run_dir = _resolve(opts["where"])
