@@ -248,6 +248,18 @@ def test_cli_status_metrics_probes_and_story_through_a_restart(tmp_path):
         assert res.returncode == 0, res.stderr
         wait_until(lambda: any(e["kind"] == "recycled" for e in _events(cli.run_dir)), 30, "group 0 recycled")
         wait_until(lambda: cli.get("/readyz")[0] == 200, 30, "group 0 back")
+        watch = subprocess.Popen([sys.executable, "-m", "supervisor", "status", "--watch", "0.2"], cwd=cli.dir,
+                                 env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert watch.stdout.readline().startswith("run ")  # a frame came
+            watch.send_signal(signal.SIGINT)  # Ctrl-C ends a viewer
+            assert watch.wait(30) == 0, watch.stderr.read()
+        finally:
+            if watch.poll() is None:
+                watch.kill()
+                watch.wait(5)
+            watch.stdout.close()
+            watch.stderr.close()
         res = cli.status(cli.run_dir, "--stop")
         assert res.returncode == 0, res.stderr
         code = cli.proc.wait(30)
