@@ -67,9 +67,11 @@ class CallsDuringRestart(Choice):
 
 
 class RetryExecuteModel(Choice):
-    auto = "auto"  # on for workload=llm
-    always = "always"
-    never = "never"
+    """What is retried when a group fails mid-request (supervisor/core/retry.py, supervisor/serving.py)."""
+
+    auto = "auto"  # generation requests (serving.Generator) continue on another group; execute_model steps do not
+    always = "always"  # execute_model steps too: only for steps that keep no state in the group (tp_mlp, not llm)
+    never = "never"  # neither
 
 
 class Backend(Choice):
