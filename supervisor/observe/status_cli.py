@@ -2,8 +2,9 @@
 
 Asks a running supervisor, through RUN_DIR/control.sock, for its live table: one row per rank with group, pid,
 state, restarts, RSS, CPU%, GPU MiB, heartbeat age and the call in progress with its age. ``latest`` (the default)
-is the newest run folder under ./outputs whose supervisor still answers. ``--restart G`` restarts group G between
-calls, ``--restart all`` every group one at a time (a rolling restart), ``--stop`` stops the tree as SIGTERM does.
+is the newest run folder under ./outputs (or a sweep's job under ./multirun) whose supervisor still answers.
+``--restart G`` restarts group G between calls, ``--restart all`` every group one at a time (a rolling restart),
+``--stop`` stops the tree as SIGTERM does.
 
 Exit codes: 0 answered; 1 no supervisor answers there (not running any more); 2 bad arguments (one line).
 """
@@ -101,8 +102,9 @@ def _resolve(where: str) -> str:
         if not os.path.exists(os.path.join(where, control.SOCKET_NAME)):
             raise _Usage(f"{where}: no {control.SOCKET_NAME} there (not a run folder, or its supervisor has exited)")
         return where
-    candidates = sorted(glob.glob(os.path.join("outputs", "*", "*", control.SOCKET_NAME)), key=os.path.getmtime,
-                        reverse=True)
+    found = [*glob.glob(os.path.join("outputs", "*", "*", control.SOCKET_NAME)),  # Hydra's run folders
+             *glob.glob(os.path.join("multirun", "*", "*", "*", control.SOCKET_NAME))]  # a sweep's jobs
+    candidates = sorted(found, key=os.path.getmtime, reverse=True)
     for sock in candidates:
         run_dir = os.path.dirname(sock)
         try:
@@ -110,7 +112,7 @@ def _resolve(where: str) -> str:
             return run_dir
         except (OSError, ValueError):
             continue  # a supervisor killed with -9 leaves its socket file: skip it
-    raise _Usage("latest: no running supervisor under ./outputs (give RUN_DIR)")
+    raise _Usage("latest: no running supervisor under ./outputs or ./multirun (give RUN_DIR)")
 
 
 def _command(run_dir: str, opts: dict[str, Any]) -> int:
