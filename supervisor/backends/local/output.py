@@ -70,6 +70,7 @@ class RankOutput:
     def _start_locked(self) -> None:
         if self._thread is not None:
             return
+        self._close_by = None  # (re)opened after a close(): serve until the next one
         if self.log_dir:
             os.makedirs(self.log_dir, exist_ok=True)
         self._sel = selectors.DefaultSelector()
