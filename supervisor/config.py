@@ -445,6 +445,8 @@ _RULES: tuple[tuple[str, Callable[[Any], str | None]], ...] = (
     ("runtime.startup_timeout_s", _POSITIVE),
     ("transport.slot_bytes", _at_most(_int_at_least(MIN_SLOT_BYTES), MAX_SLOT_BYTES, "the ring's 32-bit slot size")),
     ("transport.slots", _at_most(_int_at_least(2), MAX_SLOTS, "the ring's slot index")),
+    ("transport.reply_slot_bytes", _at_most(_int_at_least(MIN_SLOT_BYTES), MAX_SLOT_BYTES, "the ring's 32-bit slot size")),
+    ("transport.reply_slots", _at_most(_int_at_least(2), MAX_SLOTS, "the ring's slot index")),
     ("transport.spin_us", _at_most(_NON_NEG, MAX_SPIN_US, "longer spinning only burns a CPU")),
     ("transport.max_message_bytes", _POSITIVE_INT),
     ("shutdown.grace_s", _NON_NEG),
@@ -517,8 +519,9 @@ def _check_relations(cfg: Config) -> None:
              f"{load.layers} layers cannot be split evenly over parallel.pp={par.pp} stages")
     _require(not mlp or load.hidden % par.tp == 0, "workload.hidden",
              f"{load.hidden} is not divisible by parallel.tp={par.tp}")
-    _require(tr.slot_bytes % SLOT_ALIGN == 0, "transport.slot_bytes",
-             f"must be a multiple of {SLOT_ALIGN}, got {tr.slot_bytes}")
+    for key in ("slot_bytes", "reply_slot_bytes"):
+        size = getattr(tr, key)
+        _require(size % SLOT_ALIGN == 0, f"transport.{key}", f"must be a multiple of {SLOT_ALIGN}, got {size}")
     _require(rs.backoff_max_s >= rs.backoff_initial_s, "restart.backoff_max_s",
              f"must be >= restart.backoff_initial_s={rs.backoff_initial_s:g}, got {rs.backoff_max_s:g}")
     hb = cfg.worker

@@ -226,6 +226,8 @@ def error_for_dir(overrides: list[str], config_dir: Path) -> ConfigError:
         (["worker.heartbeat_interval_s=0.0001"], "worker.heartbeat_interval_s"),
         (["workload.hidden=100000"], "workload.hidden"),
         (["ray.placement_strategy=CLOSE"], "ray.placement_strategy"),
+        (["transport.reply_slots=70000"], "transport.reply_slots"),
+        (["transport.reply_slot_bytes=4100"], "transport.reply_slot_bytes"),
     ],
 )
 def test_bad_input_names_the_key(overrides, key):
@@ -260,6 +262,27 @@ def test_backend_ray_without_ray_is_one_line(monkeypatch):
 
 def test_quoted_value_with_commas_is_one_value():
     assert load_config(['+runtime.env.CUDA_VISIBLE_DEVICES="0,1"']).runtime.env == (("CUDA_VISIBLE_DEVICES", "0,1"),)
+
+
+# Numeric keys without a rule in config._RULES, and why: a seed takes any integer; llm.* and launch.* are checked by
+# their own modules (supervisor/llm_workload.py, supervisor/launch/checks.py), against the checkpoint and the script.
+UNBOUNDED = ("workload.seed", "llm.", "launch.")
+
+
+def test_every_numeric_key_has_a_bound():
+    from typing import get_type_hints
+
+    def numeric(cls, path=""):
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            hint, key = hints[f.name], path + f.name
+            if dataclasses.is_dataclass(hint):
+                yield from numeric(hint, key + ".")
+            elif hint in (int, float):
+                yield key
+
+    ruled = {key for key, _ in config_module._RULES}
+    assert [k for k in numeric(Config) if k not in ruled and not k.startswith(UNBOUNDED)] == []
 
 
 def test_config_error_is_always_one_line():
