@@ -66,6 +66,7 @@ FLAGS = [  # argv, what stdout must contain
     (["--cfg", "hydra"], ["run:", "sweep:", "subdir: ${hydra.job.num}"]),
     (["--cfg", "all", "--resolve", "+runtime.env.X=${oc.env:RV_CLI_UNSET,fallback}"], ["X: fallback", "hydra:"]),
     (["--cfg", "job", "parallel.tp=4", "restart=one_for_all"], ["tp: 4", "strategy: one_for_all"]),
+    (["--cfg", "hydra", "hydra/job_logging=default", "hydra.run.dir=/tmp/x"], ["logging.FileHandler", "dir: /tmp/x"]),
     (["--info", "searchpath"], [config.DEFAULT_CONFIG_DIR]),
     (["--info", "defaults"], ["restart/never", "workload/tp_mlp"]),
     (["--help"], ["restart: never, one_for_all, one_for_one, rest_for_one", "Exit codes", "heartbeat_timeout_s: 5.0",
