@@ -47,7 +47,6 @@ MAX_SLOT_BYTES = (1 << 32) - SLOT_ALIGN  # transport/layout.py: a slot's size is
 DEFAULT_CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")  # package data; a link to conf/ in a checkout
 CONFIG_NAME = "config"
 
-WORKLOADS = ("tp_mlp", "echo", "serve", "bench", "llm", "script")
 
 # Bounds that are not the transport's own (transport/layout.py states those) -- each with the reason it exists.
 MAX_RANKS = 4096  # ranks of one tree, on any backend: beyond this the supervisor's own bookkeeping is the bottleneck
@@ -420,6 +419,13 @@ def _one_of(choices: tuple[str, ...]) -> Callable[[Any], str | None]:
     return check
 
 
+def _workloads() -> tuple[str, ...]:
+    """The one list of workload names: the driver registry (imported only when a config is checked)."""
+    from supervisor.workloads import WORKLOADS
+
+    return tuple(WORKLOADS)
+
+
 def _at_most(check: Callable[[Any], str | None], high: float, why: str) -> Callable[[Any], str | None]:
     """``check``, plus an upper bound with the reason it exists."""
     def bounded(value: Any) -> str | None:
@@ -459,7 +465,7 @@ _RULES: tuple[tuple[str, Callable[[Any], str | None]], ...] = (
     ("worker.max_rss_mb", _NON_NEG_INT),
     ("worker.max_calls", _NON_NEG_INT),
     ("worker.call_deadline_s", _NON_NEG),
-    ("workload.name", _one_of(WORKLOADS)),
+    ("workload.name", lambda name: _one_of(_workloads())(name)),
     ("http.port", _at_most(_NON_NEG_INT, 65535, "the largest TCP port")),
     ("workload.hidden", _POSITIVE_INT),
     ("workload.layers", _POSITIVE_INT),
