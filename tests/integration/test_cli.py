@@ -249,6 +249,21 @@ def test_row44_our_package_names_in_the_current_folder(tmp_path):
     assert code == 0 and "was imported" not in err, err[-3000:]
 
 
+def test_row44_what_cannot_be_put_right_is_one_line(monkeypatch, tmp_path):
+    from supervisor import paths
+
+    monkeypatch.setattr(sys, "path", list(sys.path))  # ours_first reorders it
+    monkeypatch.setattr(paths, "_is_ours", lambda name, home: False)
+    monkeypatch.setattr(paths, "_origin", lambda name: f"/somewhere/{name}.py")
+    problem = paths.ours_first()
+    assert problem.startswith("/somewhere/worker.py shadows rankvisor's 'worker' package") and "\n" not in problem
+    monkeypatch.setattr(paths, "_is_ours", lambda name, home: True)
+    monkeypatch.setattr(paths, "root", lambda: str(tmp_path))
+    (tmp_path / "supervisor").mkdir()
+    (tmp_path / "supervisor" / "supervisord.py").write_text("")
+    assert "supervisord is installed over rankvisor" in paths.ours_first()
+
+
 # -- signals ---------------------------------------------------------------------------------------------------------
 
 
