@@ -30,6 +30,10 @@ class _Refused(Exception):
     """A flag or key this app refuses, in one line."""
 
 
+class _JobCrashed(Exception):
+    """A bug while a job ran (not bad input): ``main`` re-raises the original, traceback and all."""
+
+
 class _SweepStopped(BaseException):
     """A signal arrived before a job started: not an Exception, so Hydra's job runner lets it through and no later
     job of a sweep starts (a failed job, by contrast, does not stop a sweep)."""
@@ -43,6 +47,8 @@ def main(argv: list[str], signals: SignalState, on_exit: Callable[[], None]) -> 
         return _dispatch(args, parser, signals)
     except _Refused as exc:
         return _fail(str(exc))
+    except _JobCrashed as exc:
+        raise exc.__cause__ from None  # type: ignore[misc]
     except Exception as exc:  # noqa: BLE001 - configuration errors of any layer become one line
         from supervisor.config import ConfigError, _translate
 
@@ -214,7 +220,11 @@ def _task(signals: SignalState) -> Callable[[Any], int]:
         run_dir = HydraConfig.get().runtime.output_dir
         t0 = _command_start() if not jobs else time.monotonic()  # a sweep's later jobs count from their own start
         jobs.append(run_dir)
-        return run_one(from_node(node), run_dir, signals, t0)
+        cfg = from_node(node)  # validated in the preflight: a ConfigError here is still bad input
+        try:
+            return run_one(cfg, run_dir, signals, t0)
+        except Exception as exc:
+            raise _JobCrashed from exc
 
     return task
 
