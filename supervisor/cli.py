@@ -8,7 +8,8 @@
                                                ─▶ task(): record what is used, start the tree, run the workload
     any Hydra / OmegaConf / config error ─▶ one line "error: <key or flag>: <problem>", exit 2
 
-What ``hydra.main`` would not give: errors stay one line (Hydra prints a multi-line report and exits 1), every job of
+It mirrors ``hydra._internal.utils._run_hydra`` (what ``hydra.main`` calls) on Hydra's internal classes, hence the
+pin ``hydra-core<1.4`` in pyproject.toml. What ``hydra.main`` would not give: errors stay one line (Hydra prints a multi-line report and exits 1), every job of
 a sweep is validated before the first one starts, a signal stops a sweep between jobs, and the forkserver is started
 by ``__main__`` before this module composes anything, so the two overlap.
 """
@@ -179,7 +180,8 @@ def _run(hydra: Any, name: str, overrides: list[str], signals: SignalState) -> i
     _preflight(name, [overrides])
     if signals.stop.is_set():
         return signals.code  # type: ignore[return-value]
-    ret = hydra.run(config_name=name, task_function=_task(signals), overrides=[*overrides, "hydra.mode=RUN"])
+    mode = [] if any(o.startswith("hydra.mode=") for o in overrides) else ["hydra.mode=RUN"]
+    ret = hydra.run(config_name=name, task_function=_task(signals), overrides=[*overrides, *mode])
     return ret.return_value
 
 
