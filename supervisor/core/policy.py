@@ -92,15 +92,19 @@ class Budget:
     period_s: float
 
 
+_DEFAULT = RestartSettings()
+
+
 @dataclass(frozen=True)
 class PolicySpec:
-    strategy: Strategy = Strategy.NEVER
-    restart_type: RestartType = RestartType.PERMANENT
-    runtime: Budget = Budget(3, 10.0)
-    startup: Budget = Budget(3, 60.0)
-    backoff_initial_s: float = 0.0
-    backoff_factor: float = 2.0
-    backoff_max_s: float = 5.0
+    # Defaults are the config's (supervisor/settings.py, RestartSettings): written once, there.
+    strategy: Strategy = _DEFAULT.strategy
+    restart_type: RestartType = _DEFAULT.restart_type
+    runtime: Budget = Budget(_DEFAULT.intensity, _DEFAULT.period_s)
+    startup: Budget = Budget(_DEFAULT.startup_intensity, _DEFAULT.startup_period_s)
+    backoff_initial_s: float = _DEFAULT.backoff_initial_s
+    backoff_factor: float = _DEFAULT.backoff_factor
+    backoff_max_s: float = _DEFAULT.backoff_max_s
 
     @classmethod
     def from_settings(cls, s: RestartSettings) -> PolicySpec:
