@@ -82,7 +82,6 @@ def overrides(ns: argparse.Namespace) -> list[str]:
                 f"restart.period_s={_FOREVER_S}", f"restart.startup_period_s={_FOREVER_S}"]
     if not ns.fast:
         out.append("runtime.preload=[]")  # fresh interpreters import torch themselves: the forkserver stays light
-    out.append("shutdown.drain_s=0")  # a rank's join lasts as long as its script: there is no call to drain
     if ns.shutdown_timeout is not None:
         out.append(f"shutdown.grace_s={ns.shutdown_timeout}")
     if ns.master_port is not None:

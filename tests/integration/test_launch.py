@@ -25,10 +25,10 @@ RUN_TIMEOUT_S = 120
 class Launch:
     """One ``rankvisor-run`` process; ``OUT_DIR`` (the scripts' output folder) is the test's tmp_path."""
 
-    def __init__(self, tmp_path, *args: str, env: dict | None = None) -> None:
+    def __init__(self, tmp_path, *args: str, env: dict | None = None, command: str = "supervisor.launch.cli") -> None:
         self.out = str(tmp_path)
         full_env = {**os.environ, "OUT_DIR": self.out, "PYTHONPATH": REPO, **(env or {})}
-        self.proc = subprocess.Popen([sys.executable, "-m", "supervisor.launch.cli", *args], cwd=self.out,
+        self.proc = subprocess.Popen([sys.executable, "-m", command, *args], cwd=self.out,
                                      env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.tree: list[psutil.Process] = []
 
@@ -180,6 +180,16 @@ def test_no_python_runs_a_shell_command(tmp_path):
     code, _, err = launch.finish()
     assert code == 0, err[-3000:]
     assert [open(os.path.join(launch.out, f"sh.{r}")).read() for r in range(2)] == ["0 of 2\n", "1 of 2\n"]
+
+
+def test_the_config_form_runs_the_same_script_workload(tmp_path):
+    launch = Launch(tmp_path, "workload=script", "parallel.tp=2", f"launch.script={script('env_dump.py')}",
+                    "launch.args=[--x,'1,2']", "restart=one_for_all", "restart.intensity=4", command="supervisor")
+    code, _, err = launch.finish()
+    assert code == 0, err[-3000:]
+    envs = [json.load(open(os.path.join(launch.out, f"env.{r}.json"))) for r in range(2)]
+    assert [e["argv"] for e in envs] == [["--x", "1,2"]] * 2
+    assert {e["TORCHELASTIC_MAX_RESTARTS"] for e in envs} == {"4"}
 
 
 @pytest.mark.parametrize("args, key", [
