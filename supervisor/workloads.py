@@ -115,9 +115,58 @@ WORKLOADS: dict[str, Callable[[Supervisor, threading.Event], Report]] = {
 }
 
 
-def run(sup: Supervisor, stop: threading.Event) -> Report:
+# The built-in drivers that only make sense with their own worker: (what the worker must be, how to say it).
+_NEEDS = {"tp_mlp": ("worker.tp_mlp:TPMLPWorker", "the tensor-parallel MLP"),
+          "bench": ("worker.tp_mlp:TPMLPWorker", "the tensor-parallel MLP"),
+          "echo": ("worker.tp_mlp:EchoWorker", "the echo worker")}
+
+
+def check(cfg) -> str | None:
+    """One line if the workload cannot drive ``worker.cls`` (tp_mlp and echo check their own worker's answers),
+    else None. The CLI asks before starting anything; ``run`` asks again."""
+    w = cfg.workload
+    if w.driver:
+        module, _, fn = w.driver.partition(":")
+        if not module or not fn.isidentifier():
+            return f"workload.driver: expected 'module:function', got {w.driver!r}"
+        return None
+    need = _NEEDS.get(w.name)
+    if need is None:
+        return None
+    from worker.main import load_class
+
     try:
-        return WORKLOADS[sup.cfg.workload.name](sup, stop)
+        ok = issubclass(load_class(cfg.worker.cls), load_class(need[0]))
+    except Exception as exc:  # the class cannot be imported here: start-up will name the failure
+        return f"worker.cls: cannot import {cfg.worker.cls!r} ({type(exc).__name__}: {exc})"
+    if ok:
+        return None
+    return (f"workload={w.name} drives {need[1]} ({need[0]}), not worker.cls={cfg.worker.cls}: use workload=serve "
+            "to keep your worker up, or workload.driver=module:function to drive it")
+
+
+def run_driver(sup: Supervisor, stop: threading.Event) -> Report:
+    """``workload.driver=module:function``: the user's own driver, ``fn(sup, stop)``. It may return a Report, a
+    mapping of lines for the summary, or anything else (shown as its result); raising fails the run."""
+    import importlib
+
+    module, _, name = sup.cfg.workload.driver.partition(":")
+    out = getattr(importlib.import_module(module), name)(sup, stop)
+    if isinstance(out, Report):
+        return out
+    report = Report()
+    items = out.items() if isinstance(out, dict) else ([("result", out)] if out is not None else [])
+    for key, value in items:
+        report.add(str(key), value)
+    return report
+
+
+def run(sup: Supervisor, stop: threading.Event) -> Report:
+    problem = check(sup.cfg)
+    if problem:
+        return Report(ok=False, failure=problem)
+    try:
+        return (run_driver if sup.cfg.workload.driver else WORKLOADS[sup.cfg.workload.name])(sup, stop)
     except ShutdownInProgress:
         return Report(ok=True, lines=[("stopped", "by signal")])
     except Exception as exc:

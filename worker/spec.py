@@ -28,6 +28,7 @@ class WorkloadSettings:
     """The built-in workload (tensor-parallel MLP) and the driver loop around it."""
 
     name: str = "tp_mlp"  # tp_mlp | echo | serve | bench
+    driver: str = ""  # "module:function" run instead of the named workload: fn(sup, stop) drives any worker.cls
     hidden: int = 256
     layers: int = 4
     batch: int = 8

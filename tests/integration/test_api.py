@@ -173,3 +173,26 @@ def test_status_cpu_percent_is_measured_since_the_last_call():
         sup.collective_rpc(burn, timeout=60)
         rows = sup.status()
         assert rows[0]["cpu_pct"] > 0.0, rows  # rank 0 burned CPU since the previous status()
+
+
+# -- "just run my worker" ------------------------------------------------------------------------------------------
+def drive_echo(sup, stop):
+    """A user's own driver (workload.driver=tests.integration.test_api:drive_echo)."""
+    return {"echo": sup.collective_rpc("echo", args=(2,), timeout=BOUND_S)}
+
+
+def test_a_user_driver_and_serve_drive_any_worker_and_builtin_drivers_refuse_foreign_ones():
+    from supervisor import workloads
+
+    cfg = config(*ECHO, "parallel.tp=2", "workload.driver=tests.integration.test_api:drive_echo",
+                 "workload.status_interval_s=0.1")
+    assert workloads.check(config(*ECHO)).startswith("workload=tp_mlp drives the tensor-parallel MLP")
+    with Supervisor(cfg) as sup:
+        report = workloads.run(sup, threading.Event())
+        assert report.ok and report.lines == [("echo", "[2, 2]")]
+        stop = threading.Event()
+        timer = threading.Timer(0.5, stop.set)
+        timer.start()
+        served = workloads.run_serve(sup, stop)  # any worker.cls: status rows only
+        timer.join()
+    assert served.ok and ("served until", "signal") in served.lines
