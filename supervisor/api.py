@@ -33,7 +33,7 @@ from supervisor.core.retry import LifecycleView, RetryingCall, RetryPolicy, Retr
 from supervisor.core.states import SupervisorState
 from supervisor.core.views import GroupView, PolicyWindow, group_view
 from supervisor.observe.calls import CallStats
-from supervisor.core.rpc import _PICKLE_ERRORS, CallFuture, PendingCall, by_value
+from supervisor.core.rpc import _PICKLE_ERRORS, CallFuture, PendingCall, any_from_main, by_value
 from supervisor.settings import Config
 
 _POLL_S = 0.05  # rolling_restart() checks this often whether the tree stopped while it waits
@@ -467,7 +467,10 @@ def _method_payload(method: str | Callable[..., Any]) -> tuple[str, Any]:
 
 
 def _channel_send(channel, payload, args, kwargs, local, remaining, name, call_deadline, detached) -> PendingCall:
-    """Send; arguments plain pickle refuses travel cloudpickled (as callables do), or fail naming the argument."""
+    """Send; arguments plain pickle refuses, or defined in the user's __main__, travel cloudpickled (as callables
+    do), or fail naming the argument."""
+    if any_from_main(args, kwargs):
+        args, kwargs = by_value(name, args, kwargs)
     try:
         return channel.send(payload, args, kwargs, local, remaining, name, call_deadline, detached)
     except _PICKLE_ERRORS:

@@ -487,17 +487,28 @@ class _ByValue:
         return cloudpickle.loads, (self.data,)
 
 
+def from_main(value: Any) -> bool:
+    """Defined in the parent's __main__ (a script's class, function or their instance): plain pickle would send a
+    reference to ``__main__.name``, which a worker cannot resolve (workers do not re-run the user's script)."""
+    return getattr(value, "__module__", None) == "__main__" or getattr(type(value), "__module__", None) == "__main__"
+
+
+def any_from_main(args: tuple, kwargs: dict | None) -> bool:
+    return any(map(from_main, args)) or bool(kwargs) and any(map(from_main, kwargs.values()))
+
+
 def by_value(method_name: str, args: tuple, kwargs: dict | None) -> tuple[tuple, dict]:
     """After the request failed to pickle: the arguments plain pickle refuses, cloudpickled; TypeError naming
     the argument when cloudpickle cannot take it either. Only runs on that error path: the hot path pickles once."""
     import cloudpickle
 
     def fix(label: str, value: Any) -> Any:
-        try:
-            pickle.dumps(value, protocol=5)
-            return value
-        except Exception:
-            pass
+        if not from_main(value):
+            try:
+                pickle.dumps(value, protocol=5)
+                return value
+            except Exception:
+                pass
         try:
             return _ByValue(cloudpickle.dumps(value))
         except Exception as exc:

@@ -196,3 +196,44 @@ def test_a_user_driver_and_serve_drive_any_worker_and_builtin_drivers_refuse_for
         served = workloads.run_serve(sup, stop)  # any worker.cls: status rows only
         timer.join()
     assert served.ok and ("served until", "signal") in served.lines
+
+
+# -- the README's example pasted without `if __name__ == "__main__":` ---------------------------------------------
+UNGUARDED = '''
+import sys
+from supervisor.api import Supervisor
+from supervisor.config import load_config
+
+cfg = load_config(["worker=echo", "parallel.tp=2", "logging.events=false", "runtime.start_method=" + sys.argv[1]])
+
+
+class Point:  # defined in __main__: reaches the workers by value
+    def __init__(self, x):
+        self.x = x
+
+
+with Supervisor(cfg) as sup:
+    print(sup.collective_rpc("ping"), sup.collective_rpc(lambda w, p: p.x * 2, args=(Point(21),)), flush=True)
+'''
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_a_script_without_the_main_guard_works(tmp_path, method):
+    import subprocess
+    import sys
+
+    from tests.integration.helpers import reap_adopted
+
+    script = tmp_path / "script.py"
+    script.write_text(UNGUARDED)
+    proc = subprocess.Popen([sys.executable, str(script), method], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    reap_adopted([])
+    assert proc.returncode == 0, err[-3000:]
+    assert out.strip() == "[0, 1] [42, 42]" and "Traceback" not in err, (out, err[-3000:])

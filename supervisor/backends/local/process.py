@@ -14,6 +14,7 @@ import time
 
 import psutil
 
+from supervisor.backends.local import startmethod
 from supervisor.core.exits import ExitInfo
 from worker.main import entry
 from supervisor.core.states import WorkerState
@@ -44,7 +45,8 @@ class WorkerProcess:
         self.proc = ctx.Process(target=entry, name=spec.topology.name,
                                 args=(spec, bcast_handle, death_r, status_w, close_fds, tuple(w for _, w in pipes)))
         try:
-            self.proc.start()
+            with startmethod.without_main():  # the user's script must not run again in the worker
+                self.proc.start()
         except BaseException:
             for r, _ in pipes:
                 r.close()

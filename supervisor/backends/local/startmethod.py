@@ -6,12 +6,47 @@ CUDA is initialised in this process (a forked child cannot use it); spawn is alw
 """
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import sys
+import threading
+from multiprocessing import spawn
 
 # Imported by the forkserver before it forks anything: the heavy part of a worker's start-up, done once.
 FIRST_PRELOAD = "supervisor._forkserver_path"  # our packages ahead of the current folder, before anything imports them
 _WORKER_MODULES = ("worker.main", "worker.base", "transport", "loguru", "psutil", "setproctitle", "cloudpickle")
+
+
+# A worker never runs the user's __main__. multiprocessing (spawn and forkserver) re-imports the parent's main
+# script in every child so that objects defined there can be unpickled; a script that starts a Supervisor at top
+# level (no `if __name__ == "__main__":`, as the README's example is usually pasted) would then start a tree inside
+# each worker. Our workers need nothing from __main__: their class comes by "module:Class", callables and
+# arguments defined in __main__ travel by value (cloudpickle). So while one of our workers is being started, the
+# preparation data sent to it leaves the main module out. Only this thread's starts are affected (a flag).
+_MAIN_KEYS = ("init_main_from_path", "init_main_from_name")
+_starting_worker = threading.local()
+_original_preparation = spawn.get_preparation_data
+
+
+def _preparation_data(name):
+    data = _original_preparation(name)
+    if getattr(_starting_worker, "on", False):
+        for key in _MAIN_KEYS:
+            data.pop(key, None)
+    return data
+
+
+spawn.get_preparation_data = _preparation_data
+
+
+@contextlib.contextmanager
+def without_main():
+    """Start processes in this block without re-importing the parent's __main__ in them."""
+    _starting_worker.on = True
+    try:
+        yield
+    finally:
+        _starting_worker.on = False
 
 
 def cuda_initialized() -> bool:
