@@ -198,6 +198,13 @@ class Supervisor:
             raise ValueError(f"shutdown: drain must be True, False or seconds >= 0, got {drain!r}")
         return float(drain)
 
+    def restart_group(self, group: int) -> None:
+        """Restart dp group ``group`` between calls, losing none (the path a worker over max_rss / max_calls
+        takes); returns at once: ``wait_until_serving(group)`` once ``groups()[group].attempts`` has moved."""
+        if group not in self._life.live:
+            raise ValueError(f"group: {group!r} is not a live group (live: {list(self._life.live)})")
+        self._life.request_recycle(group)
+
     def rolling_restart(self, timeout: float | None = None, wait: bool = True) -> dict[int, float]:
         """Restart every dp group, one at a time, losing no call: each group's gate closes (calls go to the other
         replicas, or wait for it under calls_during_restart=wait), its calls in flight finish, it stops and starts

@@ -72,8 +72,7 @@ class Commands:
         live = self.sup.live_groups
         if not isinstance(group, int) or isinstance(group, bool) or group not in live:
             return {"ok": False, "error": f"group: {group!r} is not a live group (live: {live}) nor 'all'"}
-        # Between calls, losing none: the path a worker over max_calls takes (no public per-group restart yet).
-        self.sup._life.request_recycle(group)
+        self.sup.restart_group(group)  # between calls, losing none
         return {"ok": True, "restarting": group}
 
 
