@@ -1,6 +1,7 @@
 """The tree in a container-sized /dev/shm (issue 14 part 2): a private mount namespace with a 64 MiB tmpfs on
 /dev/shm, Docker's default. The default geometry fits at tp=8; a layout that does not fit is refused before any
-process starts (exit 2, one line); a segment that does not fit is an exception at creation, never a SIGBUS."""
+process starts (exit 2, one line); a segment that does not fit is an exception at creation, never a SIGBUS.
+Fault-matrix rows 41 (small /dev/shm) and 42 (kill -9 of everything during start-up) live here."""
 from __future__ import annotations
 
 import functools
