@@ -112,23 +112,31 @@ def test_ddp_steps_on_gloo_match_one_process(tmp_path, mode):
         assert torch.allclose(got[name], value, atol=1e-6), name
 
 
-def test_a_killed_rank_restarts_every_rank_and_they_resume_from_the_snapshot(tmp_path):
+def test_fault_row_47_a_killed_rank_restarts_all_they_resume_then_a_launcher_kill_leaves_nothing(tmp_path):
     launch = Launch(tmp_path, "--nproc-per-node=2", "--max-restarts=1", script("resume.py"),
-                    env={"KILL_RANK": "1", "KILL_STEP": "2"})
-    code, _, err = launch.finish()
-    assert code == 0, err[-3000:]
-    for rank in range(2):
-        assert open(os.path.join(launch.out, f"resumed.{rank}.0")).read() == "0"
-        assert int(open(os.path.join(launch.out, f"resumed.{rank}.1")).read()) > 0  # resumed, not from scratch
-        assert open(os.path.join(launch.out, f"done.{rank}")).read() == "1"  # finished in the restarted attempt
-    events = [json.loads(line) for line in open(glob.glob(os.path.join(launch.out, "outputs/*/*/events.jsonl"))[0])]
-    first = next(e for e in events if e["kind"] == "exited")  # its peer may fail a moment later in a collective
-    assert (first["rank"], first["code"]) == (1, -signal.SIGKILL)
-    assert len([e for e in events if e["kind"] == "restarting"]) == 1
+                    env={"KILL_RANK": "0", "KILL_STEP": "1", "HOLD": "1"})
+    try:
+        held = launch.wait_for("held.[0-9]", 2)
+        for rank in range(2):
+            assert open(os.path.join(launch.out, f"resumed.{rank}.0")).read() == "0"
+            assert int(open(os.path.join(launch.out, f"resumed.{rank}.1")).read()) > 0  # from the snapshot
+            assert open(os.path.join(launch.out, f"done.{rank}")).read() == "1"  # finished in the restarted attempt
+        events = [json.loads(line) for line in open(glob.glob(os.path.join(launch.out, "outputs/*/*/events.jsonl"))[0])]
+        first = next(e for e in events if e["kind"] == "exited")  # its peer may fail a moment later in a collective
+        assert (first["rank"], first["code"]) == (0, -signal.SIGKILL)
+        assert len([e for e in events if e["kind"] == "restarting"]) == 1
+        pids = [int(p) for f in held for p in open(f).read().split()]
+        launch.proc.kill()
+        assert gone_within(pids, 1.0) == []  # the scripts and their children
+        assert gone_within([p.pid for p in launch.tree], 5.0) == []  # rank processes, the forkserver
+    finally:
+        launch.close()
 
 
-def test_a_script_that_raises_reports_the_root_cause_like_torchrun(tmp_path):
-    launch = Launch(tmp_path, "--nproc-per-node=2", script("raises.py"), env={"FAIL_RANK": "1"})
+@pytest.mark.parametrize("mode", ["fresh", "fast"])
+def test_a_script_that_raises_reports_the_root_cause_like_torchrun(tmp_path, mode):
+    flags = ["--fast"] if mode == "fast" else []
+    launch = Launch(tmp_path, "--nproc-per-node=2", *flags, script("raises.py"), env={"FAIL_RANK": "1"})
     code, _, err = launch.finish()
     assert code == 1
     assert "ValueError: boom from a torchrun script" in err  # the script's own traceback, through its output

@@ -1,8 +1,10 @@
 """The elastic tutorials' snapshot pattern: save every step, resume after a restart. Rank $KILL_RANK kills itself
-(SIGKILL) at step $KILL_STEP of the first attempt; the run must still finish all steps from the snapshot."""
+(SIGKILL) at step $KILL_STEP of the first attempt; the run must still finish all steps from the snapshot. With
+$HOLD set, every rank then stays up with one child process, writing both pids to $OUT_DIR/held.<RANK>."""
 import json
 import os
 import signal
+import subprocess
 import time
 
 import torch.distributed as dist
@@ -33,6 +35,13 @@ def main():
     with open(os.path.join(out, f"done.{rank}"), "w") as f:
         f.write(str(restart))
     dist.destroy_process_group()
+    if os.environ.get("HOLD"):  # stay up with a child, for a kill -9 of the launcher (FAULTS row 47)
+        child = subprocess.Popen(["sleep", "600"])
+        with open(os.path.join(out, f"held.{rank}.tmp"), "w") as f:
+            f.write(f"{os.getpid()} {child.pid}")
+        os.replace(os.path.join(out, f"held.{rank}.tmp"), os.path.join(out, f"held.{rank}"))
+        while True:
+            time.sleep(1)
 
 
 if __name__ == "__main__":
