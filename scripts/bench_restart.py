@@ -11,6 +11,7 @@ one decode) answered.
 Variants, each in a child process of its own (the forkserver and its preload are per process), interleaved
 A B C, B C A, ... over ``--rounds``:
     as configured     the defaults
+    no gc.freeze      the worker does not freeze what it inherits from the forkserver (the code before the cut)
     backoff 0         restart.backoff_initial_s=0: the restart policy's delay before the first restart
     preload llm       runtime.preload adds the llm worker's modules (and safetensors) to the forkserver's, so a
                       restarted rank does not import them
@@ -38,6 +39,7 @@ LLM_MODULES = ("worker.restart_probe", "worker.llm.worker", "worker.llm.model", 
                "worker.llm.checkpoint", "safetensors.torch")
 VARIANTS = {
     "as configured": (),
+    "no gc.freeze": ("+runtime.env.RV_NO_GC_FREEZE=1",),
     "backoff 0": ("restart.backoff_initial_s=0",),
     "preload llm": (f"runtime.preload=[torch,{','.join(LLM_MODULES)}]",),
 }
@@ -115,7 +117,7 @@ def main() -> int:
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--presets", default="tiny")
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default="as configured,no gc.freeze,backoff 0")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--kills", type=int, default=3, help="kills per child (tree)")
     ap.add_argument("--budget-s", type=float, default=3000.0, help="hard limit for the whole run (watchdog)")

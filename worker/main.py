@@ -17,6 +17,7 @@ once it holds the handle that READY carries, and the worker only serves after it
 from __future__ import annotations
 
 import faulthandler
+import gc
 import os
 import pickle
 import signal
@@ -31,6 +32,9 @@ from worker.protocol import (EXIT_DEVICE_ERROR, EXIT_ORPHANED, EXIT_SHUTDOWN_RAI
                              EXIT_STOP_OVERDUE, STOP_METHOD, PhaseReached, Ready, RemoteFailure, Reply, Request,
                              StartupFailed, StartupPhase)
 from worker.spec import WorkerSpec
+
+
+NO_GC_FREEZE_ENV = "RV_NO_GC_FREEZE"  # set (runtime.env) to measure a restart without gc.freeze(), for comparison
 
 
 class GracefulStop(BaseException):
@@ -84,6 +88,11 @@ def entry(spec: WorkerSpec, bcast_handle: Any, death_conn: Any, status_conn: Any
     """multiprocessing target. Never returns normally before the worker is told to stop. ``output_conns``: the
     (stdout, stderr) pipe ends the supervisor reads (worker/output.py); empty = inherit the parent's."""
     t0 = time.monotonic()
+    if not dict(spec.env).get(NO_GC_FREEZE_ENV):
+        # Everything inherited from the forkserver (torch, preloaded) goes to the permanent generation: our first
+        # full collection would otherwise walk that whole heap and copy-on-write fault its pages -- ~150 ms of every
+        # restart, measured by scripts/bench_restart.py. The move itself touches no object.
+        gc.freeze()
     if output_conns:
         output.attach(*output_conns)
     _detach(close_fds)
