@@ -12,6 +12,7 @@ Variants, each in a child process of its own (the forkserver and its preload are
 A B C, B C A, ... over ``--rounds``:
     as configured     the defaults
     no gc.freeze      the worker does not freeze what it inherits from the forkserver (the code before the cut)
+    eager NCCL        device=cuda, tp=1: NCCL initialised at start-up although a world of one never uses it (before)
     backoff 0         restart.backoff_initial_s=0: the restart policy's delay before the first restart
     preload llm       runtime.preload adds the llm worker's modules (and safetensors) to the forkserver's, so a
                       restarted rank does not import them
@@ -40,6 +41,7 @@ LLM_MODULES = ("worker.restart_probe", "worker.llm.worker", "worker.llm.model", 
 VARIANTS = {
     "as configured": (),
     "no gc.freeze": ("+runtime.env.RV_NO_GC_FREEZE=1",),
+    "eager NCCL": ("+runtime.env.RV_EAGER_NCCL=1",),
     "backoff 0": ("restart.backoff_initial_s=0",),
     "preload llm": (f"runtime.preload=[torch,{','.join(LLM_MODULES)}]",),
 }

@@ -12,10 +12,14 @@ builds the TP and PP sub-groups. torch is imported lazily so that a worker class
 """
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 from typing import Any
 
 from worker.spec import WorkerSpec
+
+
+EAGER_NCCL_ENV = "RV_EAGER_NCCL"  # set (runtime.env) to init NCCL eagerly in a world of one too, for comparison
 
 
 class Worker:
@@ -44,8 +48,10 @@ class Worker:
             self.device = torch.device("cpu")
             backend = "gloo"
         kwargs: dict[str, Any] = {}
-        if backend == "nccl":
-            kwargs["device_id"] = self.device  # eager NCCL init: a bad GPU fails here, not in the first call
+        if backend == "nccl" and (topo.world_size > 1 or os.environ.get(EAGER_NCCL_ENV)):
+            # Eager NCCL init: a bad GPU fails here, not in the first call. A world of one never runs a collective,
+            # so it builds no communicator at all -- NCCL's init would only add to every restart (tp=1 serving).
+            kwargs["device_id"] = self.device
         dist.init_process_group(
             backend=backend,
             init_method=self.spec.rendezvous,
