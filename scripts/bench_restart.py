@@ -67,6 +67,7 @@ def child(args) -> int:
     overrides = ["workload=llm", "worker.cls=worker.restart_probe:ProbedLLMWorker", "parallel.tp=1",
                  "restart=one_for_one", "restart.intensity=100000", "restart.period_s=1", f"device={args.device}",
                  f"llm.preset={args.preset}", f"llm.dtype={args.dtype}", "llm.batch=1", "llm.max_new_tokens=8",
+                 "llm.prompt_len=32",
                  "runtime.startup_timeout_s=600", *VARIANTS[args.variant]]
     t0 = time.time()
     with Supervisor(C.supervisor_config(*overrides)) as sup:
