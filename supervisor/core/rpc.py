@@ -119,6 +119,12 @@ class CallFuture(concurrent.futures.Future):
         for part in parts:
             part.add_done_callback(self._part_done)
 
+    def abandon(self) -> None:
+        """The caller stopped waiting: every part's late answer is dropped (one with a deadline stays watched)."""
+        for part in self.parts:
+            if not part.done():
+                part.channel.abandon(part)
+
     def _part_done(self, _part: PendingCall) -> None:
         if all(p.done() for p in self.parts) or any(p.done() and p.exception(0) for p in self.parts):
             self._finish()
@@ -234,11 +240,18 @@ class RpcChannel:
             raise
 
     def abandon(self, call: PendingCall) -> None:
-        """The caller stopped waiting: keep a call with a deadline running (detached), drop any other."""
+        """The caller stopped waiting: keep a call with a deadline running (detached); any other is decided now
+        (CallTimeout, so its Future ends too) and its late replies are dropped when they come."""
         if call.expires_at is not None:
             self.detach(call)
-        else:
-            self._forget(call)
+            return
+        with self._cond:
+            if self._pending.pop(call.call_id, None) is None:
+                return
+            missing = self.global_ranks(call.missing())
+            call.outcome = (False, CallTimeout(f"{call.method_name}: abandoned by its caller (ranks {list(missing)} "
+                                               "had not answered); the answer is dropped", missing))
+        call.settle()
 
     def settle(self, timeout: float) -> bool:
         """Complete every call in flight, so a planned stop (a recycle), which closes the rings, loses none.

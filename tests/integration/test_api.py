@@ -237,3 +237,33 @@ def test_a_script_without_the_main_guard_works(tmp_path, method):
     reap_adopted([])
     assert proc.returncode == 0, err[-3000:]
     assert out.strip() == "[0, 1] [42, 42]" and "Traceback" not in err, (out, err[-3000:])
+
+
+# -- the asyncio face ----------------------------------------------------------------------------------------------
+def test_async_supervisor_serves_concurrent_calls_from_a_running_loop():
+    from supervisor.aio import AsyncSupervisor
+
+    async def main():
+        async with AsyncSupervisor(config(*ECHO, "parallel.tp=2", "parallel.dp=2")) as sup:
+            ticks = 0
+
+            async def ticker():  # the loop keeps running while calls are in flight
+                nonlocal ticks
+                while True:
+                    ticks += 1
+                    await asyncio.sleep(0.01)
+
+            tick = asyncio.create_task(ticker())
+            many = await asyncio.gather(*(sup.collective_rpc("echo", args=(i,)) for i in range(20)),
+                                        sup.collective_rpc("sleep", args=(0.3,), group=1),
+                                        sup.execute_model("x"))
+            with pytest.raises(CallTimeout):
+                await sup.collective_rpc("sleep", args=(1.0,), timeout=0.1)
+            after = await sup.collective_rpc("echo", args=("after",), unique_reply_rank=3)
+            tick.cancel()
+            return many, after, ticks, sup.sync.events.of_kind("hung")
+
+    many, after, ticks, hung = asyncio.run(asyncio.wait_for(main(), 60))
+    assert many[:20] == [[i] * 4 for i in range(20)] and many[20] == [0.3, 0.3]
+    assert many[21] == (0, ("x",), {}) and after == "after" and hung == []
+    assert ticks > 1  # the loop ran while the calls were in flight
