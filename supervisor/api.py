@@ -54,7 +54,8 @@ class Supervisor:
         self._shutdown_lock = threading.Lock()
         self.world = self.cfg.parallel.group_world
         self.retry_stats = RetryStats()  # retried calls, per group they moved away from (status: "retried")
-        self._serving_view = LifecycleView(self._life, lambda: self.gave_up)
+        # The tree as retries and request serving see it: live(), serving(g), incarnation(g), final_error(name)
+        self.serving_view = LifecycleView(self._life, lambda: self.gave_up)
         # Multi-call requests (a generation) admitted per group: a rolling restart or a drain waits for them
         # (supervisor/core/requests.py); supervisor/serving.py admits each request it runs.
         self.requests = self._life.requests
@@ -347,7 +348,7 @@ class Supervisor:
             return lambda gi, d: self._send(gi, payload, args, kwargs, local, d, name, call_deadline)
 
         calls = [RetryingCall(name, gi, movable=movable, policy=policy, deadline=until, send=sender(local),
-                              wait=self._wait, view=self._serving_view, emit=self.events.emit,
+                              wait=self._wait, view=self.serving_view, emit=self.events.emit,
                               stats=self.retry_stats).start() for gi, local in targets]
 
         def resolve() -> Any:

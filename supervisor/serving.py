@@ -79,12 +79,12 @@ class Generator:
         self.sup = sup
         self.retry = sup.cfg.rpc.retry_execute_model != "never" if retry is None else retry
         self.policy = RetryPolicy(sup.cfg.rpc.retry_attempts)
-        self.leases = GroupLeases(sup._serving_view, sup.requests)
+        self.leases = GroupLeases(sup.serving_view, sup.requests)
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, timeout: float | None = None) -> list[list[int]]:
         """The ``max_new_tokens`` greedy tokens after each prompt. One answer, or the last attempt's error."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        view = self.sup._serving_view
+        view = self.sup.serving_view
         rid, rows, attempt = next_request_id(), [[] for _ in prompts], 1
         group: int | None = self._lease(deadline, None, WorkerFailed("generate: no dp group is serving"))
         try:
@@ -112,7 +112,7 @@ class Generator:
                 self.leases.release(group)
 
     def _lease(self, deadline: float | None, avoid: tuple[int, Any] | None, exc: WorkerFailed) -> int:
-        view = self.sup._serving_view
+        view = self.sup.serving_view
         return wait_for(view, "generate", lambda: self.leases.claim(avoid), lambda: bool(view.live()), deadline, exc)
 
     def _run(self, group: int, prompts: list[list[int]], rows: list[list[int]], n: int,

@@ -206,7 +206,8 @@ def _passed(deadline: float | None) -> bool:
 
 
 class LifecycleView:
-    """ServingView over the manager's lifecycle (until its public lifecycle API replaces the attribute reads)."""
+    """The tree as retries and request serving see it (``Supervisor.serving_view``): a read-only adaptor over the
+    manager's lifecycle, inside the core, so neither needs the Supervisor itself."""
 
     def __init__(self, life: Any, gave_up: Callable[[], bool]) -> None:
         self._life, self._gave_up = life, gave_up
