@@ -274,7 +274,7 @@ class RpcChannel:
                     return False
                 continue
             try:
-                decided = self._drain_for(call, until)
+                decided = self._drain_until_decided(call, until)
             finally:
                 self._release_drainer()
             self._settle_all(decided)
@@ -303,16 +303,27 @@ class RpcChannel:
             self._drainer = None
             self._cond.notify_all()
 
-    def _drain_for(self, call: PendingCall, until: float | None) -> list[PendingCall]:
+    def _drain_until_decided(self, call: PendingCall, until: float | None) -> list[PendingCall]:
+        """As the drainer, keeping the role (the hot path takes the lock once per call, not per reply): drain
+        until some call is decided (ours, usually) or the bound passes. The decided are settled by the caller,
+        after giving the role back."""
+        bound = self._bound(until)
+        decided: list[PendingCall] = []
+        while call.outcome is None and not decided:
+            decided = self._drain_for(call, bound)
+            if bound is not None and time.monotonic() >= bound:
+                break
+        return decided
+
+    def _drain_for(self, call: PendingCall, bound: float | None) -> list[PendingCall]:
         """As the drainer: one reply for ``call`` (routing whatever comes first on its ring), or a failure, or a
-        timeout. Returns the calls it decided, to be settled with no lock held."""
+        timeout at ``bound``. Returns the calls it decided, to be settled with no lock held."""
         if self.failure is not None:
             return self._sweep()
         missing = call.missing()
         if not missing:
             return []
         r = missing[0]
-        bound = self._bound(until)
         try:
             reply = self.replies[r].dequeue(timeout=None if bound is None else max(0.0, bound - time.monotonic()))
         except QueueTimeout:
