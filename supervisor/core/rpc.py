@@ -45,6 +45,7 @@ from transport import MessageQueue, PeerDied, QueueClosed, QueueTimeout
 from worker.protocol import RemoteFailure, Reply, Request
 
 _READER_LINGER_S = 1.0  # a serving loop's next non-blocking call usually comes sooner: keep the reader that long
+_FOLLOWER_RECHECK_S = 0.05  # a follower past its deadline while the drainer handles it: look again this often
 _CLOSE_JOIN_S = 1.0  # close(): how long to wait for the reply reader to leave the rings before unmapping them
 
 
@@ -171,6 +172,7 @@ class RpcChannel:
         self._send_lock = threading.Lock()
         self._cond = threading.Condition()
         self._drainer: int | None = None  # ident of the thread draining the reply rings
+        self._drain_bound: float | None = None  # when the drainer wakes at the latest (None: only for a reply)
         self._pending: dict[int, PendingCall] = {}  # undecided calls by id, oldest first
         self._reader: threading.Thread | None = None
         self._closed = False
@@ -289,9 +291,12 @@ class RpcChannel:
             while self._drainer is not None:
                 if call.outcome is not None or self._timed_out(until):
                     return [], False
-                if call.expires_at is not None and call.expires_at <= time.monotonic():
-                    return self._decide_due([call]), False
-                wake = min((t for t in (until, call.expires_at) if t is not None), default=None)
+                expiry = call.expires_at
+                if expiry is not None and expiry <= time.monotonic():
+                    if self._drain_bound is None or self._drain_bound > expiry:
+                        return self._decide_due([call]), False  # the drainer would not wake for it: decide here
+                    expiry = time.monotonic() + _FOLLOWER_RECHECK_S  # it will, and name only the silent ranks
+                wake = min((t for t in (until, expiry) if t is not None), default=None)
                 self._cond.wait(self._wait_s(wake))
             if call.outcome is not None:
                 return [], False
@@ -301,13 +306,14 @@ class RpcChannel:
     def _release_drainer(self) -> None:
         with self._cond:
             self._drainer = None
+            self._drain_bound = None
             self._cond.notify_all()
 
     def _drain_until_decided(self, call: PendingCall, until: float | None) -> list[PendingCall]:
         """As the drainer, keeping the role (the hot path takes the lock once per call, not per reply): drain
         until some call is decided (ours, usually) or the bound passes. The decided are settled by the caller,
         after giving the role back."""
-        bound = self._bound(until)
+        bound = self._drain_bound = self._bound(until)
         decided: list[PendingCall] = []
         while call.outcome is None and not decided:
             decided = self._drain_for(call, bound)
