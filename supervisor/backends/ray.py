@@ -162,6 +162,14 @@ class RayCall(concurrent.futures.Future):
         with self._lock:
             return tuple(sorted(self._left))
 
+    @property
+    def outcome(self) -> tuple[bool, Any] | None:
+        """(ok, value or error) once decided, as the local PendingCall has it (CallFuture reads parts this way)."""
+        if not self.done():
+            return None
+        error = super().exception(0)
+        return (True, super().result(0)) if error is None else (False, error)
+
     def result(self, timeout: float | None = None) -> Any:
         self.drive(timeout)
         return super().result(0)

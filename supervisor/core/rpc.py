@@ -40,6 +40,8 @@ import threading
 import time
 from typing import Any, Callable, Sequence
 
+from loguru import logger
+
 from supervisor.errors import CallTimeout, RemoteError, RpcTimeout, WorkerFailed
 from transport import MessageQueue, PeerDied, QueueClosed, QueueTimeout
 from worker.protocol import RemoteFailure, Reply, Request
@@ -49,19 +51,22 @@ _FOLLOWER_RECHECK_S = 0.05  # a follower past its deadline while the drainer han
 _CLOSE_JOIN_S = 1.0  # close(): how long to wait for the reply reader to leave the rings before unmapping them
 
 
-class PendingCall(concurrent.futures.Future):
-    """One call to one group, as the Future the channel completes: with the values by rank once every expected
-    rank answered, or with the error (RemoteError naming the global rank, WorkerFailed, RpcTimeout).
+class PendingCall:
+    """One call to one group, decided by the channel: the values by rank once every expected rank answered, or
+    the error (RemoteError naming the global rank, WorkerFailed, RpcTimeout, CallTimeout if abandoned).
 
-    ``result(timeout)`` / ``exception(timeout)`` drain in the calling thread when nobody else is draining (no
-    thread hop), and raise CallTimeout when ``timeout`` passes — leaving the call running, as concurrent.futures
-    does. A call is sent when it is created and cannot be un-sent: it is RUNNING from birth, so ``cancel()``
-    returns False, as concurrent.futures' does once a worker took the call."""
+    It has the methods of a Future that the API and observers use (``result``, ``exception``, ``done``,
+    ``add_done_callback``, ``cancel``, ``cancelled``) but no lock of its own: waiting is the channel's (the
+    drainer role), so a blocking call pays for no Condition. What callers get from ``non_block`` is a real
+    ``concurrent.futures.Future`` (CallFuture) over these parts. ``result(timeout)`` / ``exception(timeout)``
+    drain in the calling thread when nobody else is (no thread hop) and raise CallTimeout when ``timeout``
+    passes, leaving the call running. A sent call cannot be un-sent: ``cancel()`` returns False."""
+
+    __slots__ = ("channel", "call_id", "method_name", "expected", "results", "deadline_s", "expires_at", "detached",
+                 "outcome", "hung", "_settled", "_callbacks")
 
     def __init__(self, channel: "RpcChannel", call_id: int, method_name: str, expected: tuple[int, ...],
                  deadline_s: float | None) -> None:
-        super().__init__()
-        self.set_running_or_notify_cancel()
         self.channel = channel
         self.call_id = call_id
         self.method_name = method_name
@@ -70,23 +75,59 @@ class PendingCall(concurrent.futures.Future):
         self.deadline_s = deadline_s
         self.expires_at = None if deadline_s is None else time.monotonic() + deadline_s
         self.detached = False  # no thread waits for it: the reply reader drains for it
-        self.outcome: tuple[bool, Any] | None = None  # decided under the channel's lock; set on the Future after
+        self.outcome: tuple[bool, Any] | None = None  # (ok, value or error), decided under the channel's lock
         self.hung: tuple[tuple[int, ...], str] | None = None  # missed its deadline: (global ranks, why)
+        self._settled = False  # the outcome is out: callbacks ran
+        self._callbacks: list[Callable[["PendingCall"], Any]] = []
 
     def missing(self) -> tuple[int, ...]:
-        return tuple(r for r in self.expected if r not in self.results)
+        results = self.results
+        return tuple([r for r in self.expected if r not in results])
 
+    def next_missing(self) -> int | None:
+        """The first rank that has not answered (the drainer reads its ring next); None when all have."""
+        results = self.results
+        for r in self.expected:
+            if r not in results:
+                return r
+        return None
+
+    # -- the Future face -----------------------------------------------------------------------------------------
     def result(self, timeout: float | None = None) -> Any:
         self.drive(timeout)
-        return super().result(0)
+        ok, value = self.outcome
+        if ok:
+            return value
+        raise value
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         self.drive(timeout)
-        return super().exception(0)
+        ok, value = self.outcome
+        return None if ok else value
+
+    def done(self) -> bool:
+        return self._settled
+
+    def running(self) -> bool:
+        return not self._settled
+
+    def cancel(self) -> bool:
+        return False  # sent: it runs
+
+    def cancelled(self) -> bool:
+        return False
+
+    def add_done_callback(self, fn: Callable[["PendingCall"], Any]) -> None:
+        with self.channel._cond:
+            if not self._settled:
+                self._callbacks.append(fn)
+                return
+        _run_callback(fn, self)
 
     def drive(self, timeout: float | None) -> None:
         """Wait at most ``timeout`` for the outcome, draining here if nobody else is. CallTimeout if it passes."""
-        if self.done():
+        if self.outcome is not None:
+            self.settle()
             return
         until = None if timeout is None else time.monotonic() + timeout
         if not self.channel.await_call(self, until):
@@ -96,14 +137,23 @@ class PendingCall(concurrent.futures.Future):
         self.settle()
 
     def settle(self) -> None:
-        """Set the decided outcome on the Future (its callbacks run here). Whoever comes first sets it."""
-        if self.outcome is None or self.done():
+        """The decided outcome is out: run the callbacks (here, holding no lock). Whoever comes first does it."""
+        if self.outcome is None or self._settled:
             return
-        ok, value = self.outcome
-        try:
-            self.set_result(value) if ok else self.set_exception(value)
-        except concurrent.futures.InvalidStateError:
-            pass  # another thread set it a moment ago
+        with self.channel._cond:
+            if self._settled:
+                return
+            self._settled = True
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            _run_callback(fn, self)
+
+
+def _run_callback(fn: Callable[[Any], Any], call: Any) -> None:
+    try:
+        fn(call)
+    except Exception:  # as concurrent.futures does: a failing callback is logged, the others still run
+        logger.exception(f"a done-callback of {call.method_name} raised")
 
 
 class CallFuture(concurrent.futures.Future):
@@ -123,20 +173,21 @@ class CallFuture(concurrent.futures.Future):
     def abandon(self) -> None:
         """The caller stopped waiting: every part's late answer is dropped (one with a deadline stays watched)."""
         for part in self.parts:
-            if not part.done():
+            if part.outcome is None:
                 part.channel.abandon(part)
 
     def _part_done(self, _part: PendingCall) -> None:
-        if all(p.done() for p in self.parts) or any(p.done() and p.exception(0) for p in self.parts):
-            self._finish()
+        self._finish()
 
     def _finish(self) -> None:
-        error = next((p.exception(0) for p in self.parts if p.done() and p.exception(0)), None)
+        """Done at the first part that failed, or when every part answered (parts decide; we only read)."""
+        outcomes = [p.outcome for p in self.parts]
+        error = next((value for o in outcomes if o is not None and not o[0] for value in (o[1],)), None)
         try:
             if error is not None:
                 self.set_exception(error)
-            elif all(p.done() for p in self.parts):
-                out = [v for p in self.parts for v in p.result(0)]
+            elif all(o is not None for o in outcomes):
+                out = [v for o in outcomes for v in o[1]]
                 self.set_result(out[0] if self._single else out)
         except concurrent.futures.InvalidStateError:
             pass  # finished by another thread meanwhile
@@ -156,7 +207,7 @@ class CallFuture(concurrent.futures.Future):
         until = self._until if timeout is None else time.monotonic() + timeout
         for part in self.parts:
             part.drive(None if until is None else max(0.0, until - time.monotonic()))
-            if part.exception(0) is not None:
+            if not part.outcome[0]:
                 break
         self._finish()
 
@@ -301,6 +352,7 @@ class RpcChannel:
             if call.outcome is not None:
                 return [], False
             self._drainer = threading.get_ident()
+            self._drain_bound = self._bound_locked(until)
             return [], True
 
     def _release_drainer(self) -> None:
@@ -313,7 +365,7 @@ class RpcChannel:
         """As the drainer, keeping the role (the hot path takes the lock once per call, not per reply): drain
         until some call is decided (ours, usually) or the bound passes. The decided are settled by the caller,
         after giving the role back."""
-        bound = self._drain_bound = self._bound(until)
+        bound = self._drain_bound
         decided: list[PendingCall] = []
         while call.outcome is None and not decided:
             decided = self._drain_for(call, bound)
@@ -326,10 +378,9 @@ class RpcChannel:
         timeout at ``bound``. Returns the calls it decided, to be settled with no lock held."""
         if self.failure is not None:
             return self._sweep()
-        missing = call.missing()
-        if not missing:
+        r = call.next_missing()
+        if r is None:
             return []
-        r = missing[0]
         try:
             reply = self.replies[r].dequeue(timeout=None if bound is None else max(0.0, bound - time.monotonic()))
         except QueueTimeout:
@@ -344,14 +395,15 @@ class RpcChannel:
     def _route(self, r: int, reply: Reply) -> list[PendingCall]:
         if reply.over_budget:
             self.over_budget = True
+        target = self._pending.get(reply.call_id)  # only the drainer writes results: no lock until deciding
+        if target is None:
+            return []  # a call its caller abandoned: the late reply is dropped
+        target.results[r] = reply
+        if len(target.results) < len(target.expected):
+            return []
         with self._cond:
-            target = self._pending.get(reply.call_id)
-            if target is None:
-                return []  # a call its caller abandoned: the late reply is dropped
-            target.results[r] = reply
-            if target.missing():
-                return []
-            del self._pending[reply.call_id]
+            if self._pending.pop(reply.call_id, None) is None:
+                return []  # decided meanwhile (abandoned, failed, past its deadline)
             error = self._remote_error(target)
             target.outcome = (False, error) if error is not None else \
                 (True, [target.results[x].value for x in target.expected])
@@ -372,10 +424,9 @@ class RpcChannel:
             call.settle()  # callbacks run here, holding no lock of ours
 
     # -- deadlines -------------------------------------------------------------------------------------------
-    def _bound(self, until: float | None) -> float | None:
-        """When the drainer must wake: the caller's limit or the earliest call deadline."""
-        with self._cond:
-            times = [c.expires_at for c in self._pending.values() if c.expires_at is not None]
+    def _bound_locked(self, until: float | None) -> float | None:
+        """Under ``_cond``: when the drainer must wake: the caller's limit or the earliest call deadline."""
+        times = [c.expires_at for c in self._pending.values() if c.expires_at is not None]
         if until is not None:
             times.append(until)
         return min(times) if times else None
@@ -548,26 +599,3 @@ def by_value(method_name: str, args: tuple, kwargs: dict | None) -> tuple[tuple,
     new_args = tuple(fix(f"args[{i}]", a) for i, a in enumerate(args))
     new_kwargs = {k: fix(f"kwargs[{k!r}]", v) for k, v in (kwargs or {}).items()}
     return new_args, new_kwargs
-
-
-class RpcFuture(concurrent.futures.Future):
-    """The retrying calls' Future (supervisor/core/retry.py): resolved on demand by ``result(timeout)``. Plain
-    calls use CallFuture, which completes by itself. Re-entrant: a done-callback may call ``result()``."""
-
-    def __init__(self, resolve: Callable[[float | None], Any]) -> None:
-        super().__init__()
-        self._resolve = resolve
-        self._lock = threading.RLock()
-
-    def result(self, timeout: float | None = None) -> Any:
-        with self._lock:
-            if not self.done():
-                try:
-                    value = self._resolve(timeout)
-                except (CallTimeout, RpcTimeout):
-                    raise
-                except BaseException as exc:
-                    self.set_exception(exc)
-                else:
-                    self.set_result(value)
-        return super().result(0)
