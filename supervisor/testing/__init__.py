@@ -56,12 +56,31 @@ def rankvisor_leak_check():
     settle). Request it before ``rankvisor_tree`` so the tree is stopped first."""
     from supervisor.testing import leaks
 
+    warm_helpers()
     before = leaks.Snapshot.take()
     yield
     problems = leaks.leftovers(before)
     if problems:
         leaks.kill_extra(before)
         pytest.fail("left behind: " + "; ".join(problems), pytrace=False)
+
+
+def warm_helpers() -> None:
+    """Start multiprocessing's long-lived helpers (the forkserver with our preload, the resource tracker) once,
+    before a leak baseline: they live for the whole session and are not leaks. Idempotent."""
+    global _warm
+    if _warm:
+        return
+    from supervisor.backends.local import startmethod
+
+    proc = startmethod.context("forkserver", ("torch",)).Process(target=os.getpid)
+    proc.start()
+    proc.join(60)
+    proc.close()
+    _warm = True
+
+
+_warm = False
 
 
 # -- fault injectors (a global rank) ----------------------------------------------------------------------------------
