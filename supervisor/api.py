@@ -376,6 +376,8 @@ class Supervisor:
         life = self._life
         if self.gave_up:  # checked first: after giving up the tree is stopped too, but nobody asked for that
             raise WorkerFailed(f"{name}: the supervisor gave up: {life.error}")
+        if not life.started.is_set() and not life.thread.is_alive():  # Supervisor(start=False), never started
+            raise ShutdownInProgress(f"{name}: the supervisor is not started (call start() first)")
         stopping = life.stop_requested.is_set() and not life.requests.carries(gi)  # a request in flight may finish
         if stopping or life.state in (SupervisorState.STOPPING, SupervisorState.STOPPED):
             raise ShutdownInProgress(f"{name}: the supervisor is shutting down")
@@ -446,7 +448,9 @@ class Supervisor:
         psutil.Process per call would always say 0.0."""
         times, now = p.cpu_times(), time.time()
         key, used = (p.pid, p.create_time()), times.user + times.system
-        last_used, last_t = self._cpu_samples.get(key, (0.0, key[1]))
+        last_used, last_t = self._cpu_samples.pop(key, (0.0, key[1]))
+        if len(self._cpu_samples) > 4 * self.cfg.parallel.total:  # workers long gone (restarts): drop the oldest
+            self._cpu_samples.pop(next(iter(self._cpu_samples)))
         self._cpu_samples[key] = (used, now)
         return round(100.0 * (used - last_used) / max(now - last_t, 1e-6), 1)
 

@@ -66,9 +66,10 @@ class WorkerHandle(Protocol):
 
 @runtime_checkable
 class Channel(Protocol):
-    """Calls to one group: a broadcast request, replies in order per rank. A sent call is a
-    ``concurrent.futures.Future`` that completes by itself (values by rank, or the error) and has
-    ``drive(timeout)``: wait at most ``timeout`` (CallTimeout, the ranks untouched). A call deadline that passes
+    """Calls to one group: a broadcast request, replies in order per rank. A sent call is decided by the channel
+    by itself (values by rank, or the error) and has the Future methods (``result``, ``exception``, ``done``,
+    ``add_done_callback``), ``outcome`` ((ok, value) once decided) and ``drive(timeout)``: wait at most ``timeout``
+    (CallTimeout, the ranks untouched). A call deadline that passes
     fails the call with RpcTimeout and hands the silent ranks to ``on_deadline`` (set by the lifecycle)."""
 
     failure: WorkerFailed | None  # set by fail(): every call raises it
