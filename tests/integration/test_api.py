@@ -267,3 +267,12 @@ def test_async_supervisor_serves_concurrent_calls_from_a_running_loop():
     assert many[:20] == [[i] * 4 for i in range(20)] and many[20] == [0.3, 0.3]
     assert many[21] == (0, ("x",), {}) and after == "after" and hung == []
     assert ticks > 1  # the loop ran while the calls were in flight
+
+
+def test_a_call_on_a_supervisor_never_started_fails_at_once():
+    sup = Supervisor(config(*ECHO), start=False)
+    try:
+        with pytest.raises(ShutdownInProgress, match="not started"):
+            sup.collective_rpc("ping")
+    finally:
+        sup.shutdown()
