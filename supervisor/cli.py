@@ -199,7 +199,7 @@ def _multirun(hydra: Any, name: str, overrides: list[str], signals: SignalState)
 
 def _preflight(name: str, jobs: list[list[str]]) -> None:
     """Compose and validate every job, with what this machine has, before the first one starts."""
-    from supervisor import config
+    from supervisor import config, workloads
     from supervisor.backends.local.startmethod import cuda_initialized
     from supervisor.gpu import usable_gpus
 
@@ -207,6 +207,9 @@ def _preflight(name: str, jobs: list[list[str]]) -> None:
         cfg = config.from_node(config.compose_node([o for o in job if not o.startswith("hydra")], name))
         gpus = len(usable_gpus()) if cfg.device == "cuda" else None
         config.validate(cfg, visible_gpus=gpus, cuda_initialized=cuda_initialized())
+        problem = workloads.check(cfg)  # a driver that cannot drive worker.cls is bad input too: exit 2, not 1
+        if problem:
+            raise config.ConfigError(*problem.split(": ", 1))
 
 
 def _task(signals: SignalState) -> Callable[[Any], int]:

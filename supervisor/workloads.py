@@ -104,7 +104,6 @@ def run_script(sup: Supervisor, stop: threading.Event) -> Report:
 
     return drive(sup, stop)
 
-
 WORKLOADS: dict[str, Callable[[Supervisor, threading.Event], Report]] = {
     "tp_mlp": run_tp_mlp,
     "bench": run_tp_mlp,
@@ -131,8 +130,8 @@ def check(cfg) -> str | None:
             return f"workload.driver: expected 'module:function', got {w.driver!r}"
         return None
     need = _NEEDS.get(w.name)
-    if need is None:
-        return None
+    if need is None or cfg.worker.cls == need[0]:
+        return None  # the workload's own worker: nothing to import (the parent stays torch-free until READY)
     from worker.main import load_class
 
     try:
@@ -141,7 +140,7 @@ def check(cfg) -> str | None:
         return f"worker.cls: cannot import {cfg.worker.cls!r} ({type(exc).__name__}: {exc})"
     if ok:
         return None
-    return (f"workload={w.name} drives {need[1]} ({need[0]}), not worker.cls={cfg.worker.cls}: use workload=serve "
+    return (f"worker.cls: workload={w.name} drives {need[1]} ({need[0]}), not {cfg.worker.cls}: use workload=serve "
             "to keep your worker up, or workload.driver=module:function to drive it")
 
 

@@ -186,7 +186,7 @@ def test_a_user_driver_and_serve_drive_any_worker_and_builtin_drivers_refuse_for
 
     cfg = config(*ECHO, "parallel.tp=2", "workload.driver=tests.integration.test_api:drive_echo",
                  "workload.status_interval_s=0.1")
-    assert workloads.check(config(*ECHO)).startswith("workload=tp_mlp drives the tensor-parallel MLP")
+    assert workloads.check(config(*ECHO)).startswith("worker.cls: workload=tp_mlp drives the tensor-parallel MLP")
     with Supervisor(cfg) as sup:
         report = workloads.run(sup, threading.Event())
         assert report.ok and report.lines == [("echo", "[2, 2]")]

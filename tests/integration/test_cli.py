@@ -333,3 +333,13 @@ def test_sigusr2_restarts_the_groups_one_by_one_and_keeps_running(tmp_path):
         code, _, err = finish(proc, mark)
     assert code == 130, err[-3000:]
     assert not first & {e["pid"] for e in ready_events(tmp_path / "run")[2:]}
+
+
+def test_a_builtin_driver_given_a_foreign_worker_is_bad_input_before_anything_starts(tmp_path):
+    """tp_mlp checks its own worker's answers: an echo worker under it is refused in one line, exit 2."""
+    proc = subprocess.run([sys.executable, "-m", "supervisor", "worker=echo", f"hydra.run.dir={tmp_path}/run"],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines[-1].startswith("error: worker.cls: workload=tp_mlp drives the tensor-parallel MLP"), proc.stderr
+    assert not (tmp_path / "run" / "events.jsonl").exists()
