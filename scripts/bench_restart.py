@@ -14,6 +14,8 @@ A B C, B C A, ... over ``--rounds``:
     no gc.freeze      the worker does not freeze what it inherits from the forkserver (the code before the cut)
     eager NCCL        device=cuda, tp=1: NCCL initialised at start-up although a world of one never uses it (before)
     backoff 0         restart.backoff_initial_s=0: the restart policy's delay before the first restart
+    plain load        the weights copied slice by slice from pageable CPU tensors, not through fastload's pinned,
+                      overlapped staging (the code before the cut)
     preload llm       runtime.preload adds the llm worker's modules (and safetensors) to the forkserver's, so a
                       restarted rank does not import them
 
@@ -42,6 +44,7 @@ VARIANTS = {
     "as configured": (),
     "no gc.freeze": ("+runtime.env.RV_NO_GC_FREEZE=1",),
     "eager NCCL": ("+runtime.env.RV_EAGER_NCCL=1",),
+    "plain load": ("+runtime.env.RV_SLOW_LOAD=1",),
     "backoff 0": ("restart.backoff_initial_s=0",),
     "preload llm": (f"runtime.preload=[torch,{','.join(LLM_MODULES)}]",),
 }
@@ -53,6 +56,7 @@ PARTS = [  # (row label, key in a kill's record)
     ("torch.distributed init (NCCL / gloo)", "dist_init_s"),
     ("weight read (safetensors -> CPU tensors)", "weight_read_s"),
     ("host -> device copy (+ allocation)", "weight_copy_s"),
+    ("  of which pinning the staging buffers (fastload)", "weight_stage_s"),
     ("model modules imported in load_model, READY, gate open", "ready_gap_s"),
     ("first step: prefill + 1 decode", "first_step_s"),
     ("total: kill -> first tokens served again", "total_s"),
@@ -101,7 +105,8 @@ def kill_once(sup, prompt) -> dict:
     return {"detect_s": exited[0] - t_kill if exited else float("nan"), "spawn_s": ph["created_at"] - t_kill,
             "process_start_s": ph["process_start_s"], "cuda_init_s": ph["cuda_init_s"],
             "dist_init_s": ph["dist_init_s"], "weight_read_s": ph.get("weight_read_s", float("nan")),
-            "weight_copy_s": ph.get("weight_copy_s", float("nan")), "ready_gap_s": t_serving - booted,
+            "weight_copy_s": ph.get("weight_copy_s", float("nan")),
+            "weight_stage_s": ph.get("weight_stage_s", float("nan")), "ready_gap_s": t_serving - booted,
             "first_step_s": t_tokens - t_serving, "total_s": t_tokens - t_kill}
 
 

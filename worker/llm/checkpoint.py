@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -149,6 +150,18 @@ def _plan_shards(shapes: dict[str, tuple[int, ...]], dtype: str) -> Iterator[lis
 
 
 # -- reading --------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Fill:
+    """One destination and the checkpoint slice that fills it: ``kind`` is full | rows | cols, and ``part`` of
+    ``parts`` picks the slice (as SliceReader.rows / cols). ``dst`` may be a view (e.g. the q rows of a fused wqkv)."""
+
+    dst: "torch.Tensor"
+    name: str
+    kind: str = "full"
+    part: int = 0
+    parts: int = 1
+
+
 class SliceReader:
     """Reads tensors, or row / column ranges of them, from a checkpoint folder's safetensors files."""
 
@@ -158,6 +171,7 @@ class SliceReader:
         files = sorted(Path(path).glob("*.safetensors"))
         if not files:
             raise FileNotFoundError(f"no *.safetensors in {path}")
+        self.files = files
         self._handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
         self._where: dict[str, Any] = {k: h for h in self._handles for k in h.keys()}
 
@@ -178,6 +192,17 @@ class SliceReader:
         sl = self._slice(name)
         n = sl.get_shape()[1]
         return sl[:, part * n // parts:(part + 1) * n // parts]
+
+    def read(self, fill: Fill) -> "torch.Tensor":
+        """The CPU tensor of ``fill``'s slice."""
+        if fill.kind == "full":
+            return self.full(fill.name)
+        return getattr(self, fill.kind)(fill.name, fill.part, fill.parts)
+
+    def fill(self, fills: list[Fill]) -> None:
+        """The plain path: each slice read into a CPU tensor, then copied into its destination (any device)."""
+        for f in fills:
+            f.dst.copy_(self.read(f))
 
     def _slice(self, name: str) -> Any:
         try:

@@ -224,25 +224,45 @@ class Stage(nn.Module):
 # -- loading -----------------------------------------------------------------------------------------------------
 def load_stage(reader: Any, shape: LlamaShape, par: Parallel, layers: range, dtype: torch.dtype,
                device: torch.device) -> Stage:
-    """Build this rank's stage (uninitialised) and fill it from the checkpoint with only this rank's slices."""
+    """Build this rank's stage (uninitialised) and fill it from the checkpoint with only this rank's slices: on a
+    CUDA device through pinned staging buffers (worker/llm/fastload.py), elsewhere slice by slice."""
+    from worker.llm import fastload
+
     stage = Stage(shape, par, len(layers), Alloc(dtype, device))
-    r, n = par.tp_rank, par.tp
+    fills = stage_fills(stage, shape, par, layers)
     with torch.no_grad():
-        for local, i in enumerate(layers):
-            p, layer = f"model.layers.{i}.", stage.layers[local]
-            qkv = [reader.rows(p + f"self_attn.{w}_proj.weight", r, n) for w in "qkv"]
-            layer.attn.wqkv.copy_(torch.cat(qkv))
-            layer.attn.wo.copy_(reader.cols(p + "self_attn.o_proj.weight", r, n))
-            gate_up = [reader.rows(p + f"mlp.{w}_proj.weight", r, n) for w in ("gate", "up")]
-            layer.mlp.w_gate_up.copy_(torch.cat(gate_up))
-            layer.mlp.w_down.copy_(reader.cols(p + "mlp.down_proj.weight", r, n))
-            layer.input_norm.weight.copy_(reader.full(p + "input_layernorm.weight"))
-            layer.post_norm.weight.copy_(reader.full(p + "post_attention_layernorm.weight"))
-        if stage.embed is not None:
-            stage.embed.copy_(reader.full("model.embed_tokens.weight"))
-        if stage.lm_head is not None:
-            stage.norm.weight.copy_(reader.full("model.norm.weight"))
-            if stage.lm_head is not stage.embed:  # tied on a single stage: already filled as the embedding
-                head = "model.embed_tokens.weight" if shape.tie_word_embeddings else "lm_head.weight"
-                stage.lm_head.copy_(reader.full(head))
+        if fastload.wanted(device):
+            fastload.fill(reader, fills, device)
+        else:
+            reader.fill(fills)
     return stage.eval()
+
+
+def stage_fills(stage: Stage, shape: LlamaShape, par: Parallel, layers: range) -> list[Any]:
+    """Every parameter of ``stage`` (or rows of one: q, k, v into the fused wqkv, gate and up into w_gate_up)
+    with the checkpoint slice that fills it."""
+    from worker.llm.checkpoint import Fill
+
+    r, n = par.tp_rank, par.tp
+    out: list[Fill] = []
+    for local, i in enumerate(layers):
+        p, layer = f"model.layers.{i}.", stage.layers[local]
+        q, kv = layer.attn.heads * layer.attn.head_dim, layer.attn.kv_heads * layer.attn.head_dim
+        wqkv, gate_up = layer.attn.wqkv, layer.mlp.w_gate_up
+        out += [Fill(wqkv[:q], p + "self_attn.q_proj.weight", "rows", r, n),
+                Fill(wqkv[q:q + kv], p + "self_attn.k_proj.weight", "rows", r, n),
+                Fill(wqkv[q + kv:], p + "self_attn.v_proj.weight", "rows", r, n),
+                Fill(layer.attn.wo, p + "self_attn.o_proj.weight", "cols", r, n),
+                Fill(gate_up[:layer.mlp.inter], p + "mlp.gate_proj.weight", "rows", r, n),
+                Fill(gate_up[layer.mlp.inter:], p + "mlp.up_proj.weight", "rows", r, n),
+                Fill(layer.mlp.w_down, p + "mlp.down_proj.weight", "cols", r, n),
+                Fill(layer.input_norm.weight, p + "input_layernorm.weight"),
+                Fill(layer.post_norm.weight, p + "post_attention_layernorm.weight")]
+    if stage.embed is not None:
+        out.append(Fill(stage.embed, "model.embed_tokens.weight"))
+    if stage.lm_head is not None:
+        out.append(Fill(stage.norm.weight, "model.norm.weight"))
+        if stage.lm_head is not stage.embed:  # tied on a single stage: already filled as the embedding
+            head = "model.embed_tokens.weight" if shape.tie_word_embeddings else "lm_head.weight"
+            out.append(Fill(stage.lm_head, head))
+    return out
