@@ -252,7 +252,7 @@ class CudaStaging:
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
         self.buffers.clear()
         self.events.clear()
-        # torch keeps freed pinned blocks cached for reuse: give the page-locked memory back (under either name torch has used)
+        # torch keeps freed pinned blocks cached for reuse: give the page-locked memory back (either name torch used)
         empty_host_cache = (getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
                             or getattr(torch._C, "_host_emptyCache", None))
         if empty_host_cache is not None:
