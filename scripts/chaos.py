@@ -689,6 +689,12 @@ class Soak:
         self.my_pid = os.getpid()
         self.our_pids: set[int] = {self.my_pid}  # owners of shm segments that are ours
         self.markers: set[str] = {str(self.my_pid)}
+        # What this process already had before the soak (e.g. a test session's adopted orphans of earlier tests, a
+        # rendezvous folder of an earlier supervisor in this process): the soak judges only what it caused.
+        from tests import leaks
+
+        self.pre_existing_children: set[int] = set(leaks._children())
+        self.pre_existing_rdzv: set[str] = set(rendezvous_dirs({self.my_pid}))
         self.child_pids: set[int] = set()
         self.child_supervisors: dict[int, str] = {}
         self.leaked_procs: set[int] = set()
@@ -846,7 +852,7 @@ class Soak:
         allowed = self.current_worker_pids() | leaks.helper_pids()
         procs = {}
         for pid, p in leaks._children().items():
-            if pid in allowed:
+            if pid in allowed or pid in self.pre_existing_children:
                 continue
             try:
                 zombie = p.status() == psutil.STATUS_ZOMBIE
@@ -864,7 +870,7 @@ class Soak:
                 procs.setdefault(p.pid, p)
         shm = sorted(n for n in shm_entries() if shm_owner(n) in self.our_pids)
         current = os.path.basename(self.sup.rendezvous_dir) if self.sup is not None else None
-        rdzv = [n for n in rendezvous_dirs(self.our_pids) if n != current]
+        rdzv = [n for n in rendezvous_dirs(self.our_pids) if n != current and n not in self.pre_existing_rdzv]
         fds = len(os.listdir("/proc/self/fd")) - self.base_fds
         threads = threading.active_count() - self.base_threads
         out = {"processes": list(procs.values()), "shm": shm, "rendezvous": rdzv}

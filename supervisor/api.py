@@ -176,7 +176,7 @@ class Supervisor:
     @property
     def rendezvous_dir(self) -> str:
         """The private folder (mode 0700) holding the groups' torch.distributed rendezvous files."""
-        return self._life._tmp
+        return self._life._tmp  # "" until start()
 
     def transport_handles(self, group: int) -> list[Any]:
         """The handles of ``group``'s rings (broadcast first, then each rank's reply ring), for diagnostics."""

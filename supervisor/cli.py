@@ -207,6 +207,10 @@ def _preflight(name: str, jobs: list[list[str]]) -> None:
         cfg = config.from_node(config.compose_node([o for o in job if not o.startswith("hydra")], name))
         gpus = len(usable_gpus()) if cfg.device == "cuda" else None
         config.validate(cfg, visible_gpus=gpus, cuda_initialized=cuda_initialized())
+        if cfg.backend == "local":  # the rings must fit /dev/shm (named segments): checked before any job starts
+            from supervisor.backends.local.backend import preflight_shm
+
+            preflight_shm(cfg)
         problem = workloads.check(cfg)  # a driver that cannot drive worker.cls is bad input too: exit 2, not 1
         if problem:
             raise config.ConfigError(*problem.split(": ", 1))

@@ -134,7 +134,7 @@ class Lifecycle:
         self.skip_drain = threading.Event()  # a second signal: stop draining, stop now
         self.started = threading.Event()
         self.finished = threading.Event()
-        self._tmp = tempfile.mkdtemp(prefix=f"{_RDZV_PREFIX}{os.getpid()}-")
+        self._tmp = ""  # the private rendezvous folder: made at start(), removed with the tree
         self.monitor = self.backend.new_monitor(self._on_exit, self._on_hung)
         self.thread = threading.Thread(target=self._run, name="supervisor-manager", daemon=True)
 
@@ -148,6 +148,7 @@ class Lifecycle:
     # -- driving ---------------------------------------------------------------------------------------------
     def start(self) -> None:
         _sweep_dead_owners()
+        self._tmp = tempfile.mkdtemp(prefix=f"{_RDZV_PREFIX}{os.getpid()}-")
         self.monitor.start()
         self.thread.start()
         self.started.wait()
@@ -524,7 +525,8 @@ class Lifecycle:
                              reasons=[w.exit_info().short for w in g.workers])
         self.monitor.stop()
         self.backend.close()
-        shutil.rmtree(self._tmp, ignore_errors=True)
+        if self._tmp:
+            shutil.rmtree(self._tmp, ignore_errors=True)
         self.transition(SupervisorState.STOPPED)
 
 

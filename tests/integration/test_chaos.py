@@ -57,7 +57,9 @@ def test_short_soak_recovers_every_cycle_without_hangs_or_leaks():
 
 def test_segments_of_a_supervisor_sigkilled_during_startup_are_swept_when_a_tree_starts_again(tmp_path):
     """Killed before every reader attached, the broadcast segment is still linked: nobody is left to unlink it, so
-    the next supervisor's start-up sweep must (the soak found this leak before the sweep existed)."""
+    the next supervisor's start-up sweep must (the soak found this leak before the sweep existed). Only named
+    segments can be left behind: the child asks for them (RV_SHM_NAMED=1, the mode kept for where a descriptor
+    cannot travel); the default anonymous ones have no name to leave (tests/integration/test_transport_shm.py)."""
     from supervisor.api import Supervisor
     from tests.integration.helpers import ECHO, config, fault_env
     from transport import shm
@@ -66,7 +68,8 @@ def test_segments_of_a_supervisor_sigkilled_during_startup_are_swept_when_a_tree
     args = [sys.executable, "-m", "supervisor", "workload=serve", *fault_env("hang_init", rank=1), "worker=echo",
             "parallel.tp=2", "runtime.preload=[]", "logging.events=false"]
     before = {p.pid for p in psutil.Process().children()}
-    child = subprocess.Popen(args, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.DEVNULL,
+    env = dict(os.environ, PYTHONPATH=REPO, RV_SHM_NAMED="1")
+    child = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     left = []
     try:

@@ -20,7 +20,7 @@ class LocalBackend:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        _preflight_shm(cfg)  # before any process starts: a layout /dev/shm cannot hold is a config error
+        preflight_shm(cfg)  # before any process starts: a layout /dev/shm cannot hold is a config error
         # Every process of this tree carries the marker in its environment (TREE_ENV): the supervisor's pid (what
         # outside tools look for) and which of this process's supervisors it belongs to.
         self.tree_marker = f"{os.getpid()}:{next(_SERIAL)}"
@@ -59,7 +59,7 @@ class LocalBackend:
         self.output.close()  # the workers are gone: what their pipes still hold is written out first
 
 
-def _preflight_shm(cfg: Config) -> None:
+def preflight_shm(cfg: Config) -> None:
     """ConfigError (exit 2 from the CLI) if the rings of every group cannot fit in /dev/shm, or are malformed."""
     from supervisor.config import ConfigError
     from transport.budget import Geometry, preflight
