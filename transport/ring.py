@@ -34,6 +34,11 @@ The spin policy, measured on 2 cores with 1..8 readers (scripts/bench_transport.
 * A writer that finds the ring full sleeps until half the ring is free (``wake_target``), not one slot.
 
 ``spin_us=0`` never spins, ``spin_yield=False`` busy-polls, ``spin_adaptive=False`` always spins the window.
+By default (``spin_yield=None``) the poll yields only where the ring's parties (writer + readers) outnumber the
+cores this process may run on: with a core each, busy-polling never takes a core someone else needs. On a 16-core
+H200 host (scripts/gpu_transport.sh) busy-polling met every round-trip target where yielding missed the p99 at 2, 4
+and 8 readers, and against the yielding transport in the same run it used less CPU per call (15.6 vs 34.2 us at
+one reader) at the same median. On this project's 2-core machines it yields, as before.
 """
 from __future__ import annotations
 
@@ -118,7 +123,7 @@ class Ring:
         self._heavy = bool(self._W[L.OFF_ASYM // 4])  # sleepers must fence the other CPUs too
         self._light = self._heavy and self._fences == "auto" and _sync.register_asymmetric()  # hot paths skip it
         self._spin_s = max(0.0, SPIN_US if self.spin_us is None else self.spin_us) * 1e-6
-        self._spin_yields = True if self.spin_yield is None else bool(self.spin_yield)
+        self._spin_yields = _yield_by_default(lay.n_readers) if self.spin_yield is None else bool(self.spin_yield)
         self._adaptive = self.spin_adaptive
         self._spin_score = 1.0  # EWMA of "the last spins succeeded"
         self._probe = 0
@@ -304,3 +309,12 @@ def _release_view(view: memoryview) -> None:
         view.release()
     except BufferError:
         pass
+
+
+def _yield_by_default(n_readers: int) -> bool:
+    """Yield while polling unless every party of the ring (the writer and its readers) can have a core of its own."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return cores <= n_readers + 1
