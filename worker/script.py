@@ -136,11 +136,15 @@ class _Subprocess:
 
     def _watch(self) -> None:
         code = self.proc.wait()
+        failed = code != 0 and not self.w.stopping.is_set()
+        if failed:  # its leftover children may hold the output pipes open: they go first, so the pumps see EOF now
+            _kill_group(self.proc.pid)  # orphaned, they are no longer below us, but still in the script's group
+            lifeline.kill_descendants()
         for p in self.pumps:
             p.join(_PUMP_DRAIN_S)
         self.code = code
         self.ended.set()
-        if code != 0 and not self.w.stopping.is_set():
+        if failed:
             die_like(code)
 
     def join(self) -> int:
@@ -230,6 +234,13 @@ class _InProcess:
     def stop(self, grace_s: float) -> None:
         lifeline.kill_descendants()
         self._flush()
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def die_like(code: int) -> None:
