@@ -37,7 +37,7 @@ from supervisor.settings import Config
 from worker.protocol import StartupPhase
 
 if TYPE_CHECKING:  # the written contract only: core never imports a backend
-    from supervisor.backends.base import Backend
+    from supervisor.backends.base import Backend, Group as WorkerGroup
 
 
 _COALESCE_S = 0.05  # after a failure, wait this long for more: they join the same recovery
