@@ -31,9 +31,12 @@ def train(rank, world, m):
 def main():
     dist.init_process_group("gloo")  # every setting from the environment torchrun gives
     rank, world = dist.get_rank(), dist.get_world_size()
-    m = train(rank, world, DDP(model())).module
+    ddp = DDP(model())
+    m = train(rank, world, ddp).module
+    dist.barrier()  # every rank past its last gradient all-reduce before any tears the group down
     if rank == 0:
         torch.save(m.state_dict(), os.path.join(os.environ["OUT_DIR"], "ddp.pt"))
+    del ddp  # its reducer holds work on the group: release it while the interpreter is whole
     dist.destroy_process_group()
 
 
