@@ -2,18 +2,21 @@
 
 ::
 
-    dequeue() --next chunk a whole bare pickle?--yes--> hot path: unpickle in place, release the slot
-                       |no
+    dequeue() --cursor.take: a small bare pickle?--yes--> copy it out, release the slot, unpickle the copy
+                       |nothing yet: spin (cursor.spin), take again
+                       |anything else
                        v
-                _dequeue_frame --WHOLE--> _read_whole: copy the frame out, release, decode
+                _dequeue_frame (ring's lock, cursor busy) --PICKLED--> unpickle in place, release
+                       |WHOLE--> _read_whole: copy the frame out, release, decode
                        |FIRST
                        v
-                _read_stream: gather FIRST .. LAST into one buffer, releasing each slot as it is copied
+                _read_stream: gather FIRST .. LAST chunks into one buffer, releasing each slot as it is copied
 
-Extension points for subclasses (transport/zero_copy.py): ``_read_whole(data, length)`` decides how a one-slot
-frame leaves the ring, ``_release()`` hands the current chunk back (``_advance()`` moves the cursor,
-``_store_consumed(c)`` tells the writer). The hot path in ``dequeue`` inlines ``_release``: a subclass that
-changes how slots are released overrides ``dequeue`` to go through ``_dequeue_frame`` (as ZeroCopyReader does).
+The hot path is the cursor's ``take`` (transport/cursor.py: compiled where it was built). Extension points for
+subclasses (transport/zero_copy.py): ``_read_whole(data, length)`` decides how a one-slot frame leaves the ring,
+``_release()`` hands the current chunk back (``_advance()`` moves the cursor, ``_store_consumed(c)`` tells the
+writer). ``take`` releases slots its own way: a subclass that changes how slots are released overrides
+``dequeue`` to go through ``_dequeue_frame`` (as ZeroCopyReader does).
 
 ``close()`` by any party closes the queue for every party (it is how a shutdown wakes everyone). Messages
 already published stay readable. A ``dequeue`` that times out in the middle of a multi-slot message drops
@@ -30,9 +33,9 @@ import threading
 import time
 from typing import Any
 
-from transport import _proc, _sync, codec, layout as L, shm
+from transport import _proc, _sync, codec, cursor, layout as L, shm
 from transport.errors import CorruptMessage, QueueClosed
-from transport.ring import Handle, Ring, _release_view
+from transport.ring import _YIELD_LOST_S, Handle, Ring, _release_view
 
 _REUSE_MIN = 256 << 10  # frames of this size and up are recycled (see _frame)
 _REUSE_MAX = 64 << 20
@@ -49,6 +52,10 @@ _NEED_ORDER_FENCES = _sync.NEED_ORDER_FENCES
 _full_fence = _sync.full_fence
 _loads = pickle.loads
 _mono = time.monotonic
+_EMPTY, _SLOW = cursor.EMPTY, cursor.SLOW
+_SLEEP = object()  # dequeue: spun in vain, go to sleep without spinning again
+_SPIN_NEWS, _SPIN_LOST = 1, 2  # cursor.spin's answers (0: the window passed; 3: closed)
+_YIELD_LOST_NS = int(_YIELD_LOST_S * 1e9)
 
 
 def _no_announce(on: bool) -> None:
@@ -75,12 +82,20 @@ class RingReader(Ring):
         self.reader_rank = reader_rank
         self.spin_us = handle.spin_us
         self.spin_yield, self.spin_adaptive = handle.spin_yield, handle.spin_adaptive
-        self._c = 0  # chunks consumed, mod 2**32
         self._spare: list = []  # recent big frame buffers, reused once nothing references them (_frame)
         self._before_attach()
         self._bind()
+        self._cur = cursor.reader_cursor(self, reader_rank)  # c: chunks consumed, mod 2**32
         self._cw = self._consumed_words[reader_rank]
         self._announce_attached()
+
+    @property
+    def _c(self) -> int:
+        return self._cur.c
+
+    @_c.setter
+    def _c(self, c: int) -> None:
+        self._cur.c = c
 
     def _before_attach(self) -> None:
         """What a subclass must record in its reader record before the writer may see it attached."""
@@ -111,50 +126,32 @@ class RingReader(Ring):
     def dequeue(self, timeout: float | None = None, cancel: threading.Event | None = None) -> Any:
         """Receive the next message. Raises QueueTimeout, QueueClosed (closed or ``cancel`` set), PeerDied
         (the writer is gone) or CorruptMessage. A message is returned whole or not at all."""
-        with self._lock:
+        cur = self._cur
+        try:
+            msg = cur.take()
+            if msg is _EMPTY and self._spin_s and self._should_spin():
+                got = cur.spin(self._spin_ns, self._spin_yields, _YIELD_LOST_NS)
+                if got == _SPIN_LOST:
+                    self._spin_score *= 0.5  # see Ring._spin: something outside the ring holds the cores
+                self._spun(got == _SPIN_NEWS)
+                msg = cur.take() if got == _SPIN_NEWS else _SLEEP
+        except Exception as exc:  # the copy of a message that does not unpickle: its slot is released already
+            raise CorruptMessage(f"cannot unpickle message: {type(exc).__name__}: {exc}") from exc
+        if msg is _EMPTY or msg is _SLOW or msg is _SLEEP:
+            return self._dequeue_slow(timeout, cancel, spin=msg is not _SLEEP)
+        return msg
+
+    def _dequeue_slow(self, timeout, cancel, spin: bool) -> Any:
+        with self._holding():
             if self._closed_here:
                 raise QueueClosed("queue closed")
-            # the hot path, inlined: the next chunk is a whole bare pickle, unpickled in place
-            W, c = self._W, self._c
-            if W[_W_PUB] == c:
-                self._await_chunk(c, None if timeout is None else _mono() + timeout, cancel)
-            if _NEED_ORDER_FENCES:
-                _sync.acquire_fence()  # pub before the record and payload
-            s = self._slot
-            m = self._metas[s]
-            length = W[m + 1]
-            off = self._datas[s]
-            mv = self._mv
-            # a pickle starts with PROTO 5 and ends with STOP: a corrupt length or record never feeds pickle a
-            # shifted or truncated stream (checked again, with a clear error, in _dequeue_frame)
-            if (W[m + 2] != _PICKLED or W[m] != c or not 3 <= length <= self._slot_bytes
-                    or mv[off] != 0x80 or mv[off + length - 1] != 0x2E):
-                return self._dequeue_frame(timeout, cancel)
-            view = mv[off:off + length]
-            try:
-                return _loads(view)
-            except Exception as exc:
-                raise CorruptMessage(f"cannot unpickle message: {type(exc).__name__}: {exc}") from exc
-            finally:
-                view.release()
-                # release, inlined: same steps as _release (_advance + _store_consumed); keep them in step
-                if _NEED_ORDER_FENCES:
-                    _sync.release_fence()  # our copy is complete before the writer may reuse the slot
-                c = (c + 1) & _MASK
-                W[self._cw] = c
-                self._c = c
-                self._slot = s + 1 if s + 1 < self._nslots else 0
-                if not self._light:
-                    _full_fence()  # store(consumed) -> load(writer_sleeping)
-                if (W[_W_WRITER_SLEEPING] and (c - W[_W_WAKE_TARGET]) & _MASK < 0x80000000) or self._always_wake:
-                    _sync.fetch_add(self._wwake)
-                    _sync.futex_wake(self._wwake)
+            return self._dequeue_frame(timeout, cancel, spin)
 
     @contextlib.contextmanager
     def borrow(self, timeout: float | None = None, cancel: threading.Event | None = None):
         """The next chunk's payload as a memoryview into the ring, whatever it holds; the slot is handed back when
         the block exits. For callers that frame their own bytes (transport/compat/vllm.py's ``acquire_read``)."""
-        with self._lock:
+        with self._holding():
             if self._closed_here:
                 raise QueueClosed("queue closed")
             _, length, data = self._next_chunk(None if timeout is None else _mono() + timeout, cancel)
@@ -165,11 +162,14 @@ class RingReader(Ring):
                 _release_view(view)
                 self._release()
 
-    def _dequeue_frame(self, timeout, cancel) -> Any:
-        """Anything but a bare pickle: a one-slot frame, a stream of chunks, stray tails, corruption."""
+    def _dequeue_frame(self, timeout, cancel, spin: bool = True) -> Any:
+        """The next message, whatever it is: a bare pickle (unpickled in place), a one-slot frame, a stream of
+        chunks, stray tails, corruption. ``spin=False``: the caller has just spun; sleep at once if nothing is
+        there yet."""
         deadline = None if timeout is None else _mono() + timeout
         while True:
-            kind, length, data = self._next_chunk(deadline, cancel)
+            kind, length, data = self._next_chunk(deadline, cancel, spin)
+            spin = True
             if kind == _PICKLED:
                 view = self._mv[data:data + length]
                 try:
@@ -191,11 +191,11 @@ class RingReader(Ring):
             if frame is not None:
                 return codec.decode(frame)
 
-    def _next_chunk(self, deadline, cancel) -> tuple[int, int, int]:
+    def _next_chunk(self, deadline, cancel, spin: bool = True) -> tuple[int, int, int]:
         """Wait for chunk ``consumed`` and return its (kind, length, data offset), checked."""
         W, c = self._W, self._c
         if W[_W_PUB] == c:
-            self._await_chunk(c, deadline, cancel)
+            self._await_chunk(c, deadline, cancel, spin)
         if _NEED_ORDER_FENCES:
             _sync.acquire_fence()  # pub before the record and payload
         d = (W[_W_PUB] - c) & _MASK
@@ -290,9 +290,9 @@ class RingReader(Ring):
             _sync.futex_wake(self._wwake)
 
     # -- waiting -----------------------------------------------------------------------------------------------
-    def _await_chunk(self, c: int, deadline, cancel) -> None:
+    def _await_chunk(self, c: int, deadline, cancel, spin: bool = True) -> None:
         W = self._W
-        if self._spin_s and self._should_spin():
+        if spin and self._spin_s and self._should_spin():
             self._spun(self._spin(lambda: W[_W_PUB] != c))
             if W[_W_PUB] != c:
                 return

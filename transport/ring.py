@@ -112,7 +112,6 @@ class Ring:
         self._n = lay.n_readers
         self._nslots = lay.n_slots
         self._slot_bytes = lay.slot_bytes
-        self._slot = 0
         self._metas = [lay.slot_meta(i) // 4 for i in range(lay.n_slots)]  # word index of each chunk record
         self._datas = [lay.slot_data(i) for i in range(lay.n_slots)]
         self._consumed_words = [lay.reader(r) // 4 for r in range(lay.n_readers)]
@@ -123,10 +122,25 @@ class Ring:
         self._heavy = bool(self._W[L.OFF_ASYM // 4])  # sleepers must fence the other CPUs too
         self._light = self._heavy and self._fences == "auto" and _sync.register_asymmetric()  # hot paths skip it
         self._spin_s = max(0.0, SPIN_US if self.spin_us is None else self.spin_us) * 1e-6
+        self._spin_ns = int(self._spin_s * 1e9)
         self._spin_yields = _yield_by_default(lay.n_readers) if self.spin_yield is None else bool(self.spin_yield)
         self._adaptive = self.spin_adaptive
         self._spin_score = 1.0  # EWMA of "the last spins succeeded"
         self._probe = 0
+
+    # The cursor (transport/cursor.py) holds where this end is; the Python paths move it only while they hold it.
+    @property
+    def _slot(self) -> int:
+        return self._cur.slot
+
+    @_slot.setter
+    def _slot(self, s: int) -> None:
+        self._cur.slot = s
+
+    def _holding(self) -> "_Holding":
+        """``with self._holding():`` the ring's lock, and the cursor marked busy so that no fast call (another
+        thread's, while this one sleeps with the GIL released) moves it meanwhile."""
+        return _Holding(self._lock, self._cur)
 
     @property
     def name(self) -> str:
@@ -261,6 +275,7 @@ class Ring:
         if self._closed_here:
             return
         self._closed_here = True
+        self._stop_cursor()
         if os.getpid() != self._pid:  # a forked copy: drop our mapping, leave the queue alone
             self._unmap()
             return
@@ -277,7 +292,14 @@ class Ring:
     def _on_close(self) -> None:
         """What this end does when it closes, after waking everyone and before unmapping."""
 
+    def _stop_cursor(self) -> None:
+        """No fast call touches the mapping from now on (the compiled cursor holds raw addresses into it)."""
+        cur = getattr(self, "_cur", None)
+        if cur is not None:
+            cur.closed = 1
+
     def _unmap(self) -> None:
+        self._stop_cursor()
         for w in self._watches.values():
             w.close()
         self._watches.clear()
@@ -301,6 +323,24 @@ class Ring:
     def __repr__(self) -> str:
         role = "writer" if self.is_writer else f"reader {self.reader_rank}"
         return f"<MessageQueue {self._seg.name} {role} of {self._n} readers, {self._nslots}x{self._slot_bytes} B>"
+
+
+class _Holding:
+    """The ring's lock plus the cursor's ``busy`` mark (a class, not a generator: slow paths take it often)."""
+
+    __slots__ = ("_lock", "_cur")
+
+    def __init__(self, lock: threading.Lock, cur) -> None:
+        self._lock, self._cur = lock, cur
+
+    def __enter__(self):
+        self._lock.acquire()
+        self._cur.busy = 1
+        return self._cur
+
+    def __exit__(self, *exc) -> None:
+        self._cur.busy = 0
+        self._lock.release()
 
 
 def _release_view(view: memoryview) -> None:

@@ -2,16 +2,19 @@
 
 ::
 
-    enqueue(obj) --pickle--> bare pickle <= one slot? --yes--> hot path: copy into slot w, record, pub = w + 1
-                                    |no (out-of-band buffers, or bigger)
+    enqueue(obj) --pickle--> bare pickle, one slot, room? --yes--> cursor.put: copy into slot w, record, pub = w + 1
+                                    |no
+                                    v
+                             _enqueue_slow (ring's lock, cursor busy): wait for room --> _publish(PICKLED)
+                                    |out-of-band buffers, or bigger than a slot
                                     v
                              codec frame --fits a slot--> _publish(WHOLE)
                                     |no
                                     v
                              _put_stream: FIRST .. middle .. LAST chunks, each published when full
 
-The hot path is ``_publish`` inlined into ``enqueue`` (a small message is most of the traffic, and a method
-call costs as much as the stores it saves): keep the two in step.
+The hot path is the cursor's ``put`` (transport/cursor.py: compiled where it was built), the same steps as
+``_publish``: keep the two in step.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import sys
 import time
 from typing import Any
 
-from transport import _proc, _sync, codec, layout as L, shm
+from transport import _proc, _sync, codec, cursor, layout as L, shm
 from transport.defaults import MAX_MESSAGE_BYTES, SLOT_BYTES, SLOTS
 from transport.errors import CorruptMessage, QueueClosed
 from transport.ring import Ring, _release_view
@@ -82,9 +85,26 @@ class RingWriter(Ring):
         struct.pack_into("<I", self._seg.map, L.OFF_ASYM, int(asym))
         self.max_message = max_message_bytes
         self.spin_us, self.spin_yield, self.spin_adaptive = spin_us, spin_yield, spin_adaptive
-        self._w = 0  # chunks published (unbounded here; the segment holds it mod 2**32)
-        self._limit = max_chunks  # chunks below this number may be written without looking at the readers
         self._bind()
+        # w: chunks published (unbounded here; the segment holds it mod 2**32); limit: chunks below it may be
+        # written without looking at the readers
+        self._cur = cursor.writer_cursor(self, limit=max_chunks)
+
+    @property
+    def _w(self) -> int:
+        return self._cur.w
+
+    @_w.setter
+    def _w(self, w: int) -> None:
+        self._cur.w = w
+
+    @property
+    def _limit(self) -> int:
+        return self._cur.limit
+
+    @_limit.setter
+    def _limit(self, limit: int) -> None:
+        self._cur.limit = limit
 
     def wait_until_ready(self, timeout: float | None = None) -> None:
         """Block until every reader has attached, then unlink the segment's name."""
@@ -106,12 +126,16 @@ class RingWriter(Ring):
         else:
             bufs = []
             main = _pdumps(obj, 5, buffer_callback=bufs.append)
+        if bufs or not self._cur.put(main):
+            self._enqueue_slow(main, bufs, timeout)
+
+    def _enqueue_slow(self, main, bufs, timeout: float | None) -> None:
+        """What the cursor's put refused: a frame (out-of-band buffers, or bigger than a slot), a full ring, a
+        closed queue, or another thread inside a slow path."""
         n = len(main)
         if bufs or n > self._slot_bytes:
             return self._enqueue_frame(main, bufs, timeout)
-        # The hot path, inlined (it is most of the cost of a small message): a bare pickle in one slot.
-        # Same steps as _publish; keep the two in step.
-        with self._lock:
+        with self._holding():
             if self._closed_here:
                 raise QueueClosed("queue closed")
             w = self._w
@@ -120,22 +144,7 @@ class RingWriter(Ring):
             s = self._slot
             off = self._datas[s]
             self._mv[off:off + n] = main
-            W = self._W
-            m = self._metas[s]
-            W[m] = w & _MASK
-            W[m + 1] = n
-            W[m + 2] = _PICKLED
-            if _NEED_ORDER_FENCES:
-                _sync.release_fence()  # payload and record before pub
-            w += 1
-            W[_W_PUB] = w & _MASK
-            self._w = w
-            self._slot = s + 1 if s + 1 < self._nslots else 0
-            if not self._light:
-                _full_fence()  # store(pub) -> load(sleepers)
-            if W[_W_SLEEPERS] or self._always_wake:
-                _sync.fetch_add(self._rwake)
-                _sync.futex_wake(self._rwake)
+            self._publish(w, s, n, _PICKLED)
 
     @contextlib.contextmanager
     def reserve(self, timeout: float | None = None):
@@ -143,7 +152,7 @@ class RingWriter(Ring):
         of that length) when the block exits normally, left unpublished if it raises. For callers that frame
         their own bytes (transport/compat/vllm.py's ``acquire_write``); readers take it with ``borrow``."""
         deadline = None if timeout is None else _mono() + timeout
-        with self._lock:
+        with self._holding():
             if self._closed_here:
                 raise QueueClosed("queue closed")
             w = self._w
@@ -164,7 +173,7 @@ class RingWriter(Ring):
         if total > self.max_message:
             raise ValueError(f"message of {total} bytes is over max_message_bytes={self.max_message}")
         deadline = None if timeout is None else _mono() + timeout
-        with self._lock:
+        with self._holding():
             if self._closed_here:
                 raise QueueClosed("queue closed")
             if total > self._slot_bytes:
