@@ -394,9 +394,10 @@ class Supervisor:
             raise WorkerFailed(f"{name}: group {gi} is {gate.closed_reason}", restarting=gate.closed_reason is Closed.RESTARTING)
         try:
             group = life.groups[gi]
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            started = time.monotonic()  # before the broadcast: a rank may begin (and time) the call at once
+            remaining = None if deadline is None else max(0.0, deadline - started)
             call = _channel_send(group.channel, payload, args, kwargs, local, remaining, name, call_deadline, detached)
-            self.calls.sent(gi, call)  # the status table's "call in progress", latency and failure metrics
+            self.calls.sent(gi, call, started)  # the status table's "call in progress", latency and failure metrics
             return group, call
         finally:
             gate.leave()

@@ -33,12 +33,15 @@ class CallStats:
         with self._lock:
             self._sinks = [s for s in self._sinks if s is not sink]
 
-    def sent(self, group: int, call: Any) -> None:
-        """A call was broadcast to ``group`` (its ``method_name``, ``expected`` and ``missing()`` are read later)."""
+    def sent(self, group: int, call: Any, started: float | None = None) -> None:
+        """A call was broadcast to ``group`` (its ``method_name``, ``expected`` and ``missing()`` are read later).
+        ``started``: the ``time.monotonic()`` taken before the broadcast (a call's latency includes the send, and
+        a rank may be done before this is called); now if not given."""
         with self._lock:
             if len(self._in_flight) >= MAX_IN_FLIGHT:
                 self._in_flight.pop(next(iter(self._in_flight)))
-            self._in_flight[id(call)] = (group, call.method_name, time.monotonic(), call)
+            self._in_flight[id(call)] = (group, call.method_name, time.monotonic() if started is None else started,
+                                         call)
         on_done = getattr(call, "add_done_callback", None)
         if on_done is not None:
             on_done(self._done)

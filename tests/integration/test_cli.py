@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -170,8 +171,16 @@ def test_cuda_visible_devices_naming_no_gpu_is_no_gpu(monkeypatch):
 def command(cwd: Path, *args: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:
     mark = uuid.uuid4().hex
     full_env = {**os.environ, "PYTHONPATH": REPO, MARK: mark, **(env or {})}
-    proc = subprocess.Popen([sys.executable, "-m", "supervisor", *args], cwd=cwd, env=full_env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # The command starts with default signal dispositions, as from a shell: under nohup (or a runner that ignores
+    # SIGHUP) an ignored SIGHUP would be inherited, and one sent before our handlers exist would vanish.
+    hup = signal.signal(signal.SIGHUP, signal.SIG_DFL) if threading.current_thread() is threading.main_thread() \
+        else None
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "supervisor", *args], cwd=cwd, env=full_env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finally:
+        if hup is not None:
+            signal.signal(signal.SIGHUP, hup)
     return proc, mark
 
 
