@@ -7,6 +7,7 @@
       └─ transport/reader.py   RingReader(Ring): attaches; dequeue (hot path + frames + streams), release
            └─ transport/zero_copy.py  ZeroCopyReader(RingReader): lends one-slot frames out as views
     transport/message_queue.py  MessageQueue: the public face (constructor -> writer, create_from_handle -> reader)
+    transport/cursor.py      each end's position and hot path (put / take / spin): _ringfast.c compiled, or Python
 
 Imports only go down this tree: no module imports one below it, so there is no cycle.
 
