@@ -143,6 +143,20 @@ static int refresh_limit(Writer *self) {
     return 1;
 }
 
+/* Chunk w's record (its payload is in the current slot), then pub = w + 1, then wake sleeping readers. */
+static void publish(Writer *self, uint32_t length, uint32_t kind) {
+    Py_ssize_t s = self->slot;
+    uint32_t *rec = word(self->base, self->metas[s]);
+    rec[0] = (uint32_t)self->w;
+    rec[1] = length;
+    rec[2] = kind;
+    self->w += 1;
+    store_rel(self->pub, (uint32_t)self->w);  /* payload and record before pub */
+    self->slot = s + 1 < self->nslots ? s + 1 : 0;
+    if (!self->light) __atomic_thread_fence(__ATOMIC_SEQ_CST);  /* store(pub) -> load(sleepers): Dekker */
+    if (__atomic_load_n(self->sleepers, __ATOMIC_RELAXED) || self->always_wake) wake(self->rwake);
+}
+
 static PyObject *Writer_put(Writer *self, PyObject *obj) {
     if (self->busy || self->closed) Py_RETURN_FALSE;
     Py_buffer view;
@@ -152,25 +166,35 @@ static PyObject *Writer_put(Writer *self, PyObject *obj) {
         PyBuffer_Release(&view);
         Py_RETURN_FALSE;  /* too big for one slot, or the ring is full: the Python path frames / waits */
     }
-    Py_ssize_t s = self->slot;
-    memcpy(self->base + self->datas[s], view.buf, (size_t)n);
+    memcpy(self->base + self->datas[self->slot], view.buf, (size_t)n);
     PyBuffer_Release(&view);
-    uint32_t *rec = word(self->base, self->metas[s]);
-    rec[0] = (uint32_t)self->w;
-    rec[1] = (uint32_t)n;
-    rec[2] = KIND_PICKLED;
-    self->w += 1;
-    store_rel(self->pub, (uint32_t)self->w);  /* payload and record before pub */
-    self->slot = s + 1 < self->nslots ? s + 1 : 0;
-    if (!self->light) __atomic_thread_fence(__ATOMIC_SEQ_CST);  /* store(pub) -> load(sleepers): Dekker */
-    if (__atomic_load_n(self->sleepers, __ATOMIC_RELAXED) || self->always_wake) wake(self->rwake);
+    publish(self, (uint32_t)n, KIND_PICKLED);
     Py_RETURN_TRUE;
+}
+
+/* publish(length, kind): the Python paths' publish of the slot they filled (they hold the cursor: busy). */
+static PyObject *Writer_publish(Writer *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "publish(length, kind)");
+        return NULL;
+    }
+    Py_ssize_t length = PyLong_AsSsize_t(args[0]);
+    long kind = PyLong_AsLong(args[1]);
+    if (PyErr_Occurred()) return NULL;
+    if (length < 0 || length > self->slot_bytes || kind < 0 || kind > 7) {
+        PyErr_Format(PyExc_ValueError, "publish: length %zd or kind %ld out of range", length, kind);
+        return NULL;
+    }
+    publish(self, (uint32_t)length, (uint32_t)kind);
+    Py_RETURN_NONE;
 }
 
 static PyMethodDef Writer_methods[] = {
     {"put", (PyCFunction)Writer_put, METH_O,
      "put(pickle) -> bool: publish a bare pickle in the next slot; False when it does not fit one slot, the ring "
      "is full, or the Python path holds the cursor (busy) or closed it."},
+    {"publish", (PyCFunction)(void (*)(void))Writer_publish, METH_FASTCALL,
+     "publish(length, kind): publish the current slot, filled by the caller, who holds the cursor."},
     {NULL}};
 
 static PyMemberDef Writer_members[] = {

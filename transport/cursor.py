@@ -57,7 +57,7 @@ def implementation() -> str:
 
 
 class PyWriterCursor:
-    """The writer's cursor in Python: the same state and ``put`` as _ringfast.Writer."""
+    """The writer's cursor in Python: the same state, ``put`` and ``publish`` as _ringfast.Writer."""
 
     __slots__ = ("_mv", "_W", "_slot_bytes", "_nslots", "_metas", "_datas", "_consumed", "_rwake", "_light",
                  "_always_wake", "w", "limit", "slot", "busy", "closed")
@@ -87,13 +87,19 @@ class PyWriterCursor:
             self.limit = w - lag + self._nslots
             if w >= self.limit:
                 return False
-        s = self.slot
-        off = self._datas[s]
+        off = self._datas[self.slot]
         self._mv[off:off + n] = main
+        self.publish(n, _PICKLED)
+        return True
+
+    def publish(self, length: int, kind: int) -> None:
+        """Chunk ``w``'s record (its payload is in the current slot), then pub = w + 1, then wake sleeping readers.
+        Also the Python paths' publish of a slot they filled (they hold the cursor)."""
+        W, w, s = self._W, self.w, self.slot
         m = self._metas[s]
         W[m] = w & _MASK
-        W[m + 1] = n
-        W[m + 2] = _PICKLED
+        W[m + 1] = length
+        W[m + 2] = kind
         if _NEED_ORDER_FENCES:
             _sync.release_fence()  # payload and record before pub
         w += 1
@@ -105,7 +111,6 @@ class PyWriterCursor:
         if W[_W_SLEEPERS] or self._always_wake:
             _sync.fetch_add(self._rwake)
             _sync.futex_wake(self._rwake)
-        return True
 
 
 class PyReaderCursor:

@@ -36,16 +36,12 @@ from transport.ring import Ring, _release_view
 # messages; the adaptive policy stops the spinning where it keeps failing anyway.
 _SPIN_ON_FULL = True
 _MASK = L.MASK
-_W_PUB = L.OFF_PUB // 4
 _W_WRITER_SLEEPING = L.OFF_WRITER_SLEEPING // 4
 _W_WAKE_TARGET = L.OFF_WAKE_TARGET // 4
-_W_SLEEPERS = L.OFF_SLEEPERS // 4
 _WHOLE = L.WHOLE
 _PICKLED = L.PICKLED
 _FIRST = L.FIRST
 _LAST = L.LAST
-_NEED_ORDER_FENCES = _sync.NEED_ORDER_FENCES
-_full_fence = _sync.full_fence
 _dumps = codec.dumps
 _pdumps = pickle.dumps
 _modules = sys.modules
@@ -191,23 +187,10 @@ class RingWriter(Ring):
             self._publish(w, s, total, _WHOLE)
 
     def _publish(self, w: int, s: int, length: int, kind: int) -> None:
-        """Write chunk ``w``'s record (its payload is in slot ``s``), publish it, wake sleeping readers."""
-        W = self._W
-        m = self._metas[s]
-        W[m] = w & _MASK
-        W[m + 1] = length
-        W[m + 2] = kind
-        if _NEED_ORDER_FENCES:
-            _sync.release_fence()  # payload and record before pub
-        w += 1
-        W[_W_PUB] = w & _MASK
-        self._w = w
-        self._slot = s + 1 if s + 1 < self._nslots else 0
-        if not self._light:
-            _full_fence()  # store(pub) -> load(sleepers): Dekker with the reader's announce-then-check
-        if W[_W_SLEEPERS] or self._always_wake:
-            _sync.fetch_add(self._rwake)
-            _sync.futex_wake(self._rwake)
+        """Publish chunk ``w`` (the cursor's next, its payload written into slot ``s``) and wake sleeping readers:
+        the cursor's steps, the same as its hot path's."""
+        assert (w, s) == (self._cur.w, self._cur.slot), "publishing a chunk other than the cursor's next"
+        self._cur.publish(length, kind)
 
     def _put_stream(self, pieces, total: int, deadline: float | None) -> None:
         """Spread one frame over consecutive slots, publishing each as soon as it is full."""
