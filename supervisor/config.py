@@ -38,6 +38,7 @@ from dataclasses import MISSING, Field, field, fields, is_dataclass, make_datacl
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Sequence, get_args, get_origin, get_type_hints
 
+from supervisor.errors import ConfigError  # the checks' error; importers of supervisor.config find it here too
 from supervisor.settings import Choice, Config
 from transport.layout import MAX_SLOTS, MIN_SLOT_BYTES
 
@@ -56,15 +57,6 @@ MIN_RSS_CAP_MB = 16  # worker.max_rss_mb: a bare interpreter resides in ~10 MiB,
 MAX_SPIN_US = 100_000.0  # transport.spin_us: spinning longer than 0.1 s before sleeping only burns a CPU
 MIN_HEARTBEAT_INTERVAL_S = 0.01  # a faster heartbeat is a busy loop in every worker
 MLP_EXPANSION, FLOAT32_BYTES = 4, 4  # worker/tp_mlp.py's inner width (EXPANSION * hidden) and its dtype
-
-
-class ConfigError(Exception):
-    """A bad configuration. ``str()`` is one line: ``<key>: <problem>``."""
-
-    def __init__(self, key: str, problem: str) -> None:
-        self.key = key
-        self.problem = " ".join(problem.split())  # one line, whatever Hydra's message looked like
-        super().__init__(f"{key}: {self.problem}")
 
 
 # -- schema: mutable twins of the frozen settings ------------------------------------------------------------------
@@ -509,7 +501,7 @@ def validate(cfg: Config, visible_gpus: int | None = None, cuda_initialized: boo
     _check_gpus(cfg, visible_gpus)
     _check_worker_cls(cfg.worker.cls)
     if cfg.workload.name == "llm":  # the checkpoint against the layout and the memory, before anything loads
-        from supervisor.llm_workload import check_config
+        from supervisor.llm_checks import check_config
 
         check_config(cfg, visible_gpus)
     if cfg.workload.name == "script":  # the script, its mode and the layout it needs (supervisor/launch/checks.py)

@@ -60,3 +60,12 @@ class GaveUp(SupervisorError):
 
 class ShutdownInProgress(SupervisorError):
     """A call was made during or after shutdown."""
+
+
+class ConfigError(Exception):
+    """A bad configuration. ``str()`` is one line: ``<key>: <problem>``."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        self.key = key
+        self.problem = " ".join(problem.split())  # one line, whatever Hydra's message looked like
+        super().__init__(f"{key}: {self.problem}")

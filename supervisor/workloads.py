@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from loguru import logger
@@ -16,23 +15,7 @@ from loguru import logger
 from supervisor.api import Supervisor
 from supervisor.errors import ShutdownInProgress
 from supervisor.llm_workload import run_llm
-
-
-@dataclass
-class Report:
-    ok: bool = True
-    lines: list[tuple[str, str]] = field(default_factory=list)
-    failure: str = ""
-
-    def add(self, key: str, value: Any) -> None:
-        self.lines.append((key, str(value)))
-
-
-def percentile(samples: list[float], q: float) -> float:
-    if not samples:
-        return float("nan")
-    s = sorted(samples)
-    return s[min(len(s) - 1, int(q * len(s)))]
+from supervisor.report import Report, percentile
 
 
 def _timed(fn: Callable[[], Any], n: int, stop: threading.Event) -> list[float]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from supervisor.config import ConfigError
+from supervisor.errors import ConfigError
 
 MODES = ("fresh", "fast")
 STREAM_MASKS = range(4)  # torchrun's --redirects / --tee: 0 none, 1 stdout, 2 stderr, 3 both

@@ -23,7 +23,7 @@ from loguru import logger
 from supervisor.api import Supervisor
 from supervisor.errors import RemoteError, ShutdownInProgress, WorkerFailed
 from supervisor.launch.rootcause import failures, format_failures
-from supervisor.workloads import Report
+from supervisor.report import Report
 
 JOIN = "join"  # worker.script.ScriptWorker.join
 

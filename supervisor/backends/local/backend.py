@@ -61,7 +61,7 @@ class LocalBackend:
 
 def preflight_shm(cfg: Config) -> None:
     """ConfigError (exit 2 from the CLI) if the rings of every group cannot fit in /dev/shm, or are malformed."""
-    from supervisor.config import ConfigError
+    from supervisor.errors import ConfigError
     from transport.budget import Geometry, preflight
 
     t, par = cfg.transport, cfg.parallel
