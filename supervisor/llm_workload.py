@@ -21,7 +21,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from typing import TYPE_CHECKING, Any
 
 from supervisor.core.topology import resolve_device
@@ -31,7 +30,6 @@ if TYPE_CHECKING:
     from supervisor.api import Supervisor
     from supervisor.report import Report
 
-STEP_TIMEOUT_S = 120.0  # one prefill or decode step (the first decode on CUDA also captures the graph)
 REFERENCE_TIMEOUT_S = 900.0  # transformers: import, load the checkpoint, generate
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,23 +50,20 @@ def make_prompts(llm: Any, shape: LlamaShape, checkpoint: str) -> list[list[int]
 
 def generate(sup: "Supervisor", prompts: list[list[int]], max_new_tokens: int,
              stop: threading.Event | None = None, group: int = 0) -> tuple[list[list[int]], float, list[float]]:
-    """Greedy generation through dp group ``group``: (tokens per row, TTFT seconds, inter-token latencies).
-    Every step goes to the same group: its ranks hold the sequence's KV cache."""
-    t0 = time.perf_counter()
-    first = sup.execute_model({"op": "prefill", "prompts": prompts, "max_new_tokens": max_new_tokens},
-                              timeout=STEP_TIMEOUT_S, group=group)
-    ttft = time.perf_counter() - t0
-    rows, itl = [[t] for t in first], []
-    for _ in range(max_new_tokens - 1):
-        if stop is not None and stop.is_set():
-            break
-        t = time.perf_counter()
-        nxt = sup.execute_model({"op": "decode", "tokens": [r[-1] for r in rows]}, timeout=STEP_TIMEOUT_S,
-                                group=group)
-        itl.append(time.perf_counter() - t)
-        for row, tok in zip(rows, nxt):
-            row.append(tok)
-    return rows, ttft, itl
+    """Greedy generation, starting on dp group ``group``: (tokens per row, TTFT seconds, inter-token latencies).
+    A request whose group fails part-way is continued on another serving group, or on its own once it serves again
+    (supervisor/serving.py's Generator; ``rpc.retry_execute_model=never`` turns that off): the tokens are the same.
+    TTFT is the first prefill; a retry's prefill is counted in neither figure."""
+    from supervisor.serving import Generator
+
+    prefills: list[float] = []
+    itl: list[float] = []
+
+    def seen(op: str, _group: int, seconds: float) -> None:
+        (prefills if op == "prefill" else itl).append(seconds)
+
+    rows = Generator(sup).generate(prompts, max_new_tokens, group=group, on_step=seen, stop=stop)
+    return rows, prefills[0], itl
 
 
 def run_llm(sup: "Supervisor", stop: threading.Event) -> "Report":
@@ -80,10 +75,12 @@ def run_llm(sup: "Supervisor", stop: threading.Event) -> "Report":
     phases = sup.collective_rpc("phase_timings", timeout=30)
     shape = read_shape(info["checkpoint"])
     prompts = make_prompts(llm, shape, info["checkpoint"])
+    retried_before = sup.retry_stats.total()
     generate(sup, prompts, min(2, llm.max_new_tokens), stop)  # warm-up: kernels, allocator, the CUDA graph capture
     rows, ttft, itl = generate(sup, prompts, llm.max_new_tokens, stop)  # the figures: dp group 0
     # Other dp replicas generate too, and every replica's tokens go to the check.
     replicas = [rows] + [generate(sup, prompts, llm.max_new_tokens, stop, group=g)[0] for g in range(1, par.dp)]
+    retried = sup.retry_stats.total() - retried_before
     report = Report()
     report.add("model", f"{llm.checkpoint or llm.preset} ({_count(shape.total_params())} parameters, "
                         f"{info['dtype']}, CUDA graphs {'on' if info['cuda_graphs'] else 'off'})")
@@ -96,6 +93,8 @@ def run_llm(sup: "Supervisor", stop: threading.Event) -> "Report":
     report.add("decode tokens/s", f"{len(prompts) * len(itl) / total:.1f} (batch {len(prompts)})" if total else "n/a")
     report.add("inter-token latency p50 / p99",
                f"{percentile(itl, .5) * 1e3:.2f} ms / {percentile(itl, .99) * 1e3:.2f} ms")
+    if retried:
+        report.add("requests continued on another group", f"{retried} (a group failed mid-request; events.jsonl: retry)")
     _check(report, llm, resolve_device(sup.cfg.device), info, prompts, replicas, stop)
     return report
 

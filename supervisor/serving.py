@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from supervisor.core.retry import RetryPolicy, group_failure, next_request_id, wait_for
 from supervisor.errors import RemoteError, WorkerFailed
 
-STEP_TIMEOUT_S = 120.0  # one prefill or decode step, when the request has no deadline of its own
+STEP_TIMEOUT_S = 120.0  # one prefill or decode step without a deadline of its own (the first CUDA decode captures a graph)
 
 
 class GroupLeases:
@@ -46,12 +46,16 @@ class GroupLeases:
         self._busy: set[int] = set()
         self._turn = 0
 
-    def claim(self, avoid: tuple[int, Any] | None = None) -> int | None:
-        """An idle serving group, now leased to the caller; None if there is none at the moment."""
+    def claim(self, avoid: tuple[int, Any] | None = None, prefer: int | None = None) -> int | None:
+        """An idle serving group, now leased to the caller (``prefer`` first, if it is one); None if there is none
+        at the moment."""
         with self._lock:
             live = self._view.live()
-            for k in range(len(live)):
-                g = live[(self._turn + k) % len(live)]
+            order = [live[(self._turn + k) % len(live)] for k in range(len(live))]
+            if prefer in order:
+                order.remove(prefer)
+                order.insert(0, prefer)
+            for g in order:
                 if g in self._busy or not self._view.serving(g):
                     continue
                 if avoid is not None and g == avoid[0] and self._view.incarnation(g) is avoid[1]:
@@ -81,18 +85,24 @@ class Generator:
         self.policy = RetryPolicy(sup.cfg.rpc.retry_attempts)
         self.leases = GroupLeases(sup.serving_view, sup.requests)
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, timeout: float | None = None) -> list[list[int]]:
-        """The ``max_new_tokens`` greedy tokens after each prompt. One answer, or the last attempt's error."""
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, timeout: float | None = None,
+                 group: int | None = None, on_step: Callable[[str, int, float], None] | None = None,
+                 stop: threading.Event | None = None) -> list[list[int]]:
+        """The ``max_new_tokens`` greedy tokens after each prompt. One answer, or the last attempt's error.
+
+        ``group``: the dp group to start on when it is serving and idle (a retry may still move the request).
+        ``on_step(op, group, seconds)`` is called after every prefill and decode step (the CLI's figures).
+        ``stop`` set: return the tokens produced so far after the current step."""
         deadline = None if timeout is None else time.monotonic() + timeout
         view = self.sup.serving_view
         rid, rows, attempt = next_request_id(), [[] for _ in prompts], 1
-        group: int | None = self._lease(deadline, None, WorkerFailed("generate: no dp group is serving"))
+        group = self._lease(deadline, None, WorkerFailed("generate: no dp group is serving"), group)
         try:
             while True:
                 incarnation = view.incarnation(group)
                 try:
                     try:
-                        self._run(group, prompts, rows, max_new_tokens, deadline)
+                        self._run(group, prompts, rows, max_new_tokens, deadline, on_step, stop)
                         return rows
                     except RemoteError as exc:
                         raise (group_failure(exc, view, group, incarnation) if self.retry else None) or exc
@@ -111,25 +121,32 @@ class Generator:
             if group is not None:
                 self.leases.release(group)
 
-    def _lease(self, deadline: float | None, avoid: tuple[int, Any] | None, exc: WorkerFailed) -> int:
+    def _lease(self, deadline: float | None, avoid: tuple[int, Any] | None, exc: WorkerFailed,
+               prefer: int | None = None) -> int:
         view = self.sup.serving_view
-        return wait_for(view, "generate", lambda: self.leases.claim(avoid), lambda: bool(view.live()), deadline, exc)
+        return wait_for(view, "generate", lambda: self.leases.claim(avoid, prefer), lambda: bool(view.live()),
+                        deadline, exc)
 
-    def _run(self, group: int, prompts: list[list[int]], rows: list[list[int]], n: int,
-             deadline: float | None) -> None:
+    def _run(self, group: int, prompts: list[list[int]], rows: list[list[int]], n: int, deadline: float | None,
+             on_step: Callable[[str, int, float], None] | None, stop: threading.Event | None) -> None:
         """Prefill (the prompts plus what is already produced) and decode to ``n`` tokens on ``group``."""
         first = self._step(group, {"op": "prefill", "prompts": [p + r for p, r in zip(prompts, rows)],
-                                   "max_new_tokens": n - len(rows[0])}, deadline)
+                                   "max_new_tokens": n - len(rows[0])}, deadline, on_step)
         for row, tok in zip(rows, first):
             row.append(tok)
-        while len(rows[0]) < n:
-            nxt = self._step(group, {"op": "decode", "tokens": [r[-1] for r in rows]}, deadline)
+        while len(rows[0]) < n and not (stop is not None and stop.is_set()):
+            nxt = self._step(group, {"op": "decode", "tokens": [r[-1] for r in rows]}, deadline, on_step)
             for row, tok in zip(rows, nxt):
                 row.append(tok)
 
-    def _step(self, group: int, step: dict, deadline: float | None) -> Any:
+    def _step(self, group: int, step: dict, deadline: float | None,
+              on_step: Callable[[str, int, float], None] | None = None) -> Any:
         timeout = STEP_TIMEOUT_S if deadline is None else max(0.0, deadline - time.monotonic())
-        return self.sup.execute_model(step, group=group, timeout=timeout, retry=False)
+        t0 = time.perf_counter()
+        out = self.sup.execute_model(step, group=group, timeout=timeout, retry=False)
+        if on_step is not None:
+            on_step(step["op"], group, time.perf_counter() - t0)
+        return out
 
 
 def _passed(deadline: float | None) -> bool:

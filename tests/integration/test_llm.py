@@ -54,6 +54,48 @@ def test_greedy_tokens_identical_to_transformers(cache_dir: str, tp: int, pp: in
     assert all(p["weight_load_s"] > 0 and "first_decode_s" in p for p in phases)
 
 
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("retry", ["auto", "never"])
+def test_the_cli_drivers_generation_survives_a_rank_killed_mid_request(cache_dir: str, monkeypatch, retry) -> None:
+    """workload=llm's own driver (llm_workload.generate) goes through serving.Generator: a rank of group 0
+    SIGKILLed at the third decode step, the request continues on group 1 with the same tokens; with retries off,
+    the same kill fails the request."""
+    import signal
+
+    from supervisor import serving
+    from supervisor.errors import WorkerFailed
+
+    cfg = config(*_overrides(cache_dir, "parallel.tp=2", "parallel.dp=2", "restart=one_for_one",
+                             f"rpc.retry_execute_model={retry}"))
+    real_step = serving.Generator._step
+    decodes = {"n": 0}
+
+    def step(self, group, payload, deadline, on_step=None):
+        if payload["op"] == "decode" and group == 0:
+            decodes["n"] += 1
+            if decodes["n"] == 3:
+                victim = next(w for g in self.sup.groups() if g.index == 0 for w in g.workers if w.rank == 1)
+                os.kill(victim.pid, signal.SIGKILL)
+        return real_step(self, group, payload, deadline, on_step)
+
+    with Supervisor(cfg) as sup:
+        path = preset_dir(cache_dir, "tiny", SEED, "float32")
+        prompts = make_prompts(cfg.llm, preset("tiny"), str(path))
+        clean, _, _ = generate(sup, prompts, NEW_TOKENS, group=1)
+        monkeypatch.setattr(serving.Generator, "_step", step)
+        if retry == "never":
+            with pytest.raises(WorkerFailed):
+                generate(sup, prompts, NEW_TOKENS, group=0)
+            return
+        rows, ttft, itl = generate(sup, prompts, NEW_TOKENS, group=0)
+        assert decodes["n"] >= 3 and sup.retry_stats.total() == 1
+        retries = sup.events.of_kind("retry")
+        assert [(e["from_group"], e["to_group"], e["method"]) for e in retries] == [(0, 1, "generate")]
+        assert 0 < retries[0]["tokens_done"] < NEW_TOKENS
+    assert rows == clean  # continued from the tokens so far: greedy decoding gives the same answer
+    assert ttft > 0 and len(itl) == NEW_TOKENS - 1 - 1  # the retry's prefill replaced one decode step
+
+
 class Cli:
     """``python -m supervisor ...`` in a child; its descendants are remembered, so the ones this process adopts
     when the CLI exits (its forkserver, slow to go with torch loaded) are reaped and never count as leaks."""
