@@ -19,8 +19,9 @@ writer). ``take`` releases slots its own way: a subclass that changes how slots 
 ``dequeue`` to go through ``_dequeue_frame`` (as ZeroCopyReader does).
 
 ``close()`` by any party closes the queue for every party (it is how a shutdown wakes everyone). Messages
-already published stay readable. A ``dequeue`` that times out in the middle of a multi-slot message drops
-that message for this reader (it is never delivered in part).
+already published stay readable. A ``dequeue`` that times out (or is cancelled) in the middle of a multi-slot
+message keeps the part it gathered, and the next ``dequeue`` goes on with it: a message is delivered whole,
+never in part, and never lost to a timeout.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ import time
 from typing import Any
 
 from transport import _proc, _sync, codec, cursor, layout as L, shm
-from transport.errors import CorruptMessage, QueueClosed
+from transport.errors import CorruptMessage, QueueClosed, QueueTimeout
 from transport.ring import _YIELD_LOST_S, Handle, Ring, _release_view
 
 _REUSE_MIN = 256 << 10  # frames of this size and up are recycled (see _frame)
@@ -83,6 +84,7 @@ class RingReader(Ring):
         self.spin_us = handle.spin_us
         self.spin_yield, self.spin_adaptive = handle.spin_yield, handle.spin_adaptive
         self._spare: list = []  # recent big frame buffers, reused once nothing references them (_frame)
+        self._partial: tuple | None = None  # (frame, bytes gathered, total) of a stream a wait left part-way
         self._before_attach()
         self._bind()
         self._cur = cursor.reader_cursor(self, reader_rank)  # c: chunks consumed, mod 2**32
@@ -170,6 +172,7 @@ class RingReader(Ring):
         while True:
             kind, length, data = self._next_chunk(deadline, cancel, spin)
             spin = True
+            partial, self._partial = self._partial, None  # a stream left part-way: continued below, or torn
             if kind == _PICKLED:
                 view = self._mv[data:data + length]
                 try:
@@ -184,10 +187,13 @@ class RingReader(Ring):
                     self._release()
             if kind == _WHOLE:
                 return self._read_whole(data, length)
-            if not kind & _FIRST:  # the tail of a message whose writer gave up: skip it
-                self._release()
-                continue
-            frame = self._read_stream(data, length, deadline, cancel)
+            if not kind & _FIRST:
+                if partial is None:  # the tail of a message whose writer gave up: skip it
+                    self._release()
+                    continue
+                frame = self._gather(*partial, length, data, deadline, cancel)  # an earlier wait timed out in it
+            else:
+                frame = self._read_stream(data, length, deadline, cancel)
             if frame is not None:
                 return codec.decode(frame)
 
@@ -226,9 +232,14 @@ class RingReader(Ring):
         total = codec.frame_length(mv[data:data + length], self.max_message)
         if total <= length:
             raise CorruptMessage(f"a {total}-byte frame does not need more than one {length}-byte chunk")
-        frame = self._frame(total)
+        return self._gather(self._frame(total), 0, total, length, data, deadline, cancel)
+
+    def _gather(self, frame, got: int, total: int, length: int, data: int, deadline, cancel):
+        """Copy chunks into ``frame`` from byte ``got`` on, the first at ``data``, until ``total`` bytes. A wait that
+        times out or is cancelled between two chunks keeps what was gathered (``_partial``): the next dequeue goes
+        on from there, so a message is never lost to a timeout part-way through it."""
+        mv = self._mv
         fv = memoryview(frame).cast("B")
-        got = 0
         while True:
             if got + length > total:
                 self._release()
@@ -238,7 +249,11 @@ class RingReader(Ring):
             self._release()
             if got == total:
                 return frame
-            kind, length, data = self._next_chunk(deadline, cancel)
+            try:
+                kind, length, data = self._next_chunk(deadline, cancel)
+            except (QueueTimeout, QueueClosed):
+                self._partial = (frame, got, total)
+                raise
             if kind & _FIRST:
                 return None  # torn: the writer started over; this chunk is read again as a new message
             if kind & _LAST and got + length != total:

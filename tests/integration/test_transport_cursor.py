@@ -11,6 +11,7 @@ import random
 import shutil
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -120,6 +121,31 @@ def test_threads_sharing_one_reader_end_get_every_message_once(monkeypatch, impl
         r.close()
     assert sorted(seen[0] + seen[1]) == list(range(n))
     assert all(s == sorted(s) for s in seen)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_timeout_part_way_through_a_long_message_loses_nothing(monkeypatch, impl):
+    """A 5-slot message through 2 slots from a writer that pauses before each slot it waits for: the reader's
+    first dequeue times out part-way; the next one delivers the message whole, then the one after it."""
+    from transport import QueueTimeout
+
+    w, r = _pair(monkeypatch, impl, impl, slots=2)
+    real = w._await_space
+    monkeypatch.setattr(w, "_await_space", lambda *a: (time.sleep(0.3), real(*a))[1])
+    big = bytes(random.Random(3).randbytes(18000))
+    t = threading.Thread(target=lambda: (w.enqueue(big, timeout=20), w.enqueue("next", timeout=20)))
+    t.start()
+    try:
+        with pytest.raises(QueueTimeout):
+            r.dequeue(timeout=0.1)
+        assert r._partial is not None  # some of it was gathered before the wait timed out
+        assert r.dequeue(timeout=20) == big
+        assert r.dequeue(timeout=20) == "next"
+        t.join(20)
+        assert not t.is_alive()
+    finally:
+        w.close()
+        r.close()
 
 
 @pytest.mark.parametrize("impl", IMPLS)
