@@ -10,7 +10,8 @@
  * the ring (take() copies the pickle out and releases the slot before it unpickles), so each is atomic against
  * the other threads of this process. The Python slow paths hold the ring's lock and set ``busy`` while they use
  * the cursor; a fast call that finds ``busy`` set refuses. ``closed`` is set before the mapping goes away.
- * spin() releases the GIL: it only reads the ``pub`` and ``closed`` words.
+ * spin() releases the GIL: it only reads the ``pub`` and ``closed`` words, holds a reference to the mapping's object,
+ * and counts itself in ``spinning``, which Ring._unmap waits to see at 0 (after setting ``closed``) before it unmaps.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -228,27 +229,30 @@ typedef struct {
     Py_ssize_t *metas, *datas;
     uint32_t *pub, *consumed, *writer_sleeping, *wake_target, *wwake, *closed_word;
     PyObject *loads;
+    PyObject *owner;  /* the mapping's Python object: kept alive (never unmapped by garbage collection) meanwhile */
     uint32_t c;  /* chunks consumed, mod 2**32 */
     Py_ssize_t slot;
     int light, always_wake, busy, closed;
+    int spinning;  /* calls in spin() (GIL released): Ring._unmap waits for 0 before it unmaps */
 } Reader;
 
 static void Reader_dealloc(Reader *self) {
     PyMem_Free(self->metas);
     PyMem_Free(self->datas);
     Py_XDECREF(self->loads);
+    Py_XDECREF(self->owner);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
 static int Reader_init(Reader *self, PyObject *args, PyObject *kw) {
     static char *names[] = {"base", "slot_bytes", "nslots", "metas", "datas", "consumed", "pub", "writer_sleeping",
-                            "wake_target", "wwake", "light", "always_wake", "loads", "max_copy", NULL};
+                            "wake_target", "wwake", "light", "always_wake", "loads", "max_copy", "owner", NULL};
     unsigned long long base;
     Py_ssize_t consumed, pub, writer_sleeping, wake_target, wwake;
-    PyObject *metas, *datas, *loads;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "KnnOOnnnnnppOn", names, &base, &self->slot_bytes, &self->nslots,
+    PyObject *metas, *datas, *loads, *owner;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "KnnOOnnnnnppOnO", names, &base, &self->slot_bytes, &self->nslots,
                                      &metas, &datas, &consumed, &pub, &writer_sleeping, &wake_target, &wwake,
-                                     &self->light, &self->always_wake, &loads, &self->max_copy))
+                                     &self->light, &self->always_wake, &loads, &self->max_copy, &owner))
         return -1;
     if (self->nslots <= 0 || self->slot_bytes <= 0 || !PyCallable_Check(loads)) {
         PyErr_SetString(PyExc_ValueError, "nslots and slot_bytes must be positive, loads callable");
@@ -267,9 +271,11 @@ static int Reader_init(Reader *self, PyObject *args, PyObject *kw) {
     self->closed_word = word(self->base, OFF_CLOSED);
     Py_INCREF(loads);
     Py_XSETREF(self->loads, loads);
+    Py_INCREF(owner);
+    Py_XSETREF(self->owner, owner);
     self->c = 0;
     self->slot = 0;
-    self->busy = self->closed = 0;
+    self->busy = self->closed = self->spinning = 0;
     return 0;
 }
 
@@ -317,11 +323,15 @@ static PyObject *Reader_spin(Reader *self, PyObject *const *args, Py_ssize_t nar
     if (self->closed) return PyLong_FromLong(3);
     uint32_t c = self->c;
     int result = 0;
+    self->spinning += 1;  /* under the GIL, as Ring._unmap reads it: the mapping stays until we are out */
     Py_BEGIN_ALLOW_THREADS
     uint64_t t = now_ns(), end = t + (uint64_t)(window > 0 ? window : 0);
     for (unsigned i = 0;; i++) {
         if (__atomic_load_n(self->pub, __ATOMIC_ACQUIRE) != c) { result = 1; break; }
-        if (__atomic_load_n(self->closed_word, __ATOMIC_RELAXED)) { result = 3; break; }
+        if (__atomic_load_n(self->closed_word, __ATOMIC_RELAXED) || __atomic_load_n(&self->closed, __ATOMIC_RELAXED)) {
+            result = 3;  /* closed by a party, or this end closed by another thread of ours */
+            break;
+        }
         if (yields) {
             sched_yield();
             uint64_t now = now_ns();
@@ -337,6 +347,7 @@ static PyObject *Reader_spin(Reader *self, PyObject *const *args, Py_ssize_t nar
         }
     }
     Py_END_ALLOW_THREADS
+    self->spinning -= 1;
     return PyLong_FromLong(result);
 }
 
@@ -353,6 +364,7 @@ static PyMemberDef Reader_members[] = {
     {"slot", T_PYSSIZET, offsetof(Reader, slot), 0, "the slot of the next chunk"},
     {"busy", T_INT, offsetof(Reader, busy), 0, "set while the Python path holds the cursor"},
     {"closed", T_INT, offsetof(Reader, closed), 0, "set once this end is closed (before the mapping goes)"},
+    {"spinning", T_INT, offsetof(Reader, spinning), READONLY, "calls inside spin(), which run without the GIL"},
     {NULL}};
 
 static PyTypeObject ReaderType = {

@@ -118,6 +118,7 @@ class PyReaderCursor:
 
     __slots__ = ("_mv", "_W", "_slot_bytes", "_nslots", "_metas", "_datas", "_cw", "_wwake", "_light",
                  "_always_wake", "_loads", "_max_copy", "c", "slot", "busy", "closed")
+    spinning = 0  # its spin holds the GIL between polls and reads a memoryview: an unmap cannot crash it
 
     def __init__(self, mv, W, slot_bytes, nslots, metas, datas, consumed, wwake, light, always_wake, loads,
                  max_copy):
@@ -206,7 +207,7 @@ def reader_cursor(ring, rank: int):
     if compiled():
         return _ringfast.Reader(ring._base, lay.slot_bytes, lay.n_slots, metas, ring._datas, consumed, L.OFF_PUB,
                                 L.OFF_WRITER_SLEEPING, L.OFF_WAKE_TARGET, L.OFF_WWAKE, ring._light,
-                                ring._always_wake, _loads, MAX_COPY)
+                                ring._always_wake, _loads, MAX_COPY, ring._seg.map)
     return PyReaderCursor(ring._mv, ring._W, lay.slot_bytes, lay.n_slots, metas, ring._datas, consumed,
                           ring._wwake, ring._light, ring._always_wake, _loads, MAX_COPY)
 

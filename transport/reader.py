@@ -138,6 +138,8 @@ class RingReader(Ring):
                 self._spun(got == _SPIN_NEWS)
                 msg = cur.take() if got == _SPIN_NEWS else _SLEEP
         except Exception as exc:  # the copy of a message that does not unpickle: its slot is released already
+            if self._closed_here:  # closed by another thread meanwhile (the Python cursor's views are released)
+                raise QueueClosed("queue closed") from None
             raise CorruptMessage(f"cannot unpickle message: {type(exc).__name__}: {exc}") from exc
         if msg is _EMPTY or msg is _SLOW or msg is _SLEEP:
             return self._dequeue_slow(timeout, cancel, spin=msg is not _SLEEP)

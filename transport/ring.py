@@ -54,6 +54,7 @@ from transport import _proc, _sync, layout as L, shm
 from transport.defaults import SPIN_US
 from transport.errors import PeerDied, QueueClosed, QueueTimeout
 
+_UNMAP_WAIT_S = 0.1  # close(): how long to wait for another thread's spin to notice and leave the mapping
 _CANCEL_POLL_S = 0.005  # a threading.Event cannot wake a futex: poll it this often while asleep
 _LIVENESS_POLL_S = 0.25  # how often a sleeper checks that its peer process still exists
 _SPIN_KEEP = 0.3  # adaptive spinning: keep spinning while the success EWMA stays above this
@@ -301,6 +302,12 @@ class Ring:
 
     def _unmap(self) -> None:
         self._stop_cursor()
+        cur = getattr(self, "_cur", None)
+        waited = _mono() + _UNMAP_WAIT_S
+        while cur is not None and getattr(cur, "spinning", 0) and _mono() < waited:
+            time.sleep(0.0002)  # another thread spins without the GIL: it sees ``closed`` and leaves within a poll
+        if cur is not None and getattr(cur, "spinning", 0):
+            return  # still inside: leave the mapping to garbage collection rather than crash that thread
         for w in self._watches.values():
             w.close()
         self._watches.clear()

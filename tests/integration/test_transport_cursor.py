@@ -210,6 +210,33 @@ def test_spin_ends_on_news_on_its_window_and_on_close(monkeypatch, impl):
         r.close()
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_closing_a_reader_end_while_another_thread_spins_on_it(monkeypatch, impl):
+    """The compiled spin polls the mapping without the GIL: close() from another thread must not unmap under it
+    (it would crash the process). The spinning dequeue ends with QueueClosed; 20 rounds, closes at random points."""
+    rng = random.Random(11)
+    for _ in range(20):
+        _use(monkeypatch, impl)
+        w = MessageQueue(1, 4096, 4, spin_us=100_000, spin_yield=False, spin_adaptive=False)
+        r = MessageQueue.create_from_handle(w.export_handle(), 0)
+        w.wait_until_ready(timeout=5)
+        got: list = []
+
+        def wait() -> None:
+            try:
+                got.append(r.dequeue(timeout=5))
+            except QueueClosed as exc:
+                got.append(exc)
+
+        t = threading.Thread(target=wait)
+        t.start()
+        time.sleep(rng.uniform(0.0, 0.02))
+        r.close()
+        t.join(10)
+        assert not t.is_alive() and len(got) == 1 and isinstance(got[0], QueueClosed)
+        w.close()
+
+
 def _echo_with(impl: str, handle, back_handle_conn) -> None:
     import os
 
