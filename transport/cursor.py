@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import pickle
 import time
+import weakref
 
 from transport import _sync, layout as L
 
@@ -60,10 +61,10 @@ class PyWriterCursor:
     """The writer's cursor in Python: the same state, ``put`` and ``publish`` as _ringfast.Writer."""
 
     __slots__ = ("_mv", "_W", "_slot_bytes", "_nslots", "_metas", "_datas", "_consumed", "_rwake", "_light",
-                 "_always_wake", "w", "limit", "slot", "busy", "closed")
+                 "_always_wake", "_wake", "w", "limit", "slot", "busy", "closed")
 
-    def __init__(self, mv, W, slot_bytes, nslots, metas, datas, consumed, rwake, limit, light, always_wake):
-        self._mv, self._W = mv, W
+    def __init__(self, mv, W, slot_bytes, nslots, metas, datas, consumed, rwake, limit, light, always_wake, wake):
+        self._mv, self._W, self._wake = mv, W, wake
         self._slot_bytes, self._nslots = slot_bytes, nslots
         self._metas = [m // 4 for m in metas]
         self._datas = list(datas)
@@ -109,20 +110,21 @@ class PyWriterCursor:
         if not self._light:
             _full_fence()  # store(pub) -> load(sleepers): Dekker with the reader's announce-then-check
         if W[_W_SLEEPERS] or self._always_wake:
-            _sync.fetch_add(self._rwake)
-            _sync.futex_wake(self._rwake)
+            wake = self._wake()  # the ring's (a weak reference: no cycle), which never touches a closed mapping
+            if wake is not None:
+                wake(self._rwake)
 
 
 class PyReaderCursor:
     """A reader's cursor in Python: the same state, ``take`` and ``spin`` as _ringfast.Reader."""
 
     __slots__ = ("_mv", "_W", "_slot_bytes", "_nslots", "_metas", "_datas", "_cw", "_wwake", "_light",
-                 "_always_wake", "_loads", "_max_copy", "c", "slot", "busy", "closed")
+                 "_always_wake", "_loads", "_max_copy", "_wake", "c", "slot", "busy", "closed")
     spinning = 0  # its spin holds the GIL between polls and reads a memoryview: an unmap cannot crash it
 
     def __init__(self, mv, W, slot_bytes, nslots, metas, datas, consumed, wwake, light, always_wake, loads,
-                 max_copy):
-        self._mv, self._W = mv, W
+                 max_copy, wake):
+        self._mv, self._W, self._wake = mv, W, wake
         self._slot_bytes, self._nslots = slot_bytes, nslots
         self._metas = [m // 4 for m in metas]
         self._datas = list(datas)
@@ -160,8 +162,9 @@ class PyReaderCursor:
         if not self._light:
             _full_fence()  # store(consumed) -> load(writer_sleeping)
         if (W[_W_WRITER_SLEEPING] and (c - W[_W_WAKE_TARGET]) & _MASK < 0x80000000) or self._always_wake:
-            _sync.fetch_add(self._wwake)
-            _sync.futex_wake(self._wwake)
+            wake = self._wake()  # the ring's (a weak reference: no cycle), which never touches a closed mapping
+            if wake is not None:
+                wake(self._wwake)
         return self._loads(copy)
 
     def spin(self, window_ns: int, yields: bool, lost_ns: int) -> int:
@@ -196,7 +199,7 @@ def writer_cursor(ring, limit: int):
         return _ringfast.Writer(ring._base, lay.slot_bytes, lay.n_slots, metas, ring._datas, consumed, L.OFF_PUB,
                                 L.OFF_SLEEPERS, L.OFF_RWAKE, limit, ring._light, ring._always_wake)
     return PyWriterCursor(ring._mv, ring._W, lay.slot_bytes, lay.n_slots, metas, ring._datas, consumed,
-                          ring._rwake, limit, ring._light, ring._always_wake)
+                          ring._rwake, limit, ring._light, ring._always_wake, weakref.WeakMethod(ring._wake))
 
 
 def reader_cursor(ring, rank: int):
@@ -209,5 +212,5 @@ def reader_cursor(ring, rank: int):
                                 L.OFF_WRITER_SLEEPING, L.OFF_WAKE_TARGET, L.OFF_WWAKE, ring._light,
                                 ring._always_wake, _loads, MAX_COPY, ring._seg.map)
     return PyReaderCursor(ring._mv, ring._W, lay.slot_bytes, lay.n_slots, metas, ring._datas, consumed,
-                          ring._wwake, ring._light, ring._always_wake, _loads, MAX_COPY)
+                          ring._wwake, ring._light, ring._always_wake, _loads, MAX_COPY, weakref.WeakMethod(ring._wake))
 

@@ -303,8 +303,7 @@ class RingReader(Ring):
         if not self._light:
             _full_fence()  # store(consumed) -> load(writer_sleeping)
         if (W[_W_WRITER_SLEEPING] and (c - W[_W_WAKE_TARGET]) & _MASK < 0x80000000) or self._always_wake:
-            _sync.fetch_add(self._wwake)
-            _sync.futex_wake(self._wwake)
+            self._wake(self._wwake)  # zero_copy's finalizers get here from any thread, outside the ring's lock
 
     # -- waiting -----------------------------------------------------------------------------------------------
     def _await_chunk(self, c: int, deadline, cancel, spin: bool = True) -> None:

@@ -97,6 +97,7 @@ class Ring:
 
     def _init_common(self, fences: str) -> None:
         self._lock = threading.Lock()
+        self._map_lock = threading.Lock()  # cancel_all (any thread) against _unmap: never touch a mapping that went
         self._closed_here = False
         self._pid = os.getpid()  # a forked copy of this object must not close or unlink the owner's queue
         self._fences = fences  # "auto": asymmetric fences where membarrier works; "full": always full fences
@@ -263,13 +264,25 @@ class Ring:
     # -- closing -----------------------------------------------------------------------------------------------
     def cancel_all(self) -> None:
         """Mark the queue closed and wake every waiter, in every process. Safe from any thread."""
-        if self._seg.map.closed or os.getpid() != self._pid:
+        if os.getpid() != self._pid:
             return
-        self._W[L.OFF_CLOSED // 4] = 1
+        with self._map_lock:
+            if self._seg.map.closed:
+                return
+            self._W[L.OFF_CLOSED // 4] = 1
         _sync.full_fence()
-        for addr in (self._rwake, self._wwake):
-            _sync.fetch_add(addr)  # change the word so that a waiter about to sleep returns at once
-            _sync.futex_wake(addr)
+        self._wake(self._rwake)
+        self._wake(self._wwake)
+
+    def _wake(self, futex) -> None:
+        """Bump a futex word of the mapping (so that a waiter about to sleep returns at once) and wake its
+        sleepers. The two calls release the GIL: under ``_map_lock``, so that no other thread unmaps meanwhile, and
+        not at all once the mapping is gone (every path that wakes from outside the ring's lock comes here)."""
+        with self._map_lock:
+            if self._seg.map.closed:
+                return
+            _sync.fetch_add(futex)
+            _sync.futex_wake(futex)
 
     def close(self) -> None:
         """Wake every waiter, remove the name if still there, and release this process's mapping. Idempotent.
@@ -311,12 +324,13 @@ class Ring:
         for w in self._watches.values():
             w.close()
         self._watches.clear()
-        try:
-            self._W.release()
-            self._mv.release()
-            self._seg.close()
-        except BufferError:  # a view is still exported somewhere: garbage collection unmaps it later
-            pass
+        with self._map_lock:
+            try:
+                self._W.release()
+                self._mv.release()
+                self._seg.close()
+            except BufferError:  # a view is still exported somewhere: garbage collection unmaps it later
+                pass
 
     @property
     def closed(self) -> bool:

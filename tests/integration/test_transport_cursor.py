@@ -237,6 +237,22 @@ def test_closing_a_reader_end_while_another_thread_spins_on_it(monkeypatch, impl
         w.close()
 
 
+def test_cancel_all_from_another_thread_while_the_queue_closes():
+    """cancel_all is safe from any thread, and its futex calls run without the GIL: a close() in another thread
+    must not unmap the ring under them (it crashed the process 1 run in 8 of this file before the fix)."""
+    for _ in range(300):
+        w = MessageQueue(1, 4096, 2)
+        r = MessageQueue.create_from_handle(w.export_handle(), 0)
+        threads = [threading.Thread(target=q.cancel_all) for q in (w, r, w)]
+        for t in threads:
+            t.start()
+        w.close()
+        r.close()
+        for t in threads:
+            t.join(5)
+        assert not any(t.is_alive() for t in threads)
+
+
 def _echo_with(impl: str, handle, back_handle_conn) -> None:
     import os
 
