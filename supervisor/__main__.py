@@ -36,7 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     from supervisor.backends.local import startmethod
 
     startmethod.prestart(args)
-    return cli.main(args, signals, on_exit=startmethod.stop_helpers)
+    code = cli.main(args, signals, on_exit=startmethod.stop_helpers)
+    signals.exiting()
+    return code
 
 
 def entry() -> None:

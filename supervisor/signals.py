@@ -54,6 +54,14 @@ class SignalState:
         signal.signal(DUMP_STACKS, self._dump_stacks)
         signal.signal(ROLLING_RESTART, self._rolling_restart)
 
+    def exiting(self) -> None:
+        """The command is about to exit. If a signal stopped it, that signal's code is final: a second stop signal
+        from now on is ignored. (The interpreter's shutdown puts Python's handlers back to the default action, so a
+        second Ctrl-C landing there would kill the process with -SIGINT instead of the first signal's 128+N.)"""
+        if self.signum is not None:
+            for sig in GRACEFUL:
+                signal.signal(sig, signal.SIG_IGN)
+
     def attach(self, sup: Any) -> bool:
         """Hand the tree to the handlers; False if a stop came first (then do not start it). The check comes after
         the assignment, so a signal in between is seen one way or the other."""

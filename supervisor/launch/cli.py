@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         return run(cfg, signals)
     finally:
         startmethod.stop_helpers()  # the forkserver and resource tracker go with the command, not seconds later
+        signals.exiting()  # a signal's exit code stays that signal's through the interpreter's shutdown
 
 
 def load(ns: argparse.Namespace):
@@ -182,10 +183,8 @@ def load(ns: argparse.Namespace):
 
 def _signal_state():
     """The CLI's own signal handling (first signal: graceful stop; a second: forced)."""
-    try:
-        from supervisor.signals import SignalState
-    except ImportError:  # before the CLI's move to supervisor/cli.py + signals.py (issue 13)
-        from supervisor.__main__ import SignalState  # type: ignore[no-redef]
+    from supervisor.signals import SignalState
+
     return SignalState()
 
 
