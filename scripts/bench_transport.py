@@ -12,6 +12,10 @@ Peers (one writer process broadcasting to N reader processes, each reader answer
     zcopy  the same, but the readers attach with zero_copy=True: arrays of one-slot frames are views into the
            ring (transport/zero_copy.py), the slot pinned until the reader drops them (here: at the next one);
            its ring has 16 MiB + 64 KiB slots (x 8) so that a 16 MiB payload is a one-slot frame too
+    c      round trip only: scripts/floor_rt.c, the same broadcast and replies in C over shared memory with every
+           process busy-polling (no pickling, no locks, no sleep): the floor the host sets under any transport.
+           Its p99 over its median says how much of a p99 the host's interruptions make. Needs a C compiler,
+           and runs only where N+1 CPUs are there to poll (it would measure time slices otherwise)
 
 Measurements (every peer's workers stay alive for the whole N; batches are interleaved A B C D, rotating the
 order each round, so that machine noise hits every peer alike):
@@ -27,6 +31,8 @@ order each round, so that machine noise hits every peer alike):
     python scripts/bench_transport.py --quick    # smaller counts, a sanity run
     --spin-us / --spin-yield / --spin-adaptive / --slot-bytes / --slots   # our knobs, to compare policies
     --baseline REV   # adds peer "base": transport/ as of git revision REV, side by side with "ours" (before/after)
+    --pin            # every process on a CPU of its own (writer on the first allowed CPU, reader r on the r+1-th);
+                     # ours' default policy then sees one CPU per process and yields: add --spin-yield 0
 
 What limits the numbers on the 2-vCPU development VM (profiled; see transport/message_queue.py for the policy):
 
@@ -66,7 +72,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-PEERS = ("mpq", "pipe", "zmq", "ours", "py", "zcopy")
+PEERS = ("mpq", "pipe", "zmq", "ours", "py", "zcopy", "c")
 REQUEST = ("call", 0, {"token_ids": [101, 2023, 2003, 1037, 7099, 6254, 102, 0, 2, 1, 7, 333],
                        "positions": list(range(12)), "block_table": [3, 14, 15, 92, 65], "seq_lens": [8, 8, 7],
                        "slots": [480, 481, 482, 483, 484, 485]})
@@ -103,8 +109,18 @@ def _die_with_parent() -> None:
 
 # ---------------------------------------------------------------------------------------------------------------
 # reader side: one process per reader, the same loop for every peer
-def _reader_main(peer: str, rank: int, n: int, args) -> None:
+CPUS = sorted(os.sched_getaffinity(0))  # before --pin binds the writer to one of them
+
+
+def _pin(nth: int) -> None:
+    """Bind this process to the nth CPU the benchmark may use (modulo how many there are): --pin."""
+    os.sched_setaffinity(0, {CPUS[nth % len(CPUS)]})
+
+
+def _reader_main(peer: str, rank: int, n: int, args, pin: bool = False) -> None:
     _die_with_parent()
+    if pin:
+        _pin(rank + 1)
     end = _END_FACTORY[peer](rank, n, *args)
     recv, reply = end.recv, end.reply
     last = None
@@ -201,6 +217,8 @@ _END_FACTORY = {"pipe": _PipeEnd, "mpq": _MpqEnd, "zmq": _ZmqEnd, "ours": _OursE
 # writer side
 class Peer:
     name = ""
+    pin = False  # --pin: every reader on a CPU of its own
+    round_trip_only = False
 
     def __init__(self, ctx, n: int) -> None:
         self.n = n
@@ -208,7 +226,8 @@ class Peer:
 
     def _spawn(self, ctx, args_for_rank) -> None:
         for r in range(self.n):
-            p = ctx.Process(target=_reader_main, args=(self.name, r, self.n, args_for_rank(r)), daemon=True)
+            p = ctx.Process(target=_reader_main, args=(self.name, r, self.n, args_for_rank(r), self.pin),
+                            daemon=True)
             p.start()
             self.procs.append(p)
 
@@ -219,6 +238,21 @@ class Peer:
     def call(self, req) -> None:
         self.send(req)
         self.gather()
+
+    def warm_up(self, calls: int) -> None:
+        for _ in range(calls):
+            self.call(REQUEST)
+
+    def batch(self, calls: int) -> tuple[list, int]:
+        """Time ``calls`` round trips: (latencies in ns, CPU ns of every process of the peer and the writer)."""
+        pids = [os.getpid(), *self.pids]
+        out = []
+        c0 = cpu_ns(pids)
+        for _ in range(calls):
+            t0 = time.perf_counter_ns()
+            self.call(REQUEST)
+            out.append(time.perf_counter_ns() - t0)
+        return out, cpu_ns(pids) - c0
 
     def sync(self, token: int) -> list:
         self.send(("sync", token))
@@ -421,8 +455,40 @@ def install_baseline(rev: str) -> str:
     return top
 
 
+class FloorPeer(Peer):
+    """Peer ``c``: scripts/floor_rt.c, built once into a temporary directory; each batch is one run of it."""
+
+    name = "c"
+    round_trip_only = True
+    _exe = None
+
+    def __init__(self, ctx, n):
+        super().__init__(ctx, n)
+        if FloorPeer._exe is None:
+            cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+            if not cc:
+                raise RuntimeError("peer c needs a C compiler (cc or gcc) on PATH")
+            top = tempfile.mkdtemp(prefix="bench-floor-")
+            atexit.register(shutil.rmtree, top, True)
+            exe = os.path.join(top, "floor_rt")
+            subprocess.run([cc, "-O2", "-o", exe, os.path.join(ROOT, "scripts", "floor_rt.c")], check=True)
+            FloorPeer._exe = exe
+
+    def warm_up(self, calls: int) -> None:
+        pass  # each run warms itself up before it times anything
+
+    def batch(self, calls: int) -> tuple[list, int]:
+        cpus = ",".join(map(str, CPUS)) if self.pin else ""
+        out = subprocess.run([self._exe, str(self.n), str(calls), cpus], check=True,
+                             capture_output=True, text=True, timeout=300).stdout.split("\n")
+        return [int(x) for x in out if x and not x.startswith("cpu_ns")], None  # its CPU is busy polling by design
+
+    def stop(self) -> None:
+        pass
+
+
 PEER_CLASSES = {"mpq": MpqPeer, "pipe": PipePeer, "zmq": ZmqPeer, "ours": OursPeer, "py": PyCursorPeer,
-                "zcopy": ZeroCopyPeer, "base": BasePeer}
+                "zcopy": ZeroCopyPeer, "base": BasePeer, "c": FloorPeer}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -437,36 +503,29 @@ def bench_round_trip(peers: dict, calls: int, rounds: int, log) -> dict:
     names = list(peers)
     lat = {name: [] for name in names}
     cpu = {name: 0 for name in names}
-    me = os.getpid()
     for name in names:  # warm-up: page in code paths, let caches and the scheduler settle
-        for _ in range(100):
-            peers[name].call(REQUEST)
+        peers[name].warm_up(100)
     per_round = max(1, calls // rounds)
     for _, order in _rotations(names, rounds):
         for name in order:
-            peer = peers[name]
-            pids = [me, *peer.pids]
-            out = lat[name]
-            c0 = cpu_ns(pids)
-            for _ in range(per_round):
-                t0 = time.perf_counter_ns()
-                peer.call(REQUEST)
-                out.append(time.perf_counter_ns() - t0)
-            cpu[name] += cpu_ns(pids) - c0
+            xs, used = peers[name].batch(per_round)
+            lat[name].extend(xs)
+            cpu[name] = None if used is None else cpu[name] + used
     res = {}
     for name in names:
         xs = sorted(lat[name])
         res[name] = {"median_us": statistics.median(xs) / 1e3, "p99_us": xs[int(0.99 * (len(xs) - 1))] / 1e3,
-                     "cpu_us": cpu[name] / len(xs) / 1e3, "calls": len(xs)}
+                     "cpu_us": None if cpu[name] is None else cpu[name] / len(xs) / 1e3, "calls": len(xs)}
+        tail = "  ".join(f"p{q:g} {xs[int(q / 100 * (len(xs) - 1))] / 1e3:.1f}" for q in (90, 95, 98, 99.5, 99.9))
         log(f"  rt {name:5s} N={peers[name].n}: median {res[name]['median_us']:8.1f} us  p99 "
-            f"{res[name]['p99_us']:8.1f} us  cpu {res[name]['cpu_us']:8.1f} us/call")
+            f"{res[name]['p99_us']:8.1f} us  cpu {_num(res[name]['cpu_us'], 8)} us/call  ({tail}; us)")
     return res
 
 
 def bench_throughput(peers: dict, size: int, count: int, rounds: int, log) -> dict:
     import numpy as np
 
-    names = list(peers)
+    names = [name for name in peers if not peers[name].round_trip_only]
     arr = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8)
     want_last = int(arr[-1])
     times = {name: [] for name in names}
@@ -496,7 +555,7 @@ def bench_throughput(peers: dict, size: int, count: int, rounds: int, log) -> di
 
 
 def bench_idle(peers: dict, idle_s: float, first_call_reps: int, log) -> dict:
-    names = list(peers)
+    names = [name for name in peers if not peers[name].round_trip_only]
     for name in names:
         peers[name].call(REQUEST)  # the last message; then everyone idles at once
     time.sleep(0.05)
@@ -533,7 +592,11 @@ def _tp_count(size: int, quick: bool) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # report
 def _ratio(x, base):
-    return f"{x / base:.2f}x" if base else "-"
+    return f"{x / base:.2f}x" if base and x is not None else "-"
+
+
+def _num(x, width: int) -> str:
+    return f"{x:{width}.1f}" if x is not None else f"{'-':>{width}s}"
 
 
 def render(results: dict, readers, sizes) -> str:
@@ -549,7 +612,7 @@ def render(results: dict, readers, sizes) -> str:
             continue
         base = rt.get("pipe")
         for name, r in rt.items():
-            add(f"{n:>2}  {name:5s} {r['median_us']:10.1f} {r['p99_us']:10.1f} {r['cpu_us']:12.1f}   "
+            add(f"{n:>2}  {name:5s} {r['median_us']:10.2f} {r['p99_us']:10.2f} {_num(r['cpu_us'], 12)}   "
                 + (f"{_ratio(r['median_us'], base['median_us']):>8s} {_ratio(r['p99_us'], base['p99_us']):>8s} "
                    f"{_ratio(r['cpu_us'], base['cpu_us']):>8s}" if base else ""))
     add("")
@@ -602,6 +665,11 @@ def check_targets(results: dict) -> list[str]:
         verdict(ours["p99_us"] <= 2 * ours["median_us"],
                 f"N={n} p99 <= 2x median (H200 target): {ours['p99_us']:.1f} vs {ours['median_us']:.1f} us "
                 f"({ours['p99_us'] / ours['median_us']:.2f}x)")
+        floor = rt.get("c")
+        if floor:
+            out.append(f"        N={n} the host's floor (peer c): median {floor['median_us']:.2f} us, p99 "
+                       f"{floor['p99_us']:.2f} us ({floor['p99_us'] / floor['median_us']:.1f}x); p99 - median: "
+                       f"ours {ours['p99_us'] - ours['median_us']:.1f} us, c {floor['p99_us'] - floor['median_us']:.2f} us")
     for (n, size), lim in (((2, 1 << 24), 8.0), ((2, 1 << 20), 20.0)):
         for name in ("ours", "zcopy"):
             tp = results["tp"].get((n, size), {}).get(name)
@@ -632,12 +700,18 @@ def main(argv=None) -> int:
                     help="ours: stop spinning while spins keep failing")
     ap.add_argument("--slot-bytes", type=int, default=RING_SLOT_BYTES, help="ours: broadcast ring slot size")
     ap.add_argument("--slots", type=int, default=RING_SLOTS, help="ours: broadcast ring slot count")
+    ap.add_argument("--pin", action="store_true",
+                    help="every process on a CPU of its own (ours then sees one CPU and yields while polling: "
+                         "add --spin-yield 0 to keep it busy-polling)")
     ap.add_argument("--baseline", default=None, metavar="REV",
                     help="add peer 'base': transport/ at git revision REV, measured side by side with 'ours'")
     args = ap.parse_args(argv)
     if args.baseline:
         install_baseline(args.baseline)
     OursPeer.slot_bytes, OursPeer.slots = args.slot_bytes, args.slots
+    if args.pin:
+        Peer.pin = True
+        _pin(0)
     if args.spin_us is not None:
         OursPeer.opts["spin_us"] = args.spin_us
     if args.spin_yield is not None:
@@ -653,6 +727,9 @@ def main(argv=None) -> int:
         names.append("base")
     if "pipe" not in names:
         names.insert(0, "pipe")  # every ratio is against the pipe peer
+    if "c" in names and not (shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")):
+        print("bench_transport: no C compiler here: peer c (the host's floor) is left out", file=sys.stderr)
+        names.remove("c")
     only = set(args.only.split(","))
     calls = args.calls or (400 if args.quick else 2400)
     rounds = 4 if args.quick else 6
@@ -672,6 +749,10 @@ def main(argv=None) -> int:
         peers = {}
         try:
             for name in names:
+                if name == "c" and n + 1 > len(CPUS):
+                    log(f"N={n}: peer c left out: its {n + 1} busy-polling processes need as many CPUs "
+                        f"({len(CPUS)} here)")
+                    continue
                 peers[name] = PEER_CLASSES[name](ctx, n)
             if "rt" in only:
                 results["rt"][n] = bench_round_trip(peers, calls, rounds, log)
