@@ -9,6 +9,12 @@
     |                         | the run goes on                                                                     |
     | SIGUSR2                 | rolling restart: the dp groups restart one by one, no call lost; the run goes on     |
 
+A signal the command inherits as ignored stays ignored, as in any Unix tool (``if (signal(SIGINT, SIG_IGN) !=
+SIG_IGN) ...``): SIGHUP under ``nohup`` (a run that should outlive the terminal), SIGINT and SIGQUIT in a background
+job of a non-interactive shell (``cmd &`` in a script). Python itself keeps such a SIGINT ignored; installing our
+handler over it would stop a nohup'ed tree at logout, and would lose a signal sent in the instant before the handler
+exists. Stop such a run with SIGTERM.
+
 "At any instant" is the point of this module: the handlers are installed before anything else happens (before the
 config loads and the forkserver starts), and a stop that arrives before the tree exists is remembered (``stop``) and
 checked at each step of start-up, so nothing starts after it. A stop that arrives while the tree starts is passed to
@@ -29,6 +35,7 @@ from typing import Any
 
 GRACEFUL = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 FORCED = signal.SIGQUIT
+INHERITED_IGNORE = (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)  # what nohup and shells set to be ignored
 DUMP_STACKS = signal.SIGUSR1  # also what the workers listen on (worker/main.py registers faulthandler for it)
 ROLLING_RESTART = signal.SIGUSR2
 FORCE_DEADLINE_S = 5.0  # a forced stop exits after this long even if its kills are stuck: the death pipes end the rest
@@ -46,11 +53,15 @@ class SignalState:
         self.signum: int | None = None
         self.supervisor: Any = None  # set by the CLI as soon as the Supervisor object exists (before it starts)
         self._forcing = False
+        self.ignored: frozenset[int] = frozenset()  # signals inherited as ignored, left so (install)
 
     def install(self) -> None:
+        self.ignored = frozenset(sig for sig in INHERITED_IGNORE if signal.getsignal(sig) == signal.SIG_IGN)
         for sig in GRACEFUL:
-            signal.signal(sig, self._graceful)
-        signal.signal(FORCED, self._forced)
+            if sig not in self.ignored:
+                signal.signal(sig, self._graceful)
+        if FORCED not in self.ignored:
+            signal.signal(FORCED, self._forced)
         signal.signal(DUMP_STACKS, self._dump_stacks)
         signal.signal(ROLLING_RESTART, self._rolling_restart)
 

@@ -17,6 +17,23 @@ from tests import leaks  # noqa: E402
 faulthandler.enable()
 
 
+def _terminal_dispositions() -> None:
+    """The commands these tests start must begin as from a terminal's foreground job. A suite run as a background
+    job of a script (``.ci/run &``) or under nohup inherits SIGINT/SIGQUIT/SIGHUP ignored, every process it starts
+    would too, and the supervisor keeps an inherited ignore (supervisor/signals.py): the tests' Ctrl-Cs would
+    vanish. Handlers set here are reset to the default in every program the suite executes."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    for sig in (signal.SIGQUIT, signal.SIGHUP):
+        if signal.getsignal(sig) == signal.SIG_IGN:
+            signal.signal(sig, signal.SIG_DFL)
+
+
+_terminal_dispositions()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _warm_helpers():
     """Start multiprocessing's forkserver (with our preload) and resource tracker once, before any baseline is

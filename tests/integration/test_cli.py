@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -168,19 +167,12 @@ def test_cuda_visible_devices_naming_no_gpu_is_no_gpu(monkeypatch):
 # -- the real command ------------------------------------------------------------------------------------------------
 
 
-def command(cwd: Path, *args: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:
+def command(cwd: Path, *args: str, env: dict | None = None, preexec=None) -> tuple[subprocess.Popen, str]:
     mark = uuid.uuid4().hex
     full_env = {**os.environ, "PYTHONPATH": REPO, MARK: mark, **(env or {})}
-    # The command starts with default signal dispositions, as from a shell: under nohup (or a runner that ignores
-    # SIGHUP) an ignored SIGHUP would be inherited, and one sent before our handlers exist would vanish.
-    hup = signal.signal(signal.SIGHUP, signal.SIG_DFL) if threading.current_thread() is threading.main_thread() \
-        else None
-    try:
-        proc = subprocess.Popen([sys.executable, "-m", "supervisor", *args], cwd=cwd, env=full_env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    finally:
-        if hup is not None:
-            signal.signal(signal.SIGHUP, hup)
+    # default signal dispositions, as from a terminal: tests/conftest.py undoes an inherited nohup or background job
+    proc = subprocess.Popen([sys.executable, "-m", "supervisor", *args], cwd=cwd, env=full_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=preexec)
     return proc, mark
 
 
@@ -310,6 +302,27 @@ def test_row43_signal_at_a_random_instant_of_start_up(tmp_path_factory, sig, del
     assert code == STOPS[sig] or (delay < 0.5 and before_handlers), (code, delay, err[-2000:])
     if code == STOPS[sig]:
         assert "Traceback" not in err and "leaked" not in err, err[-3000:]
+
+
+def _nohup_in_background() -> None:  # what `nohup cmd &` in a script leaves the command with
+    for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def test_signals_inherited_as_ignored_stay_ignored(tmp_path):
+    """nohup in a background job: SIGHUP, SIGINT and SIGQUIT ignored when the command starts stay ignored (the tree
+    outlives the terminal, as any Unix tool would); SIGTERM still stops it gracefully."""
+    proc, mark = command(tmp_path, *SERVE, "hydra.run.dir=run", preexec=_nohup_in_background)
+    try:
+        wait_until(lambda: len(ready_events(tmp_path / "run")) >= 2, 60, "2 ranks READY")
+        for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT):
+            proc.send_signal(sig)
+        time.sleep(1.0)
+        assert proc.poll() is None  # still serving
+        proc.send_signal(signal.SIGTERM)
+    finally:
+        code, _, err = finish(proc, mark)
+    assert code == 143, err[-3000:]
 
 
 def test_sigusr1_dumps_every_ranks_stack_and_keeps_running(tmp_path):
