@@ -88,6 +88,7 @@ class RingReader(Ring):
         self._before_attach()
         self._bind()
         self._cur = cursor.reader_cursor(self, reader_rank)  # c: chunks consumed, mod 2**32
+        self._make_hold()
         self._cw = self._consumed_words[reader_rank]
         self._announce_attached()
 
@@ -146,7 +147,7 @@ class RingReader(Ring):
         return msg
 
     def _dequeue_slow(self, timeout, cancel, spin: bool) -> Any:
-        with self._holding():
+        with self._hold:
             if self._closed_here:
                 raise QueueClosed("queue closed")
             return self._dequeue_frame(timeout, cancel, spin)
@@ -155,7 +156,7 @@ class RingReader(Ring):
     def borrow(self, timeout: float | None = None, cancel: threading.Event | None = None):
         """The next chunk's payload as a memoryview into the ring, whatever it holds; the slot is handed back when
         the block exits. For callers that frame their own bytes (transport/compat/vllm.py's ``acquire_read``)."""
-        with self._holding():
+        with self._hold:
             if self._closed_here:
                 raise QueueClosed("queue closed")
             _, length, data = self._next_chunk(None if timeout is None else _mono() + timeout, cancel)
@@ -201,7 +202,8 @@ class RingReader(Ring):
 
     def _next_chunk(self, deadline, cancel, spin: bool = True) -> tuple[int, int, int]:
         """Wait for chunk ``consumed`` and return its (kind, length, data offset), checked."""
-        W, c = self._W, self._c
+        W, cur = self._W, self._cur
+        c = cur.c
         if W[_W_PUB] == c:
             self._await_chunk(c, deadline, cancel, spin)
         if _NEED_ORDER_FENCES:
@@ -209,7 +211,7 @@ class RingReader(Ring):
         d = (W[_W_PUB] - c) & _MASK
         if d > self._nslots:
             raise CorruptMessage(f"ring counter says {d} chunks are pending in a ring of {self._nslots} slots")
-        s = self._slot
+        s = cur.slot
         m = self._metas[s]
         seq, length, kind = W[m], W[m + 1], W[m + 2]
         L.check_chunk(seq, length, kind, c, self._slot_bytes)
@@ -286,13 +288,14 @@ class RingReader(Ring):
     def _release(self) -> None:
         """Hand the current chunk back to the writer."""
         self._advance()
-        self._store_consumed(self._c)
+        self._store_consumed(self._cur.c)
 
     def _advance(self) -> None:
         """Move past the current chunk (this process's cursor only)."""
-        self._c = (self._c + 1) & _MASK
-        s = self._slot + 1
-        self._slot = s if s < self._nslots else 0
+        cur = self._cur  # its attributes, not this class's properties over them: every chunk of a slow path comes here
+        cur.c = (cur.c + 1) & _MASK
+        s = cur.slot + 1
+        cur.slot = s if s < self._nslots else 0
 
     def _store_consumed(self, c: int) -> None:
         """Tell the writer that every chunk below ``c`` is released; wake it if it waits for that."""

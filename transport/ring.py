@@ -140,10 +140,11 @@ class Ring:
     def _slot(self, s: int) -> None:
         self._cur.slot = s
 
-    def _holding(self) -> "_Holding":
-        """``with self._holding():`` the ring's lock, and the cursor marked busy so that no fast call (another
-        thread's, while this one sleeps with the GIL released) moves it meanwhile."""
-        return _Holding(self._lock, self._cur)
+    def _make_hold(self) -> None:
+        """Once the subclass made its cursor: ``with self._hold:`` is the ring's lock, and the cursor marked busy so
+        that no fast call (another thread's, while this one sleeps with the GIL released) moves it meanwhile. One
+        object per end, made once: every slow path (each frame with arrays in it) enters it."""
+        self._hold = _Holding(self._lock, self._cur)
 
     @property
     def name(self) -> str:

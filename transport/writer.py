@@ -3,12 +3,12 @@
 ::
 
     enqueue(obj) --pickle--> bare pickle, one slot, room? --yes--> cursor.put: copy into slot w, record, pub = w + 1
-                                    |no
-                                    v
-                             _enqueue_slow (ring's lock, cursor busy): wait for room --> _publish(PICKLED)
-                                    |out-of-band buffers, or bigger than a slot
-                                    v
-                             codec frame --fits a slot--> _publish(WHOLE)
+                  |                 |no
+                  |                 v
+                  |          _enqueue_slow (ring's lock, cursor busy): wait for room --> _publish(PICKLED)
+                  |                 |bigger than a slot
+                  |out-of-band      v
+                  |buffers---> codec frame (ring's lock, cursor busy) --fits a slot--> publish(WHOLE)
                                     |no
                                     v
                              _put_stream: FIRST .. middle .. LAST chunks, each published when full
@@ -85,6 +85,7 @@ class RingWriter(Ring):
         # w: chunks published (unbounded here; the segment holds it mod 2**32); limit: chunks below it may be
         # written without looking at the readers
         self._cur = cursor.writer_cursor(self, limit=max_chunks)
+        self._make_hold()
 
     @property
     def _w(self) -> int:
@@ -122,16 +123,18 @@ class RingWriter(Ring):
         else:
             bufs = []
             main = _pdumps(obj, 5, buffer_callback=bufs.append)
-        if bufs or not self._cur.put(main):
-            self._enqueue_slow(main, bufs, timeout)
+        if bufs:
+            self._enqueue_frame(main, bufs, timeout)
+        elif not self._cur.put(main):
+            self._enqueue_slow(main, timeout)
 
-    def _enqueue_slow(self, main, bufs, timeout: float | None) -> None:
-        """What the cursor's put refused: a frame (out-of-band buffers, or bigger than a slot), a full ring, a
-        closed queue, or another thread inside a slow path."""
+    def _enqueue_slow(self, main, timeout: float | None) -> None:
+        """A bare pickle the cursor's put refused: bigger than a slot (then a frame), a full ring, a closed queue,
+        or another thread inside a slow path."""
         n = len(main)
-        if bufs or n > self._slot_bytes:
-            return self._enqueue_frame(main, bufs, timeout)
-        with self._holding():
+        if n > self._slot_bytes:
+            return self._enqueue_frame(main, [], timeout)
+        with self._hold:
             if self._closed_here:
                 raise QueueClosed("queue closed")
             w = self._w
@@ -148,7 +151,7 @@ class RingWriter(Ring):
         of that length) when the block exits normally, left unpublished if it raises. For callers that frame
         their own bytes (transport/compat/vllm.py's ``acquire_write``); readers take it with ``borrow``."""
         deadline = None if timeout is None else _mono() + timeout
-        with self._holding():
+        with self._hold:
             if self._closed_here:
                 raise QueueClosed("queue closed")
             w = self._w
@@ -169,22 +172,23 @@ class RingWriter(Ring):
         if total > self.max_message:
             raise ValueError(f"message of {total} bytes is over max_message_bytes={self.max_message}")
         deadline = None if timeout is None else _mono() + timeout
-        with self._holding():
+        with self._hold:
             if self._closed_here:
                 raise QueueClosed("queue closed")
             if total > self._slot_bytes:
                 return self._put_stream(pieces, total, deadline)
-            w = self._w
-            if w >= self._limit:
+            cur = self._cur
+            w = cur.w
+            if w >= cur.limit:
                 self._await_space(w, deadline)
-            s = self._slot
+            s = cur.slot
             mv = self._mv
             off = self._datas[s]
             for p in pieces:
                 end = off + len(p)
                 mv[off:end] = p
                 off = end
-            self._publish(w, s, total, _WHOLE)
+            cur.publish(total, _WHOLE)  # slot s, chunk w: the cursor's next (see _publish)
 
     def _publish(self, w: int, s: int, length: int, kind: int) -> None:
         """Publish chunk ``w`` (the cursor's next, its payload written into slot ``s``) and wake sleeping readers:
