@@ -190,12 +190,7 @@ def _signal_state():
 
 def _run_one(cfg, signals) -> int:
     """``python -m supervisor``'s own runner: run directory, logging, Supervisor, workload, summary, exit code."""
-    try:
-        from supervisor.cli import run_one
-    except ImportError:  # before the CLI's move (issue 13): the runner made its own run directory
-        from supervisor.__main__ import run_one as run_old  # type: ignore[attr-defined]
-
-        return run_old(cfg, signals)
+    from supervisor.cli import run_one  # here, not at the top: --help and bad flags answer before Hydra is imported
     from supervisor.config import make_run_dir
 
     return run_one(cfg, make_run_dir(), signals)
