@@ -109,18 +109,18 @@ def _die_with_parent() -> None:
 
 # ---------------------------------------------------------------------------------------------------------------
 # reader side: one process per reader, the same loop for every peer
-CPUS = sorted(os.sched_getaffinity(0))  # before --pin binds the writer to one of them
+CPUS = sorted(os.sched_getaffinity(0))  # read in the parent before --pin binds it (its children inherit that bind)
 
 
-def _pin(nth: int) -> None:
-    """Bind this process to the nth CPU the benchmark may use (modulo how many there are): --pin."""
-    os.sched_setaffinity(0, {CPUS[nth % len(CPUS)]})
+def _pin(nth: int) -> int:
+    """The nth CPU the benchmark may use (modulo how many there are): --pin. The parent picks, the child binds."""
+    return CPUS[nth % len(CPUS)]
 
 
-def _reader_main(peer: str, rank: int, n: int, args, pin: bool = False) -> None:
+def _reader_main(peer: str, rank: int, n: int, args, cpu: int | None = None) -> None:
     _die_with_parent()
-    if pin:
-        _pin(rank + 1)
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
     end = _END_FACTORY[peer](rank, n, *args)
     recv, reply = end.recv, end.reply
     last = None
@@ -226,8 +226,8 @@ class Peer:
 
     def _spawn(self, ctx, args_for_rank) -> None:
         for r in range(self.n):
-            p = ctx.Process(target=_reader_main, args=(self.name, r, self.n, args_for_rank(r), self.pin),
-                            daemon=True)
+            cpu = _pin(r + 1) if self.pin else None
+            p = ctx.Process(target=_reader_main, args=(self.name, r, self.n, args_for_rank(r), cpu), daemon=True)
             p.start()
             self.procs.append(p)
 
@@ -711,7 +711,7 @@ def main(argv=None) -> int:
     OursPeer.slot_bytes, OursPeer.slots = args.slot_bytes, args.slots
     if args.pin:
         Peer.pin = True
-        _pin(0)
+        os.sched_setaffinity(0, {_pin(0)})
     if args.spin_us is not None:
         OursPeer.opts["spin_us"] = args.spin_us
     if args.spin_yield is not None:

@@ -11,7 +11,7 @@ Each of --procs processes spins for --seconds reading the clock in a tight loop 
 two reads longer than --min-us (a loop turn takes well under a microsecond). Printed: gaps per second and process,
 their median and p99 length, and what they mean for a call of the median lengths given with --calls-us.
 
-    python scripts/hiccups.py [--procs 2] [--seconds 2] [--min-us 2] [--calls-us 5.5,11.5] [--call-procs 2,9]
+    python scripts/hiccups.py [--procs 2] [--seconds 2] [--min-us 2] [--calls-us 5.5,11.5] [--call-procs 2,9] [--pin]
 """
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ import statistics
 import time
 
 
-def _spin(seconds: float, min_ns: int, out) -> None:
+def _spin(seconds: float, min_ns: int, out, cpu: int | None = None) -> None:
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
     perf = time.perf_counter_ns
     gaps = []
     end = perf() + int(seconds * 1e9)
@@ -43,12 +45,15 @@ def main(argv=None) -> int:
     ap.add_argument("--min-us", type=float, default=2.0)
     ap.add_argument("--calls-us", default="5.5,11.5", help="call medians to judge (us), comma-separated")
     ap.add_argument("--call-procs", default="2,9", help="processes busy during each of those calls")
+    ap.add_argument("--pin", action="store_true", help="every spinning process on a CPU of its own")
     args = ap.parse_args(argv)
     ctx = mp.get_context("fork")
     pipes, procs = [], []
-    for _ in range(args.procs):
+    cpus = sorted(os.sched_getaffinity(0))
+    for i in range(args.procs):
         rd, wr = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_spin, args=(args.seconds, int(args.min_us * 1000), wr), daemon=True)
+        cpu = cpus[i % len(cpus)] if args.pin else None
+        p = ctx.Process(target=_spin, args=(args.seconds, int(args.min_us * 1000), wr, cpu), daemon=True)
         p.start()
         wr.close()
         pipes.append(rd)
@@ -61,7 +66,8 @@ def main(argv=None) -> int:
     for p in procs:
         p.join(10)
     rate = len(gaps) / args.procs / args.seconds
-    print(f"host: {os.cpu_count()} CPUs; {args.procs} spinning processes x {args.seconds:g} s")
+    print(f"host: {os.cpu_count()} CPUs; {args.procs} spinning processes x {args.seconds:g} s"
+          + (", each on a CPU of its own" if args.pin else ", placed by the scheduler"))
     if not gaps:
         print(f"no gap of {args.min_us:g} us or more")
         return 0
