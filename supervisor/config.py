@@ -54,6 +54,7 @@ MAX_RANKS = 4096  # ranks of one tree, on any backend: beyond this the superviso
 RANKS_PER_CPU = 16  # local backend: each rank is an interpreter with its own threads; more than this per CPU...
 MIN_RANKS_LIMIT = 64  # ... cannot make progress, but small machines may still oversubscribe up to this many
 MIN_RSS_CAP_MB = 16  # worker.max_rss_mb: a bare interpreter resides in ~10 MiB, a worker in ~30: below, every call recycles
+SPIN_POLLS = ("auto", "busy", "yield")  # transport.spin_poll (worker/spec.py says what each does)
 MAX_SPIN_US = 100_000.0  # transport.spin_us: spinning longer than 0.1 s before sleeping only burns a CPU
 MIN_HEARTBEAT_INTERVAL_S = 0.01  # a faster heartbeat is a busy loop in every worker
 MLP_EXPANSION, FLOAT32_BYTES = 4, 4  # worker/tp_mlp.py's inner width (EXPANSION * hidden) and its dtype
@@ -446,6 +447,7 @@ _RULES: tuple[tuple[str, Callable[[Any], str | None]], ...] = (
     ("transport.reply_slot_bytes", _at_most(_int_at_least(MIN_SLOT_BYTES), MAX_SLOT_BYTES, "the ring's 32-bit slot size")),
     ("transport.reply_slots", _at_most(_int_at_least(2), MAX_SLOTS, "the ring's slot index")),
     ("transport.spin_us", _at_most(_NON_NEG, MAX_SPIN_US, "longer spinning only burns a CPU")),
+    ("transport.spin_poll", _one_of(SPIN_POLLS)),
     ("transport.max_message_bytes", _POSITIVE_INT),
     ("shutdown.grace_s", _NON_NEG),
     ("shutdown.reap_s", _POSITIVE),

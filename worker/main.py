@@ -173,7 +173,7 @@ def _start(spec: WorkerSpec, bcast_handle: Any, report=lambda phase: None):
     report(StartupPhase.LOAD_MODEL)
     worker.load_model()
     t = spec.transport
-    reply = MessageQueue(1, t.reply_slot_bytes, t.reply_slots, t.spin_us, t.max_message_bytes)
+    reply = MessageQueue(1, t.reply_slot_bytes, t.reply_slots, t.spin_us, t.max_message_bytes, spin_yield=t.spin_yield)
     bcast = MessageQueue.create_from_handle(bcast_handle, spec.topology.rank)
     return worker, bcast, reply
 

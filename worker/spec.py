@@ -20,7 +20,16 @@ class TransportSettings:
     reply_slot_bytes: int = _tx.REPLY_SLOT_BYTES  # payload bytes per slot of each rank's reply ring
     reply_slots: int = _tx.REPLY_SLOTS  # slots per reply ring
     spin_us: float = _tx.SPIN_US  # busy-poll window before blocking in the kernel (futex)
+    # How a waiting end polls within that window. auto: yield the CPU between polls where the ring's parties
+    # outnumber the CPUs this process may use, else busy-poll; busy: always busy-poll (for ranks pinned to CPUs of
+    # their own, whose affinity shows one CPU: auto would yield there); yield: always yield.
+    spin_poll: str = "auto"
     max_message_bytes: int = _tx.MAX_MESSAGE_BYTES  # a header announcing more is treated as corrupt
+
+    @property
+    def spin_yield(self) -> bool | None:
+        """``spin_poll`` as the queue's ``spin_yield`` argument (None: the queue decides)."""
+        return {"busy": False, "yield": True}.get(self.spin_poll)
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,14 @@ def test_rpc_by_name_callable_unique_and_non_block(method):
         assert len(set(pids)) == 4 and os.getpid() not in pids
 
 
+@pytest.mark.parametrize("poll", ["busy", "yield"])
+def test_spin_poll_setting_serves_calls(poll):
+    """transport.spin_poll reaches the rings of the tree (busy: for ranks pinned to CPUs of their own, whose
+    affinity shows one CPU, where auto would yield): the broadcast ring and every reply ring still carry calls."""
+    with Supervisor(config(*ECHO, "parallel.tp=2", f"transport.spin_poll={poll}")) as sup:
+        assert [sup.collective_rpc("echo", args=(i,), timeout=10) for i in range(50)] == [[i, i] for i in range(50)]
+
+
 def test_remote_exception_carries_rank_and_traceback_and_next_call_works():
     cfg = config(*ECHO, "parallel.tp=2")
     with Supervisor(cfg) as sup:

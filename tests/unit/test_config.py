@@ -69,6 +69,9 @@ def test_result_is_frozen():
         (["transport.slots=2", "transport.slot_bytes=4096"], lambda c: (c.transport.slots, c.transport.slot_bytes),
          (2, 4096)),
         (["shutdown.grace_s=0"], lambda c: c.shutdown.grace_s, 0.0),
+        ([], lambda c: (c.transport.spin_poll, c.transport.spin_yield), ("auto", None)),
+        (["transport.spin_poll=busy"], lambda c: (c.transport.spin_poll, c.transport.spin_yield), ("busy", False)),
+        (["transport.spin_poll=yield"], lambda c: c.transport.spin_yield, True),
     ],
 )
 def test_override(overrides, read, expected):
@@ -197,6 +200,7 @@ def error_for_dir(overrides: list[str], config_dir: Path) -> ConfigError:
         (["transport.slot_bytes=4100"], "transport.slot_bytes"),
         (["transport.slots=1"], "transport.slots"),
         (["transport.spin_us=-1"], "transport.spin_us"),
+        (["transport.spin_poll=fast"], "transport.spin_poll"),
         (["shutdown.grace_s=-1"], "shutdown.grace_s"),
         (["shutdown.reap_s=0"], "shutdown.reap_s"),
         (["restart.strategy=sometimes"], "restart.strategy"),

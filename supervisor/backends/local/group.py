@@ -54,7 +54,7 @@ class WorkerGroup:
         self._abort = abort
         deadline = time.monotonic() + timeout_s
         t = self.transport
-        bcast = MessageQueue(self.world, t.slot_bytes, t.slots, t.spin_us, t.max_message_bytes)
+        bcast = MessageQueue(self.world, t.slot_bytes, t.slots, t.spin_us, t.max_message_bytes, spin_yield=t.spin_yield)
         replies: list[MessageQueue] = []
         try:
             for spec in self.specs:  # spawning the k-th may raise: the ones before are stopped below
