@@ -112,9 +112,13 @@ def _die_with_parent() -> None:
 CPUS = sorted(os.sched_getaffinity(0))  # read in the parent before --pin binds it (its children inherit that bind)
 
 
-def _pin(nth: int) -> int:
+def _cpu_for(nth: int) -> int:
     """The nth CPU the benchmark may use (modulo how many there are): --pin. The parent picks, the child binds."""
     return CPUS[nth % len(CPUS)]
+
+
+def _c_compiler() -> str | None:
+    return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
 
 
 def _reader_main(peer: str, rank: int, n: int, args, cpu: int | None = None) -> None:
@@ -226,7 +230,7 @@ class Peer:
 
     def _spawn(self, ctx, args_for_rank) -> None:
         for r in range(self.n):
-            cpu = _pin(r + 1) if self.pin else None
+            cpu = _cpu_for(r + 1) if self.pin else None
             p = ctx.Process(target=_reader_main, args=(self.name, r, self.n, args_for_rank(r), cpu), daemon=True)
             p.start()
             self.procs.append(p)
@@ -465,7 +469,7 @@ class FloorPeer(Peer):
     def __init__(self, ctx, n):
         super().__init__(ctx, n)
         if FloorPeer._exe is None:
-            cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+            cc = _c_compiler()
             if not cc:
                 raise RuntimeError("peer c needs a C compiler (cc or gcc) on PATH")
             top = tempfile.mkdtemp(prefix="bench-floor-")
@@ -480,8 +484,8 @@ class FloorPeer(Peer):
     def batch(self, calls: int) -> tuple[list, int]:
         cpus = ",".join(map(str, CPUS)) if self.pin else ""
         out = subprocess.run([self._exe, str(self.n), str(calls), cpus], check=True,
-                             capture_output=True, text=True, timeout=300).stdout.split("\n")
-        return [int(x) for x in out if x and not x.startswith("cpu_ns")], None  # its CPU is busy polling by design
+                             capture_output=True, text=True, timeout=300).stdout.split()
+        return [int(x) for x in out], None  # no CPU figure: every process polls all the time by design
 
     def stop(self) -> None:
         pass
@@ -711,7 +715,7 @@ def main(argv=None) -> int:
     OursPeer.slot_bytes, OursPeer.slots = args.slot_bytes, args.slots
     if args.pin:
         Peer.pin = True
-        os.sched_setaffinity(0, {_pin(0)})
+        os.sched_setaffinity(0, {_cpu_for(0)})
     if args.spin_us is not None:
         OursPeer.opts["spin_us"] = args.spin_us
     if args.spin_yield is not None:
@@ -727,7 +731,7 @@ def main(argv=None) -> int:
         names.append("base")
     if "pipe" not in names:
         names.insert(0, "pipe")  # every ratio is against the pipe peer
-    if "c" in names and not (shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")):
+    if "c" in names and not _c_compiler():
         print("bench_transport: no C compiler here: peer c (the host's floor) is left out", file=sys.stderr)
         names.remove("c")
     only = set(args.only.split(","))

@@ -4,7 +4,7 @@
  * bench_transport.py compiles and runs it as the peer "c", batch by batch like the others; the median says what
  * the hardware costs, the p99 what the host's interruptions add to a call that keeps N+1 processes busy.
  *
- *   floor_rt N CALLS [CPUS]     prints one latency in ns per call, then "cpu_ns TOTAL" for every process.
+ *   floor_rt N CALLS [CPUS]     prints one latency in ns per call.
  *   CPUS (comma-separated): the writer on the first, reader r on the (r+1)-th (modulo their count).
  */
 #define _GNU_SOURCE
@@ -16,7 +16,6 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
-#include <sys/resource.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -98,13 +97,6 @@ int main(int argc, char **argv) {
     }
     __atomic_store_n(&sh->seq, STOP, __ATOMIC_RELEASE);
     for (int r = 0; r < n; r++) waitpid(kids[r], NULL, 0);
-    struct rusage self, children;
-    getrusage(RUSAGE_SELF, &self);
-    getrusage(RUSAGE_CHILDREN, &children);
-    uint64_t cpu = 0;
-    struct timeval tv[] = {self.ru_utime, self.ru_stime, children.ru_utime, children.ru_stime};
-    for (int k = 0; k < 4; k++) cpu += (uint64_t)tv[k].tv_sec * 1000000000u + (uint64_t)tv[k].tv_usec * 1000u;
     for (long i = 0; i < calls; i++) printf("%llu\n", (unsigned long long)lat[i]);
-    printf("cpu_ns %llu\n", (unsigned long long)(cpu * calls / (warm + calls)));
     return 0;
 }
