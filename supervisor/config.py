@@ -474,6 +474,7 @@ _RULES: tuple[tuple[str, Callable[[Any], str | None]], ...] = (
     ("restart.backoff_initial_s", _NON_NEG),
     ("restart.backoff_factor", _number(1, strict=False)),
     ("restart.backoff_max_s", _NON_NEG),
+    ("recovery.standby_backoff_s", _NON_NEG),
     # Every Choice-typed key (device, backend, runtime.start_method, restart.strategy, ...) is checked against its
     # Enum by _check_choices: the choices are written once, in supervisor/settings.py.
 )
@@ -502,6 +503,7 @@ def validate(cfg: Config, visible_gpus: int | None = None, cuda_initialized: boo
     _check_runtime(cfg, cuda_initialized)
     _check_gpus(cfg, visible_gpus)
     _check_worker_cls(cfg.worker.cls)
+    _check_recovery(cfg)
     if cfg.workload.name == "llm":  # the checkpoint against the layout and the memory, before anything loads
         from supervisor.llm_checks import check_config
 
@@ -527,6 +529,16 @@ def _check_relations(cfg: Config) -> None:
     hb = cfg.worker
     _require(hb.heartbeat_timeout_s > hb.heartbeat_interval_s, "worker.heartbeat_timeout_s",
              f"must exceed worker.heartbeat_interval_s={hb.heartbeat_interval_s:g}, got {hb.heartbeat_timeout_s:g}")
+
+
+def _check_recovery(cfg: Config) -> None:
+    """recovery.keeper / standby set to "on" where they cannot work (supervisor/core/recovery.py says where)."""
+    from supervisor.backends.local.backend import keeps_weights
+    from supervisor.core.recovery import recovery_problem
+
+    problem = recovery_problem(cfg.recovery, keeps_weights(cfg.worker.cls), cfg.backend)
+    if problem is not None:
+        raise ConfigError(*problem)
 
 
 def _check_choices(cfg: Any, path: str = "") -> None:

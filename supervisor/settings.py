@@ -151,6 +151,28 @@ class RestartSettings:
     calls_during_restart: CallsDuringRestart = CallsDuringRestart.wait
 
 
+class Toggle(Choice):
+    auto = "auto"  # decided by supervisor/core/recovery.py from the worker class, the restart policy, the backend
+    on = "on"
+    off = "off"
+
+
+@dataclass(frozen=True)
+class RecoverySettings:
+    """What a rank's death leaves ready for its replacement (supervisor/core/recovery.py says what ``auto`` means).
+
+    keeper: the weight keeper, one process of the tree holding every rank's weights (worker/keeper.py); a
+    restarted rank maps them instead of reading the checkpoint. Costs no second copy: the ranks' own copies are
+    gone (their parameters are views of the keeper's), so it adds one process and its CUDA context per GPU.
+    standby: a warm standby per dp group, a process per rank with its imports, CUDA context, mapped weights, KV cache
+    and (tp=1) captured CUDA graph ready, which takes a dead group's place; a new one is made behind it. Costs per
+    rank a second CUDA context, KV cache and graph pool (not the weights: they are mapped from the keeper)."""
+
+    keeper: Toggle = Toggle.auto  # auto: on when the worker class keeps weights and a restart policy is set
+    standby: Toggle = Toggle.auto  # auto: on wherever the keeper is on
+    standby_backoff_s: float = 1.0  # a standby that died while waiting is replaced after this, doubling to 30 s
+
+
 @dataclass(frozen=True)
 class RpcSettings:
     """Retryable calls (supervisor/core/retry.py): a call whose group fails before it answered is sent again."""
@@ -200,6 +222,7 @@ class Config:
     llm: LLMSettings = field(default_factory=LLMSettings)  # workload=llm: the Llama decoder
     launch: ScriptSettings = field(default_factory=ScriptSettings)  # workload=script: a torchrun-style script
     restart: RestartSettings = field(default_factory=RestartSettings)
+    recovery: RecoverySettings = field(default_factory=RecoverySettings)
     rpc: RpcSettings = field(default_factory=RpcSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     http: HttpSettings = field(default_factory=HttpSettings)

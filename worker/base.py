@@ -5,6 +5,14 @@ Lifecycle, called by worker/main.py in this order inside the child process:
     __init__(spec) -> init_device() -> load_model() -> [READY] -> execute_model / check_health / any RPC ...
                                                               -> shutdown()
 
+A warm standby (``recovery.standby``) runs ``__init__`` and ``warm_up()`` ahead of time, before its group's world
+exists, and waits; when it takes a failed rank's place it gets the real spec (``adopt``) and goes on with
+``init_device()`` and ``load_model()``, which then do only what ``warm_up`` could not.
+
+A worker class whose weights can be kept by the weight keeper (``recovery.keeper``) says what a rank's weights are
+(``weights_key``) and how to build them (``build_weights``); a rank then finds the keeper's handle in
+``spec.weights`` and maps it instead of loading.
+
 Any public method (and any callable sent through ``collective_rpc``, which receives the worker as its first
 argument) may be called between READY and shutdown. The base class owns torch.distributed: ``init_device``
 selects the device and joins the group's world through a private rendezvous (gloo on CPU, NCCL on CUDA), and
@@ -34,19 +42,53 @@ class Worker:
         self.pp_ranks: list[int] = []  # the global ranks of this rank's pipeline (same tp_rank, every stage)
         self._dist_ready = False
 
-    # -- lifecycle -------------------------------------------------------------------------------------------
-    def init_device(self) -> None:
-        import torch
-        import torch.distributed as dist
+    # -- the weight keeper's side (worker/keeper.py runs these in the keeper process) ---------------------------
+    @classmethod
+    def weights_key(cls, spec: WorkerSpec) -> tuple | None:
+        """What this rank's weights are: ranks with equal keys share one kept copy. None (the default): this
+        class keeps nothing, and ``recovery.keeper=auto`` leaves the keeper off."""
+        return None
 
-        topo = self.topology
+    @classmethod
+    def build_weights(cls, spec: WorkerSpec, alloc: Any, fill: bool) -> None:
+        """Build this rank's weights with every parameter taken from ``alloc.empty(dims, dtype)`` (worker/weights.py)
+        in the order ``load_model`` will ask for them, and fill them from the checkpoint when ``fill``."""
+        raise NotImplementedError(f"{cls.__name__} defines weights_key but not build_weights")
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    def warm_up(self) -> None:
+        """A warm standby's preparation, before its group's world exists: what needs neither torch.distributed
+        nor the rendezvous. The base worker selects its device (the CUDA context)."""
+        self.select_device()
+
+    def adopt(self, spec: WorkerSpec) -> None:
+        """A standby taking a rank's place: the rank's real spec (the attempt's rendezvous), same topology."""
+        assert spec.topology == self.topology, "a standby only replaces the rank it was started for"
+        self.spec = spec
+
+    def init_device(self) -> None:
+        self.select_device()
+        self.join_world()
+
+    def select_device(self) -> None:
+        """The device, and on CUDA its context (idempotent: a standby did it already)."""
+        if self.device is not None:
+            return
+        import torch
+
         if self.spec.device == "cuda":
             torch.cuda.set_device(self.spec.local_rank)
             self.device = torch.device("cuda", self.spec.local_rank)
-            backend = "nccl"
         else:
             self.device = torch.device("cpu")
-            backend = "gloo"
+
+    def join_world(self) -> None:
+        """torch.distributed: the group's world through its private rendezvous (gloo on CPU, NCCL on CUDA), and
+        the TP and PP sub-groups."""
+        import torch.distributed as dist
+
+        topo = self.topology
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
         kwargs: dict[str, Any] = {}
         if backend == "nccl" and (topo.world_size > 1 or os.environ.get(EAGER_NCCL_ENV)):
             # Eager NCCL init: a bad GPU fails here, not in the first call. A world of one never runs a collective,

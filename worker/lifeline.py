@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import ctypes
 import os
+import pickle
+import queue
 import signal
 import threading
 import time
+
+from worker.protocol import PROMOTE_PREFIX, STOP_PREFIX
 
 _PR_SET_PDEATHSIG = 1
 _orphan_lock = threading.Lock()
@@ -66,18 +70,32 @@ class DeathWatch(threading.Thread):
         self.exit_code = exit_code  # the supervisor vanished
         self.overdue_code = overdue_code  # a deliberate stop took longer than its grace
         self.fired = threading.Event()
+        self.deliberate = False  # a "stop:" frame came before the EOF: asked to stop, not orphaned
+        self.promotions: "queue.Queue[object]" = queue.Queue()  # a warm standby's promotion (worker/main.py)
 
     def run(self) -> None:
         grace, code = self.grace_s, self.exit_code  # the supervisor vanished: stop quickly
         try:
             while True:
-                msg = self.conn.recv_bytes()  # only ever one message: b"stop:<grace seconds>", then EOF
-                if msg.startswith(b"stop:"):
+                msg = self.conn.recv_bytes()  # "go:<Promotion>" (a standby), "stop:<grace seconds>", then EOF
+                if msg.startswith(STOP_PREFIX):
                     # a deliberate shutdown: the supervisor's own grace applies
-                    grace, code = float(msg[5:]), self.overdue_code
-        except (EOFError, OSError, ValueError):
+                    grace, code = float(msg[len(STOP_PREFIX):]), self.overdue_code
+                    self.deliberate = True
+                elif msg.startswith(PROMOTE_PREFIX):
+                    self.promotions.put(pickle.loads(msg[len(PROMOTE_PREFIX):]))
+        except (EOFError, OSError, ValueError, pickle.UnpicklingError):
             pass
         self.fired.set()
         self.on_eof()
         time.sleep(grace)
         exit_now(code)
+
+    def wait_promotion(self, poll_s: float = 0.5) -> object:
+        """Block until the supervisor promotes this standby. A stop meanwhile (SIGTERM, EOF) interrupts it with the
+        signal handler's exception: the wait is sliced so that the main thread keeps running handlers."""
+        while True:
+            try:
+                return self.promotions.get(timeout=poll_s)
+            except queue.Empty:
+                continue

@@ -11,6 +11,10 @@
             -> loop: Request from the broadcast queue -> call -> Reply on the reply queue
             -> SIGTERM / STOP request / death-pipe EOF: GracefulStop -> worker.shutdown() -> exit 0
 
+A warm standby (spec.standby) enters the same way with no broadcast queue yet: Worker(spec).warm_up() (phases
+WARM_UP, STANDBY), then it waits for a Promotion on its death pipe (the failed rank's spec and the new group's
+broadcast handle) and carries on from init_device() as above.
+
 The order of the handshake is fixed by the data flow itself: the supervisor can only attach to the reply queue
 once it holds the handle that READY carries, and the worker only serves after its reply queue has a reader.
 """
@@ -29,8 +33,8 @@ from typing import Any
 
 from worker import lifeline, output
 from worker.protocol import (EXIT_DEVICE_ERROR, EXIT_ORPHANED, EXIT_SHUTDOWN_RAISED, EXIT_STARTUP_FAILED,
-                             EXIT_STOP_OVERDUE, STOP_METHOD, PhaseReached, Ready, RemoteFailure, Reply, Request,
-                             StartupFailed, StartupPhase)
+                             EXIT_STOP_OVERDUE, STOP_METHOD, PhaseReached, Promotion, Ready, RemoteFailure, Reply,
+                             Request, StartupFailed, StartupPhase)
 from worker.spec import WorkerSpec
 
 
@@ -107,7 +111,12 @@ def entry(spec: WorkerSpec, bcast_handle: Any, death_conn: Any, status_conn: Any
         watch.start()
         lifeline.arm_parent_death_signal(signal.SIGTERM)
         _setup_environment(spec)
-        worker, bcast, reply = _start(spec, bcast_handle, _phase_reporter(status, spec.topology.rank, t0))
+        report = _phase_reporter(status, spec.topology.rank, t0)
+        worker = None
+        if spec.standby:
+            worker, promotion = _stand_by(spec, watch, report)
+            spec, bcast_handle = promotion.spec, promotion.bcast_handle
+        worker, bcast, reply = _start(spec, bcast_handle, report, worker)
     except GracefulStop:
         os._exit(0)
     except BaseException as exc:
@@ -162,12 +171,26 @@ def _phase_reporter(status: StatusChannel, rank: int, t0: float):
     return lambda phase: status.send(PhaseReached(rank, phase.value, time.monotonic() - t0))
 
 
-def _start(spec: WorkerSpec, bcast_handle: Any, report=lambda phase: None):
-    from transport import MessageQueue
-
+def _stand_by(spec: WorkerSpec, watch: lifeline.DeathWatch, report) -> tuple[Any, Promotion]:
+    """A warm standby: prepare what needs no world, then wait to be promoted into one."""
     cls = load_class(spec.worker.cls)
     report(StartupPhase.IMPORTED)
     worker = cls(spec)
+    report(StartupPhase.WARM_UP)
+    worker.warm_up()
+    report(StartupPhase.STANDBY)
+    promotion = watch.wait_promotion()
+    worker.adopt(promotion.spec)
+    return worker, promotion
+
+
+def _start(spec: WorkerSpec, bcast_handle: Any, report=lambda phase: None, worker: Any = None):
+    from transport import MessageQueue
+
+    if worker is None:
+        cls = load_class(spec.worker.cls)
+        report(StartupPhase.IMPORTED)
+        worker = cls(spec)
     report(StartupPhase.INIT_DEVICE)
     worker.init_device()
     report(StartupPhase.LOAD_MODEL)

@@ -5,7 +5,8 @@ Two channels per worker besides the shared-memory queues:
 * the status pipe (worker -> supervisor): framed pickles ``Ready`` / ``StartupFailed`` during start-up, then
   empty frames as heartbeats. It is a pipe, not the data queue, so the supervisor can wait on it together with
   the process sentinels (``multiprocessing.connection.wait``) and a wedged worker simply stops beating.
-* the death pipe (supervisor -> worker): never written. Its EOF means "the supervisor is gone or wants you gone".
+* the death pipe (supervisor -> worker): its EOF means "the supervisor is gone or wants you gone". Two frames may
+  come before it: ``stop:<grace>`` (a deliberate stop) and, to a warm standby, ``go:<Promotion>``.
 
 Requests travel on the group's broadcast MessageQueue as ``Request`` tuples; replies on the worker's own reply
 MessageQueue as ``Reply`` tuples (plain tuples: they are on the hot path and pickle fastest).
@@ -34,6 +35,8 @@ class StartupPhase(enum.Enum):
 
     SPAWNED = "spawned"  # the process exists (the supervisor's side)
     IMPORTED = "imported"  # interpreter, environment and the worker class imported; constructing it
+    WARM_UP = "warm_up"  # a warm standby in Worker.warm_up (its CUDA context, weights, graphs)
+    STANDBY = "standby"  # a warm standby, ready to take a rank's place: waiting for its promotion
     INIT_DEVICE = "init_device"  # in Worker.init_device (device, torch.distributed)
     LOAD_MODEL = "load_model"  # in Worker.load_model
     READY = "ready"
@@ -46,6 +49,19 @@ class PhaseReached:
     rank: int
     phase: str  # a StartupPhase value
     elapsed_s: float
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """Supervisor -> a warm standby, on its death pipe: take this rank's place (its attempt's spec, whose
+    rendezvous is the new world's) and serve on this broadcast queue."""
+
+    spec: Any  # worker.spec.WorkerSpec
+    bcast_handle: Any  # transport.Handle
+
+
+PROMOTE_PREFIX = b"go:"  # a death-pipe frame carrying a pickled Promotion
+STOP_PREFIX = b"stop:"  # a death-pipe frame: a deliberate stop, with the supervisor's grace in seconds
 
 
 @dataclass(frozen=True)

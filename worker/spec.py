@@ -7,6 +7,7 @@ Only what a worker needs lives here; supervisor-only settings live in ``supervis
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from transport import defaults as _tx
 
@@ -156,3 +157,5 @@ class WorkerSpec:
     log_level: str = "INFO"
     supervisor_pid: int = 0
     stop_grace_s: float = 3.0  # the supervisor's shutdown grace: how long a deliberate stop may take
+    weights: Any = None  # worker.weights.KeptWeights: this rank's shard in the weight keeper (None: load it)
+    standby: bool = False  # a warm standby: warm_up(), then wait for a Promotion (worker/main.py)

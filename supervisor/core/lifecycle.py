@@ -136,6 +136,9 @@ class Lifecycle:
         self.finished = threading.Event()
         self._tmp = ""  # the private rendezvous folder: made at start(), removed with the tree
         self.monitor = self.backend.new_monitor(self._on_exit, self._on_hung)
+        attach = getattr(self.backend, "attach_events", None)  # a backend with processes of its own reports them
+        if attach is not None:
+            attach(self.events.emit)
         self.thread = threading.Thread(target=self._run, name="supervisor-manager", daemon=True)
 
     def transition(self, new: SupervisorState) -> None:

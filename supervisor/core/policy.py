@@ -37,8 +37,11 @@ Budgets (intensity / period), as OTP's `add_restart`::
 
 A restart at `now` is the k-th of its budget, where k = 1 + the earlier restarts of that budget with
 `now - t < period` (a restart exactly `period` seconds old has left the window). k <= intensity: RESTART after
-`min(backoff_initial_s * backoff_factor**(k-1), backoff_max_s)` seconds (0 when backoff_initial_s == 0; it resets
-with the window because k does). k > intensity: GIVE_UP (stop everything, the supervisor exits 1) with
+`backoff(n) = min(backoff_initial_s * backoff_factor**(n-1), backoff_max_s)` seconds (0 when backoff_initial_s == 0;
+it resets with the window because k does), where n = k for a start-up failure and n = k - 1 for a run-time one: a
+group that served and then failed is restarted at once the first time in a window (as Erlang/OTP and Kubernetes
+do; a warm standby then answers within a step), and only a second failure within the window backs off. A start-up
+failure backs off from the first, since it is the start of a crash loop. k > intensity: GIVE_UP (stop everything, the supervisor exits 1) with
 `restarts_in_window == k - 1`, i.e. the maximum. intensity == 0 therefore never restarts.
 
 When the last live child is removed, the Decision has `finished=True`: the supervisor finishes (exit 0).
@@ -138,7 +141,9 @@ class PolicySpec:
         return self.startup if phase is Phase.STARTUP else self.runtime
 
     def backoff(self, k: int) -> float:
-        """Delay before the k-th restart of a window (k >= 1)."""
+        """The k-th step of the backoff (k >= 1; 0 for k < 1)."""
+        if k < 1:
+            return 0.0
         delay = self.backoff_initial_s
         for _ in range(k - 1):
             if delay >= self.backoff_max_s:
@@ -256,7 +261,7 @@ def _restart(spec: PolicySpec, children: Sequence[int], history: PolicyState, ne
                         reason=f"{what}: {k} {_budget_name(phase)} restarts in {budget.period_s} s "
                                f"would exceed intensity {budget.intensity}")
     targets = _targets(spec.strategy, children, [e.child for e in needy], removed)
-    delay = spec.backoff(k)
+    delay = spec.backoff(k if phase is Phase.STARTUP else k - 1)
     return Decision(Action.RESTART, restart=targets, remove=removed, delay_s=delay, restarts_in_window=k,
                     phase=phase,
                     reason=f"{what}: {spec.strategy.value} restarts {_plural(targets)} in {delay} s "

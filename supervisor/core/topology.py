@@ -11,6 +11,7 @@ from worker.spec import Topology, WorkerSpec
 TREE_ENV = "RANKVISOR_TREE"
 LOOPBACK = "127.0.0.1"
 TORCHRUN_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+RANK_ENV_KEYS = (*TORCHRUN_KEYS, "RANKVISOR_DP_RANK", "RANKVISOR_GLOBAL_RANK")  # what names one rank
 
 
 def visible_gpus() -> int:

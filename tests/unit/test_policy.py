@@ -184,11 +184,12 @@ def test_give_up_message():
 def test_the_window_passing_resets_the_counter_and_the_backoff():
     sim = Sim(spec(intensity=3, period_s=10.0, backoff_initial_s=1.0, backoff_factor=2.0, backoff_max_s=60.0))
     burst = [sim.fail(0, after=1.0) for _ in range(3)]  # at 1, 2, 3 s
-    assert [(d.restarts_in_window, d.delay_s) for d in burst] == [(1, 1.0), (2, 2.0), (3, 4.0)]
+    # a run-time failure is restarted at once the first time in a window; later ones back off
+    assert [(d.restarts_in_window, d.delay_s) for d in burst] == [(1, 0.0), (2, 1.0), (3, 2.0)]
     d = sim.fail(0, after=9.5)  # at 12.5 s the restarts at 1 and 2 s have left the window, the one at 3 s has not
-    assert (d.action, d.restarts_in_window, d.delay_s) == (Action.RESTART, 2, 2.0)
+    assert (d.action, d.restarts_in_window, d.delay_s) == (Action.RESTART, 2, 1.0)
     d = sim.fail(0, after=10.0)  # at 22.5 s the one at 12.5 s is exactly period_s old: outside
-    assert (d.action, d.restarts_in_window, d.delay_s) == (Action.RESTART, 1, 1.0)
+    assert (d.action, d.restarts_in_window, d.delay_s) == (Action.RESTART, 1, 0.0)
 
 
 # --- start-up (row 28) -----------------------------------------------------------------------------------------------
@@ -221,6 +222,7 @@ def test_a_batch_with_any_runtime_failure_is_charged_to_runtime():
 def test_backoff():
     assert [spec().backoff(k) for k in (1, 2, 50)] == [0.1, 0.2, 5.0]  # the default: 0.1 s, doubling to 5 s
     assert [spec(backoff_initial_s=0.0).backoff(k) for k in (1, 2, 50)] == [0.0, 0.0, 0.0]
+    assert spec().backoff(0) == 0.0  # a run-time failure's first restart in a window
     s = spec(backoff_initial_s=0.1, backoff_factor=3.0, backoff_max_s=1.0)
     assert [round(s.backoff(k), 9) for k in (1, 2, 3, 4)] == [0.1, 0.3, 0.9, 1.0]
     assert s.backoff(100_000) == 1.0  # no float overflow however long the window
@@ -272,7 +274,9 @@ class Reference:
         if len(recent) >= limit.intensity:
             return ("give_up", len(recent))
         self.log.append((now, phase))
-        delay = min(self.s.backoff_initial_s * self.s.backoff_factor ** len(recent), self.s.backoff_max_s)
+        steps = len(recent) + (1 if phase is S else 0)  # a run-time failure's first restart waits no backoff
+        delay = min(self.s.backoff_initial_s * self.s.backoff_factor ** (steps - 1), self.s.backoff_max_s) \
+            if steps else 0.0
         first = self.children.index(wants[0])
         pick = {Strategy.ONE_FOR_ONE: wants, Strategy.ONE_FOR_ALL: self.children,
                 Strategy.REST_FOR_ONE: self.children[first:]}[self.s.strategy]

@@ -29,9 +29,11 @@ from torch import nn
 from worker.llm.shape import LlamaShape, RopeSettings
 
 
-@dataclass(frozen=True)
+@dataclass
 class Parallel:
-    """This rank's place in the model: its TP slice and its pipeline stage's layers."""
+    """This rank's place in the model: its TP slice and its pipeline stage's layers. Every layer of a stage holds
+    this one object, so a warm standby, which builds its model before it joins the group's world, sets ``group``
+    once at promotion (mutable for that reason)."""
 
     tp: int = 1
     tp_rank: int = 0
@@ -81,15 +83,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # -- layers -------------------------------------------------------------------------------------------------------
 # Parameters are created uninitialised (torch.empty) on their device and in their dtype, then filled from the
 # checkpoint: no random init to throw away, and no meta-device init, whose first use imports torch's reference
-# decompositions (~2 s of a restart on a CPU core).
+# decompositions (~2 s of a restart on a CPU core). With an arena (worker/weights.py) each parameter is instead the
+# next view of the weight keeper's buffer, in the order the constructors below ask for them.
 def _param(*dims: int, like: "Alloc") -> nn.Parameter:
-    return nn.Parameter(torch.empty(*dims, dtype=like.dtype, device=like.device), requires_grad=False)
+    return nn.Parameter(like.empty(dims), requires_grad=False)
 
 
 @dataclass(frozen=True)
 class Alloc:
     dtype: torch.dtype
     device: torch.device
+    arena: Any = None  # worker.weights.Plan / Arena: where parameters come from (None: fresh tensors)
+
+    def empty(self, dims: tuple[int, ...]) -> torch.Tensor:
+        if self.arena is not None:
+            return self.arena.empty(dims, self.dtype)
+        return torch.empty(*dims, dtype=self.dtype, device=self.device)
 
 
 class RMSNorm(nn.Module):
@@ -223,12 +232,13 @@ class Stage(nn.Module):
 
 # -- loading -----------------------------------------------------------------------------------------------------
 def load_stage(reader: Any, shape: LlamaShape, par: Parallel, layers: range, dtype: torch.dtype,
-               device: torch.device) -> Stage:
-    """Build this rank's stage (uninitialised) and fill it from the checkpoint with only this rank's slices: on a
-    CUDA device through pinned staging buffers (worker/llm/fastload.py), elsewhere slice by slice."""
+               device: torch.device, arena: Any = None) -> Stage:
+    """Build this rank's stage (uninitialised, or in ``arena``) and fill it from the checkpoint with only this
+    rank's slices: on a CUDA device through pinned staging buffers (worker/llm/fastload.py), elsewhere slice by
+    slice."""
     from worker.llm import fastload
 
-    stage = Stage(shape, par, len(layers), Alloc(dtype, device))
+    stage = Stage(shape, par, len(layers), Alloc(dtype, device, arena))
     fills = stage_fills(stage, shape, par, layers)
     with torch.no_grad():
         if fastload.wanted(device):
@@ -236,6 +246,13 @@ def load_stage(reader: Any, shape: LlamaShape, par: Parallel, layers: range, dty
         else:
             reader.fill(fills)
     return stage.eval()
+
+
+def kept_stage(shape: LlamaShape, par: Parallel, layers: range, dtype: torch.dtype, device: torch.device,
+               arena: Any) -> Stage:
+    """This rank's stage with every parameter a view of the weight keeper's ``arena``: nothing read, nothing
+    copied. (With a ``weights.Plan`` as the arena: the dry run that counts the bytes, on the meta device.)"""
+    return Stage(shape, par, len(layers), Alloc(dtype, device, arena)).eval()
 
 
 def stage_fills(stage: Stage, shape: LlamaShape, par: Parallel, layers: range) -> list[Any]:

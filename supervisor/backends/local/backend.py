@@ -9,6 +9,8 @@ from supervisor.backends.local import startmethod
 from supervisor.backends.local.group import WorkerGroup
 from supervisor.backends.local.monitor import Monitor
 from supervisor.backends.local.output import RankOutput
+from supervisor.backends.local.reserve import Reserve
+from supervisor.core import recovery
 from supervisor.settings import Config
 
 
@@ -32,9 +34,25 @@ class LocalBackend:
         escalation.become_subreaper()
         # Every worker's stdout/stderr, prefixed [rankN]: and copied into RUN_DIR/ranks/rankN.log
         self.output = RankOutput(cfg.logging.run_dir)
+        keeper = recovery.keeper_wanted(cfg.recovery, keeps_weights(cfg.worker.cls), cfg.restart.strategy,
+                                        cfg.backend)
+        # The weight keeper and the warm standbys (backends/local/reserve.py); the groups' workers by group
+        self.reserve = Reserve(self.ctx, self.output, self.reaper, keeper=keeper,
+                               standby=recovery.standby_wanted(cfg.recovery, keeper, cfg.backend),
+                               warm_up_timeout_s=cfg.runtime.startup_timeout_s,
+                               backoff_s=cfg.recovery.standby_backoff_s,
+                               stop_s=(cfg.shutdown.grace_s, cfg.shutdown.reap_s))
+        self.reserve.on_weights_lost = self._weights_lost
+        self._groups: dict[int, WorkerGroup] = {}
+
+    def attach_events(self, emit) -> None:
+        """The lifecycle's EventLog.emit: the reserve's keeper and standbys report through it."""
+        self.reserve.emit = emit
 
     def describe(self) -> str:
-        return f"start method {self.start_method}"
+        r = self.reserve
+        extra = (", weight keeper" if r.keeper_on else "") + (", warm standby" if r.standby_on else "")
+        return f"start method {self.start_method}{extra}"
 
     def rendezvous(self, tmp_dir: str, group: int, attempt: int) -> str:
         """A private file per group attempt: no port to pick, nothing listening."""
@@ -42,8 +60,19 @@ class LocalBackend:
 
     def new_group(self, index: int, specs) -> WorkerGroup:
         c = self.cfg
-        return WorkerGroup(index, specs, self.ctx, c.transport, c.shutdown.grace_s, c.shutdown.reap_s, self.reaper,
-                           self.output)
+        group = WorkerGroup(index, specs, self.ctx, c.transport, c.shutdown.grace_s, c.shutdown.reap_s, self.reaper,
+                            self.output, self.reserve)
+        self._groups[index] = group
+        return group
+
+    def _weights_lost(self, keeper_pid: int) -> None:
+        """The keeper died and the ranks' mappings died with it (core/recovery.py): kill every rank that maps its
+        memory before it runs another call; the monitor reports the deaths and the restart policy acts."""
+        for group in list(self._groups.values()):
+            for w in group.workers:
+                if w.spec.weights is not None and w.spec.weights.owner_pid == keeper_pid and w.is_alive():
+                    w.killed_why = f"killed: its weight keeper (pid {keeper_pid}) died, and its weights with it"
+                    w.kill()
 
     def new_monitor(self, on_exit, on_hung) -> Monitor:
         return Monitor(on_exit, on_hung, self.cfg.worker.heartbeat_timeout_s)
@@ -56,7 +85,20 @@ class LocalBackend:
         return self.output.log_path(rank)
 
     def close(self) -> None:
+        self.reserve.close()  # the standbys, then the keeper: the last of the tree to go
         self.output.close()  # the workers are gone: what their pipes still hold is written out first
+
+
+def keeps_weights(cls_path: str) -> bool:
+    """Does the worker class keep weights (define weights_key)? It was imported by the config check already."""
+    from worker.base import Worker
+    from worker.main import load_class
+
+    try:
+        cls = load_class(cls_path)
+    except Exception:  # refused by the config check with one line; nothing to keep here
+        return False
+    return getattr(cls.weights_key, "__func__", None) is not Worker.weights_key.__func__
 
 
 def preflight_shm(cfg: Config) -> None:

@@ -4,6 +4,10 @@ Start-up is a typestate: ``spawn`` yields ``WorkerProcess`` handles in STARTING;
 into a serving group, because only a ``Ready`` message carries the reply-queue handle the RPC channel needs. Any
 failure on the way (a spawn that raises, a rank that raises, exits or never answers) stops every process started so
 far and raises ``StartupError`` naming the rank, with its remote traceback when there is one.
+
+With a reserve (backends/local/reserve.py) two steps come first: the ranks' specs get their kept weights from the
+weight keeper, and a warm standby, where the group has one, is promoted in place of spawning; either way the ranks
+then go through the same READY handshake. Once READY the reserve is told, and makes the group's next standby.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from typing import Callable, Sequence
 
 from supervisor.backends.local import escalation
 from supervisor.errors import StartupError
+from supervisor.backends.local.keeper import KeeperError
 from supervisor.backends.local.monitor import STACK_DUMP_WAIT_S
 from supervisor.backends.local.process import WorkerProcess, parent_fds
 from supervisor.core.rpc import RpcChannel
@@ -29,9 +34,10 @@ _ABORT_POLL_S = 0.05  # a shutdown during start-up is noticed this fast
 class WorkerGroup:
     def __init__(self, index: int, specs: Sequence[WorkerSpec], ctx, transport, grace_s: float, reap_s: float,
                  reaper: escalation.Reaper,
-                 output=None) -> None:
+                 output=None, reserve=None) -> None:
         self.index = index
         self.reaper = reaper
+        self.reserve = reserve  # Reserve: the weight keeper and warm standbys (None: neither)
         self.output = output  # RankOutput: the workers' stdout/stderr pipes go there (None: they inherit ours)
         # Start-up progress for whoever watches (the lifecycle sets it): observer(phase, worker, elapsed_s=...).
         self.observer: Callable[..., None] | None = None
@@ -57,10 +63,8 @@ class WorkerGroup:
         bcast = MessageQueue(self.world, t.slot_bytes, t.slots, t.spin_us, t.max_message_bytes, spin_yield=t.spin_yield)
         replies: list[MessageQueue] = []
         try:
-            for spec in self.specs:  # spawning the k-th may raise: the ones before are stopped below
-                self.workers.append(WorkerProcess(spec, self.ctx, bcast.export_handle(), parent_fds(), self.output))
-                self.reaper.register_worker(self.workers[-1].pid)
-                self._observe(StartupPhase.SPAWNED, self.workers[-1], 0.0)
+            self._take_weights(deadline)
+            self._launch(bcast.export_handle())
             readies = self._await_ready(deadline)
             for rank, ready in enumerate(readies):
                 replies.append(self._attach_reply(rank, ready))
@@ -75,6 +79,32 @@ class WorkerGroup:
             w.transition(WorkerState.READY)
         self.ready_at = time.monotonic()
         self.transition(GroupState.READY)
+        if self.reserve is not None:
+            self.reserve.group_ready(self.index, self.specs)
+
+    def _take_weights(self, deadline: float) -> None:
+        """The ranks' kept weights, from the keeper (which loads them the first time)."""
+        if self.reserve is None:
+            return
+        try:
+            self.specs = self.reserve.with_weights(self.specs, deadline, self._abort)
+        except KeeperError as exc:
+            rank = exc.rank if exc.rank >= 0 else None
+            raise StartupError(f"group {self.index}: {exc}", rank, exc.remote_traceback) from None
+
+    def _launch(self, bcast_handle) -> None:
+        """A process per rank: the group's warm standby promoted, or fresh ones spawned. Spawning the k-th may
+        raise: the ones before are stopped by the caller."""
+        spares = self.reserve.take_standby(self.index) if self.reserve is not None else None
+        for k, spec in enumerate(self.specs):
+            if spares:
+                w = spares[k]
+                w.promote(spec, bcast_handle)
+            else:
+                w = WorkerProcess(spec, self.ctx, bcast_handle, parent_fds(), self.output)
+                self.reaper.register_worker(w.pid)
+            self.workers.append(w)
+            self._observe(StartupPhase.SPAWNED, w, 0.0)
 
     def _await_ready(self, deadline: float) -> list[Ready]:
         readies: dict[int, Ready] = {}

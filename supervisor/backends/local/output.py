@@ -29,9 +29,13 @@ READ_BYTES = 64 * 1024  # one pipe's capacity: one read usually takes all that i
 _STREAMS = ("stdout", "stderr")
 
 
+def _label(rank: int | str, sep: str = "") -> str:
+    return f"rank{sep}{rank}" if isinstance(rank, int) else rank
+
+
 @dataclass
 class _Source:
-    rank: int
+    rank: int | str
     stream: str  # "stdout" | "stderr"
     conn: Any  # the parent's read end (multiprocessing Connection); closed at EOF
     buf: bytes = field(default=b"")
@@ -46,26 +50,34 @@ class RankOutput:
         self.log_dir = os.path.join(run_dir, "ranks") if run_dir else ""
         self._lock = threading.Lock()
         self._new: list[_Source] = []
-        self._logs: dict[int, Any] = {}  # global rank -> its log file (binary, appended)
+        self._logs: dict[int | str, Any] = {}  # global rank -> its log file (binary, appended)
         self._sel: selectors.BaseSelector | None = None
         self._wake: tuple[int, int] | None = None
         self._thread: threading.Thread | None = None
         self._open = 0  # sources registered and not at EOF yet (the pump thread's count)
         self._close_by: float | None = None  # monotonic deadline once close() was asked for
 
-    def log_path(self, rank: int) -> str:
-        """Where rank ``rank``'s output goes ("" when there is no run folder)."""
-        return os.path.join(self.log_dir, f"rank{rank}.log") if self.log_dir else ""
+    def log_path(self, rank: int | str) -> str:
+        """Where rank ``rank``'s output goes ("" when there is no run folder). A str names a helper process of the
+        tree instead of a rank (the weight keeper: "keeper")."""
+        return os.path.join(self.log_dir, f"{_label(rank)}.log") if self.log_dir else ""
 
     # -- adding workers (any thread) -------------------------------------------------------------------------
-    def add(self, rank: int, pid: int, attempt: int, stdout_conn: Any, stderr_conn: Any) -> None:
+    def add(self, rank: int | str, pid: int, attempt: int | str, stdout_conn: Any, stderr_conn: Any) -> None:
         """Take over the read ends of a new worker's pipes (they are closed here at EOF)."""
         with self._lock:
             self._start_locked()
-            self._write_log(rank, f"==> rank {rank} pid {pid} attempt {attempt} started {iso_time(time.time())} <==\n"
-                            .encode())
+            self._note_locked(rank, f"{_label(rank, ' ')} pid {pid} attempt {attempt} started")
             self._new += [_Source(rank, s, c) for s, c in zip(_STREAMS, (stdout_conn, stderr_conn))]
         self._poke()
+
+    def note(self, rank: int | str, what: str) -> None:
+        """A header line in the rank's log (e.g. a warm standby promoted into the rank's place)."""
+        with self._lock:
+            self._note_locked(rank, what)
+
+    def _note_locked(self, rank: int | str, what: str) -> None:
+        self._write_log(rank, f"==> {what} {iso_time(time.time())} <==\n".encode())
 
     def _start_locked(self) -> None:
         if self._thread is not None:
@@ -143,7 +155,7 @@ class RankOutput:
             return
         with self._lock:
             self._write_log(src.rank, b"".join(line + b"\n" for line in lines))
-        prefix = f"[rank{src.rank}]: "
+        prefix = f"[{_label(src.rank)}]: "
         text = "".join(prefix + line.decode("utf-8", "replace") + "\n" for line in lines)
         stream = sys.stdout if src.stream == "stdout" else sys.stderr  # looked up now: a live display swaps them
         try:
@@ -152,7 +164,7 @@ class RankOutput:
         except (OSError, ValueError, AttributeError):
             pass  # our own stream is gone (closed terminal): the rank log still has it
 
-    def _write_log(self, rank: int, data: bytes) -> None:
+    def _write_log(self, rank: int | str, data: bytes) -> None:
         if not self.log_dir:
             return
         f = self._logs.get(rank)

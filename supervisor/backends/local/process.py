@@ -1,8 +1,9 @@
-"""One worker process as the supervisor sees it: spec (frozen), handle (pid, create time, state), channels.
+"""The processes of the tree as the supervisor sees them: a worker's spec (frozen), handle (pid, create time,
+state) and channels; the weight keeper (backends/local/keeper.py) is built on the same ``TreeProcess``.
 
-The handle owns the parent's ends of the two pipes: the death pipe (closing it tells the worker to go) and the
-status pipe (READY, start-up failures, heartbeats). Only processes recorded here, identified by pid *and*
-create time, are ever signalled.
+The handle owns the parent's ends of the two pipes: the death pipe (closing it tells the process to go; a warm
+standby also receives its promotion there) and the status pipe (READY, start-up failures, heartbeats). Only
+processes recorded here, identified by pid *and* create time, are ever signalled.
 """
 from __future__ import annotations
 
@@ -16,13 +17,14 @@ import psutil
 
 from supervisor.backends.local import startmethod
 from supervisor.core.exits import ExitInfo
-from worker.main import entry
 from supervisor.core.states import WorkerState
+from worker.main import entry
+from worker.protocol import PROMOTE_PREFIX, STOP_PREFIX, Promotion
 from worker.spec import WorkerSpec
 
 # Process-wide on purpose, as descriptors are: a worker started with fork inherits every descriptor of this
 # process, so it must close the parent-only pipe ends of every live worker, whichever supervisor owns it.
-_OPEN: set["WorkerProcess"] = set()
+_OPEN: set["TreeProcess"] = set()
 
 
 def parent_fds() -> tuple[int, ...]:
@@ -31,19 +33,20 @@ def parent_fds() -> tuple[int, ...]:
     return tuple(fd for w in _OPEN for fd in w.parent_fds)
 
 
-class WorkerProcess:
-    def __init__(self, spec: WorkerSpec, ctx, bcast_handle, parent_fds: tuple[int, ...] = (), output=None) -> None:
-        self.spec = spec
-        self.rank = spec.topology.rank
-        self.state = WorkerState.STARTING
-        self.hung = False
+class TreeProcess:
+    """A process of the tree that the supervisor started: its handle (pid + create time), the death pipe, the
+    status pipe and its output pipes. Workers, warm standbys and the weight keeper are all of this kind."""
+
+    label: str | int = ""  # its name in the output and the logs: the global rank, or "keeper"
+
+    def _launch(self, ctx, target, args: tuple, attempt: int | str, output, extra_conns: tuple = ()) -> None:
+        """Start ``target(*args, death_r, status_w, *extra_conns, close_fds?, output ends)`` (see the callers)."""
         death_r, self.death_w = ctx.Pipe(duplex=False)
         self.status_r, status_w = ctx.Pipe(duplex=False)
-        close_fds = parent_fds if ctx.get_start_method() == "fork" else ()
-        # stdout/stderr pipes for RankOutput (None: the worker inherits ours, unprefixed)
+        # stdout/stderr pipes for RankOutput (None: the child inherits ours, unprefixed)
         pipes = [ctx.Pipe(duplex=False) for _ in range(2)] if output is not None else []
-        self.proc = ctx.Process(target=entry, name=spec.topology.name,
-                                args=(spec, bcast_handle, death_r, status_w, close_fds, tuple(w for _, w in pipes)))
+        self.proc = ctx.Process(target=target, name=str(self.label),
+                                args=(*args, death_r, status_w, *extra_conns, tuple(w for _, w in pipes)))
         try:
             with startmethod.without_main():  # the user's script must not run again in the worker
                 self.proc.start()
@@ -55,7 +58,7 @@ class WorkerProcess:
             for _, w in pipes:
                 w.close()
         if output is not None:
-            output.add(self.global_rank, self.proc.pid, spec.attempt, *(r for r, _ in pipes))
+            output.add(self.label, self.proc.pid, attempt, *(r for r, _ in pipes))
         # We stop our workers ourselves (with escalation); multiprocessing's atexit join could hang on one.
         mp_process._children.discard(self.proc)
         death_r.close()
@@ -69,17 +72,6 @@ class WorkerProcess:
         self._exitcode: int | None = None
         self._closed = False
         _OPEN.add(self)
-
-    @property
-    def global_rank(self) -> int:
-        return self.spec.topology.dp_rank * self.spec.topology.world_size + self.rank
-
-    def transition(self, new: WorkerState) -> None:
-        self.state = self.state.to(new, f"rank {self.rank}")
-
-    def settle(self) -> None:
-        """The process is gone: STOPPED or FAILED by how it ended (a verdict already given is kept)."""
-        self.state = self.state.settle(self.exit_info().clean, f"rank {self.rank}")
 
     @property
     def parent_fds(self) -> tuple[int, ...]:
@@ -106,9 +98,6 @@ class WorkerProcess:
     def is_alive(self) -> bool:
         return self.exitcode is None
 
-    def exit_info(self) -> ExitInfo:
-        return ExitInfo(self.exitcode, hung=self.hung, hung_why=getattr(self, "hung_why", ""))
-
     def read_status(self):
         """One frame from the status pipe: None for a heartbeat, else the unpickled message. EOFError at EOF."""
         data = self.status_r.recv_bytes()
@@ -133,7 +122,7 @@ class WorkerProcess:
         if self.death_w.closed:
             return
         try:
-            self.death_w.send_bytes(b"stop:%.3f" % grace_s)
+            self.death_w.send_bytes(STOP_PREFIX + b"%.3f" % grace_s)
         except OSError:
             pass
         self.death_w.close()
@@ -166,6 +155,51 @@ class WorkerProcess:
                 p.send_signal(signal.SIGUSR1)
             except psutil.Error:
                 pass
+
+
+class WorkerProcess(TreeProcess):
+    """One rank (or a warm standby for it): spec (frozen), handle (state, hang verdict), channels."""
+
+    def __init__(self, spec: WorkerSpec, ctx, bcast_handle, parent_fds: tuple[int, ...] = (), output=None) -> None:
+        self.spec = spec
+        self.rank = spec.topology.rank
+        self.label = self.global_rank
+        self.state = WorkerState.STARTING
+        self.hung = False
+        self.output = output
+        close_fds = parent_fds if ctx.get_start_method() == "fork" else ()
+        self._launch(ctx, entry, (spec, bcast_handle), "standby" if spec.standby else spec.attempt, output,
+                     (close_fds,))
+
+    @property
+    def global_rank(self) -> int:
+        return self.spec.topology.dp_rank * self.spec.topology.world_size + self.rank
+
+    def transition(self, new: WorkerState) -> None:
+        self.state = self.state.to(new, f"rank {self.rank}")
+
+    def settle(self) -> None:
+        """The process is gone: STOPPED or FAILED by how it ended (a verdict already given is kept)."""
+        self.state = self.state.settle(self.exit_info().clean, f"rank {self.rank}")
+
+    def exit_info(self) -> ExitInfo:
+        code = self.exitcode
+        why = getattr(self, "killed_why", "") if code is not None and code < 0 else ""
+        return ExitInfo(code, hung=self.hung, hung_why=getattr(self, "hung_why", ""),
+                        detail=f"{ExitInfo(code).reason.split(' (')[0]} ({why})" if why else "")
+
+    def promote(self, spec: WorkerSpec, bcast_handle) -> None:
+        """A warm standby takes a rank's place: it gets the attempt's spec and the group's broadcast queue, then
+        goes on like a freshly spawned worker (phases, READY on its status pipe)."""
+        try:
+            self.death_w.send_bytes(PROMOTE_PREFIX + pickle.dumps(Promotion(spec, bcast_handle)))
+        except OSError:
+            pass  # it died meanwhile: the start-up handshake finds its sentinel and names how it ended
+        self.spec = spec
+        self.last_beat = time.monotonic()
+        if self.output is not None:
+            self.output.note(self.label, f"rank {self.label} pid {self.pid} promoted from standby, attempt "
+                                         f"{spec.attempt}")
 
 
 def _create_time(pid: int) -> float | None:
