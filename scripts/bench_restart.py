@@ -1,16 +1,20 @@
 #!/usr/bin/env python
-"""kill -9 of a rank -> serving again, for workload=llm, split into its parts; variants side by side.
+"""kill -9 of a rank -> first tokens served again, for workload=llm, split into its parts; variants side by side.
 
 One tree per run: tp=1 ``workload=llm`` (worker.restart_probe:ProbedLLMWorker, which splits the weight load into the
 read out of the safetensors files and the copy to the device), one_for_one with a budget that never runs out. After a
-warm-up generation the rank is SIGKILLed ``--kills`` times; each time: kill -> the "exited" event, -> the new
-process created (detect, policy, backoff, fork), its own phases (process start, CUDA init, torch.distributed init
-(NCCL on CUDA, gloo on CPU), weight read, host->device copy), READY -> serving, and the first step (a prefill and
-one decode) answered.
+warm-up generation the rank is SIGKILLed ``--kills`` times; each time, from the tree's events: kill -> the "exited"
+event (detect), -> the "restarting" decision (the broken group stopped, the policy asked, its backoff waited),
+-> the group serving again (a warm standby promoted, or a process spawned: its own phases are listed below it),
+and the first step (a prefill and one decode) answered.
 
 Variants, each in a child process of its own (the forkserver and its preload are per process), interleaved
 A B C, B C A, ... over ``--rounds``:
-    as configured     the defaults
+    as configured     the defaults (workload=llm under a restart policy: the weight keeper and a warm standby)
+    keeper only       recovery.standby=off: a fresh process maps the keeper's weights
+    no keeper         recovery.keeper=off recovery.standby=off: the restart path of before the keeper (reads and
+                      copies the weights, captures the graph); the code before also waited 0.1 s of backoff
+                      before a first restart (scripts/gpu_recovery.sh runs that code itself, side by side)
     no gc.freeze      the worker does not freeze what it inherits from the forkserver (the code before the cut)
     eager NCCL        device=cuda, tp=1: NCCL initialised at start-up although a world of one never uses it (before)
     backoff 0         restart.backoff_initial_s=0: the restart policy's delay before the first restart
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -37,11 +42,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _bench_common as C  # noqa: E402  (also puts the repository root on sys.path)
 
 CHILD_TIMEOUT_S = 600.0
+PERIOD_S = 1.0  # the restart window: kills are spaced further apart, so each is the first restart of its window
 RESTART_TIMEOUT_S = 300.0
 LLM_MODULES = ("worker.restart_probe", "worker.llm.worker", "worker.llm.model", "worker.llm.engine",
                "worker.llm.checkpoint", "safetensors.torch")
 VARIANTS = {
     "as configured": (),
+    "keeper only": ("recovery.standby=off",),
+    "no keeper": ("recovery.keeper=off", "recovery.standby=off"),
     "no gc.freeze": ("+runtime.env.RV_NO_GC_FREEZE=1",),
     "eager NCCL": ("+runtime.env.RV_EAGER_NCCL=1",),
     "plain load": ("+runtime.env.RV_SLOW_LOAD=1",),
@@ -50,14 +58,18 @@ VARIANTS = {
 }
 PARTS = [  # (row label, key in a kill's record)
     ("kill -> exited event (detect)", "detect_s"),
-    ("kill -> new process created (detect, policy, backoff, fork)", "spawn_s"),
-    ("process start (fork/exec, imports)", "process_start_s"),
-    ("CUDA init", "cuda_init_s"),
-    ("torch.distributed init (NCCL / gloo)", "dist_init_s"),
-    ("weight read (safetensors -> CPU tensors)", "weight_read_s"),
-    ("host -> device copy (+ allocation)", "weight_copy_s"),
-    ("  of which pinning the staging buffers (fastload)", "weight_stage_s"),
-    ("model modules imported in load_model, READY, gate open", "ready_gap_s"),
+    ("exited -> restart decided (stop, policy, backoff)", "decide_s"),
+    ("decided -> serving (standby promoted, or spawn ... READY)", "start_s"),
+    ("  of which a warm standby was promoted (share of kills)", "promoted"),
+    ("  kill -> new process created (spawned ones)", "spawn_s"),
+    ("  process start (fork/exec, imports)", "process_start_s"),
+    ("  CUDA init", "cuda_init_s"),
+    ("  torch.distributed init (NCCL / gloo)", "dist_init_s"),
+    ("  weight read (safetensors -> CPU tensors)", "weight_read_s"),
+    ("  host -> device copy (+ allocation)", "weight_copy_s"),
+    ("    of which pinning the staging buffers (fastload)", "weight_stage_s"),
+    ("  weights mapped from the keeper (1) or loaded (0)", "weights_kept"),
+    ("  model modules imported in load_model, READY, gate open", "ready_gap_s"),
     ("first step: prefill + 1 decode", "first_step_s"),
     ("total: kill -> first tokens served again", "total_s"),
 ]
@@ -69,7 +81,7 @@ def child(args) -> int:
     from supervisor.api import Supervisor
 
     overrides = ["workload=llm", "worker.cls=worker.restart_probe:ProbedLLMWorker", "parallel.tp=1",
-                 "restart=one_for_one", "restart.intensity=100000", "restart.period_s=1", f"device={args.device}",
+                 "restart=one_for_one", "restart.intensity=100000", f"restart.period_s={PERIOD_S}", f"device={args.device}",
                  f"llm.preset={args.preset}", f"llm.dtype={args.dtype}", "llm.batch=1", "llm.max_new_tokens=8",
                  "llm.prompt_len=32",
                  "runtime.startup_timeout_s=600", *VARIANTS[args.variant]]
@@ -91,23 +103,50 @@ def generate(sup, prompt) -> None:
 
 def kill_once(sup, prompt) -> dict:
     pid = sup.pids()[0]
+    settle_standby(sup)
+    last = max((e["time"] for e in sup.events.of_kind("restarting")), default=0.0)
+    time.sleep(max(0.0, last + PERIOD_S * 1.1 - time.time()))  # each kill the first restart of its window
     t_kill = time.time()
     os.kill(pid, signal.SIGKILL)
     C.wait_until(lambda: not sup.serving(0), 30, 0.001)
     if not sup.wait_until_serving(0, timeout=RESTART_TIMEOUT_S):
         raise RuntimeError("the group did not serve again")
-    t_serving = time.time()
     generate(sup, prompt)
     t_tokens = time.time()
     ph = sup.collective_rpc("phase_timings", timeout=60)[0]
-    exited = [e["time"] for e in sup.events.of_kind("exited") if e.get("pid") == pid]
-    booted = ph["created_at"] + ph["process_start_s"] + ph["cuda_init_s"] + ph["dist_init_s"] + ph["weight_load_s"]
-    return {"detect_s": exited[0] - t_kill if exited else float("nan"), "spawn_s": ph["created_at"] - t_kill,
-            "process_start_s": ph["process_start_s"], "cuda_init_s": ph["cuda_init_s"],
-            "dist_init_s": ph["dist_init_s"], "weight_read_s": ph.get("weight_read_s", float("nan")),
-            "weight_copy_s": ph.get("weight_copy_s", float("nan")),
-            "weight_stage_s": ph.get("weight_stage_s", float("nan")), "ready_gap_s": t_serving - booted,
-            "first_step_s": t_tokens - t_serving, "total_s": t_tokens - t_kill}
+    nan = float("nan")
+    exited = first_after(sup, "exited", t_kill, pid=pid)
+    decided = first_after(sup, "restarting", t_kill)
+    serving = first_after(sup, "group_ready", t_kill)
+    promoted = not math.isnan(first_after(sup, "standby_promoted", t_kill))
+    rec = {"detect_s": exited - t_kill, "decide_s": decided - exited, "start_s": serving - decided,
+           "promoted": float(promoted), "first_step_s": t_tokens - serving, "total_s": t_tokens - t_kill,
+           "weights_kept": ph.get("weights_kept", 0.0)}
+    fresh = ph["created_at"] > t_kill  # a process spawned after the kill; a promoted standby was made before it
+    keys = ("process_start_s", "cuda_init_s", "dist_init_s", "weight_read_s", "weight_copy_s", "weight_stage_s")
+    rec.update({k: (ph.get(k, nan) if fresh else nan) for k in keys})
+    rec["spawn_s"] = ph["created_at"] - t_kill if fresh else nan
+    booted = ph["created_at"] + sum(ph.get(k, 0.0) for k in ("process_start_s", "cuda_init_s", "dist_init_s",
+                                                             "weight_load_s"))
+    rec["ready_gap_s"] = serving - booted if fresh else nan
+    return rec
+
+
+def first_after(sup, kind: str, t: float, **match) -> float:
+    """When the first event of ``kind`` after ``t`` (matching ``match``) was emitted; NaN if none was."""
+    times = [e["time"] for e in sup.events.of_kind(kind)
+             if e["time"] >= t and all(e.get(k) == v for k, v in match.items())]
+    return min(times) if times else float("nan")
+
+
+def settle_standby(sup, timeout_s: float = 120.0) -> None:
+    """Before a kill, wait until the group's next standby (if the tree makes one) is ready: a kill during its
+    warm-up measures a standby still warming up (and would charge its own start to the measurement)."""
+    reserve = getattr(getattr(sup._life, "backend", None), "reserve", None)
+    if reserve is None or not reserve.standby_on:
+        return
+    C.wait_until(lambda: all(s["ready"] for s in reserve.status()["standbys"].values())
+                 and reserve.status()["standbys"], timeout_s, 0.01)
 
 
 def run_child(args, preset: str, variant: str) -> dict:
@@ -125,7 +164,7 @@ def main() -> int:
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--presets", default="tiny")
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--variants", default="as configured,no gc.freeze,backoff 0")
+    ap.add_argument("--variants", default="as configured,keeper only,no keeper")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--kills", type=int, default=3, help="kills per child (tree)")
     ap.add_argument("--budget-s", type=float, default=3000.0, help="hard limit for the whole run (watchdog)")
@@ -140,6 +179,16 @@ def main() -> int:
             return run(args)
         finally:
             C.REAPER.kill_all()
+
+
+def cell(key: str, values: list[float]) -> str:
+    """A median in ms; the two share-like rows as plain fractions; '-' where nothing was measured."""
+    finite = [v for v in values if v == v]
+    if not finite:
+        return "-"
+    if key in ("promoted", "weights_kept"):
+        return f"{sum(finite) / len(finite):.2f}"
+    return C.f_ms(C.median(finite), 0)
 
 
 def run(args) -> int:
@@ -158,8 +207,9 @@ def run(args) -> int:
                     notes.append(f"{v}: first start {out['first_start_s']:.1f} s (checkpoint written in "
                                  f"{out['write_s']:.1f} s, 0 = cached)")
         base = C.median([rec["total_s"] for rec in got[variants[0]]])
-        rows = [[label, *(C.f_ms(C.median([rec[key] for rec in got[v]]), 0) for v in variants)]
-                for label, key in PARTS]
+        rows = [[label, *(cell(key, [rec[key] for rec in got[v]]) for v in variants)] for label, key in PARTS]
+        rows.append(["total p99 (worst of few)", *(C.f_ms(C.pct([rec["total_s"] for rec in got[v]], 0.99), 0)
+                                                  for v in variants)])
         rows.append([f"total vs {variants[0]}",
                      *(C.f_x(C.ratio(C.median([rec["total_s"] for rec in got[v]]), base)) for v in variants)])
         rows.append(["kills (medians over)", *(len(got[v]) for v in variants)])
