@@ -455,6 +455,12 @@ class Supervisor:
         self._cpu_samples[key] = (used, now)
         return round(100.0 * (used - last_used) / max(now - last_t, 1e-6), 1)
 
+    def reserve_status(self) -> dict[str, Any]:
+        """The weight keeper and the warm standbys: ``{"keeper": {pid, alive, held_bytes (by device), load_s} or
+        None, "standbys": {group: {pids, ready}}}`` (both empty where the backend keeps none)."""
+        reserve = getattr(self._life.backend, "reserve", None)
+        return reserve.status() if reserve is not None else {"keeper": None, "standbys": {}}
+
     def pids(self) -> list[int]:
         return [row["pid"] for row in self.status()]
 
