@@ -474,6 +474,7 @@ _RULES: tuple[tuple[str, Callable[[Any], str | None]], ...] = (
     ("restart.backoff_initial_s", _NON_NEG),
     ("restart.backoff_factor", _number(1, strict=False)),
     ("restart.backoff_max_s", _NON_NEG),
+    ("recovery.standby_delay_s", _NON_NEG),
     ("recovery.standby_backoff_s", _NON_NEG),
     # Every Choice-typed key (device, backend, runtime.start_method, restart.strategy, ...) is checked against its
     # Enum by _check_choices: the choices are written once, in supervisor/settings.py.

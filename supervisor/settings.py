@@ -170,6 +170,9 @@ class RecoverySettings:
 
     keeper: Toggle = Toggle.auto  # auto: on when the worker class keeps weights and a restart policy is set
     standby: Toggle = Toggle.auto  # auto: on wherever the keeper is on
+    # A group's next standby is started this long after the group serves (again): its warm-up (a fork, a CUDA
+    # context, a first step) then does not compete with the replacement's first steps for the CPUs and the GPU.
+    standby_delay_s: float = 0.5
     standby_backoff_s: float = 1.0  # a standby that died while waiting is replaced after this, doubling to 30 s
 
 

@@ -40,7 +40,7 @@ class LocalBackend:
         self.reserve = Reserve(self.ctx, self.output, self.reaper, keeper=keeper,
                                standby=recovery.standby_wanted(cfg.recovery, keeper, cfg.backend),
                                warm_up_timeout_s=cfg.runtime.startup_timeout_s,
-                               backoff_s=cfg.recovery.standby_backoff_s,
+                               delay_s=cfg.recovery.standby_delay_s, backoff_s=cfg.recovery.standby_backoff_s,
                                stop_s=(cfg.shutdown.grace_s, cfg.shutdown.reap_s))
         self.reserve.on_weights_lost = self._weights_lost
         self._groups: dict[int, WorkerGroup] = {}

@@ -53,10 +53,10 @@ class Standby:
 
 class Reserve:
     def __init__(self, ctx, output, reaper: escalation.Reaper, *, keeper: bool, standby: bool,
-                 warm_up_timeout_s: float, backoff_s: float, stop_s: tuple[float, float]) -> None:
+                 warm_up_timeout_s: float, delay_s: float, backoff_s: float, stop_s: tuple[float, float]) -> None:
         self.ctx, self.output, self.reaper = ctx, output, reaper
         self.keeper_on, self.standby_on = keeper, standby
-        self.warm_up_timeout_s, self.backoff_s = warm_up_timeout_s, backoff_s
+        self.warm_up_timeout_s, self.delay_s, self.backoff_s = warm_up_timeout_s, delay_s, backoff_s
         self.grace_s, self.reap_s = stop_s
         self.emit: Emit = lambda kind, **fields: None  # the lifecycle's EventLog.emit, once attached
         self.on_weights_lost: Callable[[int], None] = lambda keeper_pid: None  # the backend stops the ranks
@@ -100,6 +100,7 @@ class Reserve:
             return
         with self._lock:
             self._wanted[group] = list(specs)
+            self._next_try[group] = max(self._next_try.get(group, 0.0), time.monotonic() + self.delay_s)
         self._ensure_thread()
         self._wake()
 
