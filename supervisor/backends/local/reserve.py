@@ -68,8 +68,8 @@ class Reserve:
         self._lock = threading.RLock()
         self._keeper_lock = threading.Lock()  # one keeper start at a time
         self._closing = threading.Event()
-        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        self._thread: threading.Thread | None = None
+        self._wake_r = self._wake_w = -1  # the thread's wake-up pipe: made with the thread (a tree never started
+        self._thread: threading.Thread | None = None  # holds no descriptor)
 
     # -- the manager's side -------------------------------------------------------------------------------------
     def with_weights(self, specs: list, deadline: float, abort: threading.Event | None = None) -> list:
@@ -124,12 +124,11 @@ class Reserve:
         self._stop(standbys)
         if keeper is not None:
             escalation.stop([keeper], self.grace_s, self.reap_s, self.reaper)
-        for fd in (self._wake_r, self._wake_w):
-            try:
+        with self._lock:  # no _wake() writes into a descriptor number being closed (and perhaps reused)
+            fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), -1, -1
+        for fd in fds:
+            if fd >= 0:
                 os.close(fd)
-            except OSError:
-                pass
-        self._wake_r = self._wake_w = -1
 
     # -- the keeper ---------------------------------------------------------------------------------------------
     def _running_keeper(self, env: tuple) -> KeeperProcess:
@@ -177,14 +176,18 @@ class Reserve:
     def _ensure_thread(self) -> None:
         with self._lock:
             if self._thread is None and not self._closing.is_set():
+                self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
                 self._thread = threading.Thread(target=self._run, name="supervisor-reserve", daemon=True)
                 self._thread.start()
 
     def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass
+        with self._lock:
+            if self._wake_w < 0:
+                return
+            try:
+                os.write(self._wake_w, b"x")
+            except OSError:
+                pass  # full: the thread is awake anyway
 
     def _run(self) -> None:
         while not self._closing.is_set():
