@@ -123,6 +123,11 @@ class Topology:
         return self.pp_rank * self.tp + self.tp_rank
 
     @property
+    def global_rank(self) -> int:
+        """Rank in the whole tree (dp-major): how the API orders results and addresses ``unique_reply_rank``."""
+        return self.dp_rank * self.world_size + self.rank
+
+    @property
     def name(self) -> str:
         """Role name used for the process title and the log prefix: Worker_TP3, Worker_PP1_TP0, Worker_DP1_TP0."""
         parts = []
