@@ -106,8 +106,9 @@ class Generator:
                     try:
                         self._run(group, prompts, rows, max_new_tokens, deadline, on_step, stop, stop_ids)
                         return rows
-                    except RemoteError as exc:
-                        raise (group_failure(exc, view, group, incarnation) if self.retry else None) or exc
+                    except RemoteError as exc:  # a survivor's collective broke because a peer died: that is the
+                        # group's failure, retried or not (the caller hears of the dead rank, not of a reset socket)
+                        raise group_failure(exc, view, group, incarnation) or exc
                 except WorkerFailed as exc:
                     if not self.retry or attempt >= self.policy.attempts or _passed(deadline):
                         raise
