@@ -813,15 +813,15 @@ class Soak:
         k = rng.randrange(1 << 30)
         c = rng.random()
         if c < 0.2:
-            return "ping", lambda: sup.collective_rpc("ping", timeout=T), lambda r: r == list(range(world)) * dp
+            return "ping", lambda: sup.collective_rpc("ping", timeout=T), lambda r: r == list(range(world * dp))
         if c < 0.4:
             g = rng.randrange(dp)
             return "ping group", lambda: sup.collective_rpc("ping", timeout=T, group=g), \
-                lambda r: r == list(range(world))
+                lambda r: r == list(range(g * world, (g + 1) * world))
         if c < 0.55:
             gr = rng.randrange(dp * world)
             return "ping unique", lambda: sup.collective_rpc("ping", timeout=T, unique_reply_rank=gr), \
-                lambda r: r == gr % world
+                lambda r: r == gr
         if c < 0.8:
             g = rng.randrange(dp)
             return "callable", lambda: sup.collective_rpc(_tag, timeout=T, args=(k,), group=g), \

@@ -4,6 +4,8 @@
         out = await sup.execute_model(batch)               # the loop never blocks on a reply
         pings = await asyncio.gather(*(sup.collective_rpc("ping") for _ in range(8)))
         one = await sup.collective_rpc("echo", args=(x,), unique_reply_rank=1, timeout=2.0)
+        step = await sup.execute_model(batch, non_block=True)  # sent; an asyncio Future of the output
+        out = await step
 
 Calls are the synchronous API's non-blocking ones (their Futures complete by themselves, from the channel's reply
 reader) awaited through ``asyncio.wrap_future``: no thread per call. ``timeout`` is the caller's wait, as in the
@@ -43,19 +45,24 @@ class AsyncSupervisor:
 
     async def collective_rpc(self, method: str | Callable[..., Any], timeout: float | None = None, args: tuple = (),
                              kwargs: dict | None = None, unique_reply_rank: int | None = None,
-                             group: int | None = None, deadline: float | None = None) -> Any:
+                             group: int | None = None, deadline: float | None = None, non_block: bool = False) -> Any:
+        """The results; with ``non_block``, an asyncio Future of them, returned once the call is sent (calls sent
+        one after the other keep their order; await each Future when its answer is needed)."""
         future = self._started().collective_rpc(method, timeout, args, kwargs, non_block=True,
                                                 unique_reply_rank=unique_reply_rank, group=group, deadline=deadline)
-        return await _wait(future, timeout)
+        waiting = _wait(future, timeout)
+        return asyncio.ensure_future(waiting) if non_block else await waiting
 
     async def execute_model(self, *args: Any, timeout: float | None = None, group: int | None = None,
-                            **kwargs: Any) -> Any:
-        """One step on a serving group (round-robin unless ``group``), under ``worker.call_deadline_s``."""
+                            non_block: bool = False, **kwargs: Any) -> Any:
+        """One step on a serving group (round-robin unless ``group``), under ``worker.call_deadline_s``.
+        ``non_block`` (vLLM V1's ``execute_model(scheduler_output, non_block=False)``): an asyncio Future of the
+        output, returned as soon as the step is sent, so the caller can prepare the next step meanwhile."""
         sup = self._started()
         gi = group if group is not None else sup._pick_group()
         output_rank = gi * sup.world + (sup.cfg.parallel.pp - 1) * sup.cfg.parallel.tp
         return await self.collective_rpc("execute_model", timeout, args, kwargs, unique_reply_rank=output_rank,
-                                         deadline=sup.cfg.worker.call_deadline_s or None)
+                                         deadline=sup.cfg.worker.call_deadline_s or None, non_block=non_block)
 
     async def check_health(self, timeout: float | None = 10.0) -> list[Any]:
         return await asyncio.to_thread(self._started().check_health, timeout)

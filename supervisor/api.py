@@ -2,8 +2,8 @@
 
     with Supervisor(cfg) as sup:
         out = sup.execute_model(x)                       # output of the first TP rank of the last PP stage
-        pids = sup.collective_rpc("pid")                  # every rank, ordered by global rank
-        futs = sup.collective_rpc(fn, non_block=True)     # a callable receives the worker as first argument
+        ranks = sup.collective_rpc("ping")                # every rank's answer, ordered by global rank
+        fut = sup.collective_rpc(fn, non_block=True)      # a callable receives the worker as first argument
         sup.register_failure_callback(lambda: ...)
         sup.check_health(); sup.status()
     # shutdown() on exit; idempotent
@@ -301,20 +301,23 @@ class Supervisor:
         return future
 
     def execute_model(self, *args: Any, timeout: float | None = None, group: int | None = None,
-                      retry: bool | None = None, **kwargs: Any) -> Any:
+                      retry: bool | None = None, non_block: bool = False, **kwargs: Any) -> Any:
         """Run one step on a group (round-robin over serving replicas unless ``group`` is given); returns the
-        output of its first TP rank of the last PP stage. ``retry`` (default: ``rpc.retry_execute_model`` is
-        "always"): if the group fails before it answered, the step goes to another serving replica at once (or to
-        ``group`` once it serves again). Only for steps that hold no state in the group: a decode step needs its
-        group's KV cache, so generation is retried a request at a time (supervisor/serving.py)."""
+        output of its first TP rank of the last PP stage. ``non_block`` (vLLM V1's ``execute_model(scheduler_output,
+        non_block=False)``): return a Future of that output as soon as the step is sent, so the next step can be
+        prepared while this one runs. ``retry`` (default: ``rpc.retry_execute_model`` is "always"): if the group
+        fails before it answered, the step goes to another serving replica at once (or to ``group`` once it serves
+        again). Only for steps that hold no state in the group: a decode step needs its group's KV cache, so
+        generation is retried a request at a time (supervisor/serving.py)."""
         gi = group if group is not None else self._pick_group()
         local = (self.cfg.parallel.pp - 1) * self.cfg.parallel.tp
         if self.cfg.rpc.retry_execute_model == "always" if retry is None else retry:
             deadline = None if timeout is None else time.monotonic() + timeout
             return self._retrying("execute_model", "execute_model", args, kwargs, [(gi, local)], deadline,
-                                  False, True, movable=group is None,
+                                  non_block, True, movable=group is None,
                                   call_deadline=self.cfg.worker.call_deadline_s or None)
-        return self.collective_rpc("execute_model", timeout, args, kwargs, unique_reply_rank=gi * self.world + local,
+        return self.collective_rpc("execute_model", timeout, args, kwargs, non_block=non_block,
+                                   unique_reply_rank=gi * self.world + local,
                                    deadline=self.cfg.worker.call_deadline_s or None)
 
     def check_health(self, timeout: float | None = 10.0) -> list[Any]:

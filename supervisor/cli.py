@@ -294,7 +294,8 @@ def _finish(cfg: Any, sup: Any, report: Any, ready_s: float, shutdown_s: float, 
              ("start-up to READY (from the command's start)", f"{ready_s:.3f} s"), *report.lines,
              ("shutdown", f"{shutdown_s:.3f} s")]
     sup.summary = f"{cfg.workload.name} summary\n" + format_report(items)  # also into supervisor.log (observe)
-    print("\n" + sup.summary, flush=True)
+    # workload.stdin: stdout carries one answer per prompt line, for the next program in the pipe; not the summary
+    print("\n" + sup.summary, flush=True, file=sys.stderr if cfg.workload.stdin else sys.stdout)
     if signals.signum:
         return outcome.exit_code(signals.signum)
     if outcome.gave_up:

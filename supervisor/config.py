@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Sequence, get_args, get_origin, get_type_hints
 
 from supervisor.errors import ConfigError  # the checks' error; importers of supervisor.config find it here too
+from supervisor.llm_checks import check_config as check_llm, runs_llm
 from supervisor.settings import Choice, Config
 from transport.layout import MAX_SLOTS, MIN_SLOT_BYTES
 
@@ -466,6 +467,7 @@ _RULES: tuple[tuple[str, Callable[[Any], str | None]], ...] = (
     ("workload.batch", _POSITIVE_INT),
     ("workload.steps", _NON_NEG_INT),
     ("workload.status_interval_s", _POSITIVE),
+    ("workload.request_timeout_s", _POSITIVE),
     ("workload.check_tolerance", _NON_NEG),
     ("restart.intensity", _NON_NEG_INT),
     ("restart.period_s", _POSITIVE),
@@ -505,10 +507,8 @@ def validate(cfg: Config, visible_gpus: int | None = None, cuda_initialized: boo
     _check_gpus(cfg, visible_gpus)
     _check_worker_cls(cfg.worker.cls)
     _check_recovery(cfg)
-    if cfg.workload.name == "llm":  # the checkpoint against the layout and the memory, before anything loads
-        from supervisor.llm_checks import check_config
-
-        check_config(cfg, visible_gpus)
+    if runs_llm(cfg):  # the checkpoint against the layout and the memory, before anything loads
+        check_llm(cfg, visible_gpus)
     if cfg.workload.name == "script":  # the script, its mode and the layout it needs (supervisor/launch/checks.py)
         from supervisor.launch.checks import check_config as check_script
 
@@ -517,7 +517,7 @@ def validate(cfg: Config, visible_gpus: int | None = None, cuda_initialized: boo
 
 def _check_relations(cfg: Config) -> None:
     par, load, tr, rs = cfg.parallel, cfg.workload, cfg.transport, cfg.restart
-    mlp = load.name != "llm"  # the MLP's sizes; the decoder checks its own shape (supervisor/llm_workload.py)
+    mlp = not runs_llm(cfg)  # the MLP's sizes; the decoder checks its own shape (supervisor/llm_checks.py)
     _require(not mlp or load.layers % par.pp == 0, "workload.layers",
              f"{load.layers} layers cannot be split evenly over parallel.pp={par.pp} stages")
     _require(not mlp or load.hidden % par.tp == 0, "workload.hidden",

@@ -1,6 +1,6 @@
-"""``workload=llm``'s configuration check, run in the parent before anything is spawned (supervisor/config.py's
-``validate`` calls it): the shape of the checkpoint or preset (Llama-family? heads, kv-heads and MLP columns
-divisible by tp? layers >= pp?), the prompts against the vocabulary and positions, and whether the weights plus
+"""The Llama decoder's configuration check, run in the parent before anything is spawned (supervisor/config.py's
+``validate`` calls it for workload=llm, and for workload=serve with worker=llm): the shape of the checkpoint or
+preset (Llama-family? heads, kv-heads and MLP columns divisible by tp? layers >= pp?), the prompts against the vocabulary and positions, and whether the weights plus
 the KV cache fit each device. Apart from the run (supervisor/llm_workload.py) so that checking a config never
 imports the API that runs one.
 """
@@ -19,6 +19,12 @@ if TYPE_CHECKING:
 DTYPES = ("auto", *DTYPE_BYTES)
 MEMORY_HEADROOM = 0.9  # plan to use at most this share of a device's free memory (activations, allocator slack)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+LLM_WORKER = "worker.llm.worker:LLMWorker"  # what worker=llm selects (conf/worker/llm.yaml)
+
+
+def runs_llm(cfg: "Config") -> bool:
+    """The tree runs the Llama decoder: workload=llm, or another workload (serve) with worker=llm."""
+    return str(cfg.workload.name) == "llm" or cfg.worker.cls == LLM_WORKER
 
 
 def check_config(cfg: "Config", visible_gpus: int | None = None) -> None:

@@ -23,6 +23,7 @@ import tempfile
 import threading
 from typing import TYPE_CHECKING, Any
 
+from supervisor.completions import Completer, load_tokenizer
 from supervisor.core.topology import resolve_device
 from worker.llm.shape import LlamaShape, read_shape
 
@@ -31,21 +32,38 @@ if TYPE_CHECKING:
     from supervisor.report import Report
 
 REFERENCE_TIMEOUT_S = 900.0  # transformers: import, load the checkpoint, generate
+CONSOLE_ROWS = 8  # completions shown on the console; every row is in completions.jsonl
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # -- the run ---------------------------------------------------------------------------------------------------
-def make_prompts(llm: Any, shape: LlamaShape, checkpoint: str) -> list[list[int]]:
-    """The batch's prompts: the given ids (every row), the given texts (tokenized, cycled), or seeded random ids."""
+def make_prompts(llm: Any, shape: LlamaShape, checkpoint: str, tokenizer: Any = None) -> list[list[int]]:
+    """The batch's prompts: the given ids (every row), the given texts (tokenized, cycled), or seeded random ids.
+    ``tokenizer``: the checkpoint's, if already loaded."""
     if llm.prompt_ids:
         return [list(llm.prompt_ids) for _ in range(llm.batch)]
     if llm.prompt_text:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(checkpoint)
-        return [tok(llm.prompt_text[i % len(llm.prompt_text)])["input_ids"] for i in range(llm.batch)]
+        tok = tokenizer or load_tokenizer(checkpoint)
+        if tok is None:  # the config check saw the tokenizer's files: transformers is what is missing
+            raise RuntimeError("llm.prompt_text needs transformers to tokenize (pip install -e '.[llm]')")
+        return [tok(prompt_texts(llm)[i])["input_ids"] for i in range(llm.batch)]
     rng = random.Random(llm.seed)
     return [[rng.randrange(1, shape.vocab_size) for _ in range(llm.prompt_len)] for _ in range(llm.batch)]
+
+
+def prompt_texts(llm: Any) -> list[str | None]:
+    """Each row's prompt text (``llm.prompt_text`` cycled over the batch), or None for rows given as ids."""
+    return [llm.prompt_text[i % len(llm.prompt_text)] if llm.prompt_text else None for i in range(llm.batch)]
+
+
+def describe_prompts(llm: Any) -> str:
+    """Where the prompts came from, in words: random ones are said to be random."""
+    if llm.prompt_ids:
+        return f"llm.prompt_ids ({len(llm.prompt_ids)} tokens) in each of {llm.batch} rows"
+    if llm.prompt_text:
+        return f"{len(llm.prompt_text)} llm.prompt_text, tokenized, over {llm.batch} rows"
+    return (f"{llm.batch} rows of {llm.prompt_len} random token ids (seeded: llm.seed={llm.seed}), since neither "
+            "llm.prompt_text nor llm.prompt_ids is set")
 
 
 def generate(sup: "Supervisor", prompts: list[list[int]], max_new_tokens: int,
@@ -74,7 +92,9 @@ def run_llm(sup: "Supervisor", stop: threading.Event) -> "Report":
     info = sup.collective_rpc("model_info", timeout=30, unique_reply_rank=output_rank)
     phases = sup.collective_rpc("phase_timings", timeout=30)
     shape = read_shape(info["checkpoint"])
-    prompts = make_prompts(llm, shape, info["checkpoint"])
+    completer = Completer(sup, info["checkpoint"], load_tokenizer(info["checkpoint"]), shape.vocab_size,
+                          shape.max_position_embeddings)
+    prompts = make_prompts(llm, shape, info["checkpoint"], completer.tokenizer)
     retried_before = sup.retry_stats.total()
     generate(sup, prompts, min(2, llm.max_new_tokens), stop)  # warm-up: kernels, allocator, the CUDA graph capture
     rows, ttft, itl = generate(sup, prompts, llm.max_new_tokens, stop)  # the figures: dp group 0
@@ -96,7 +116,27 @@ def run_llm(sup: "Supervisor", stop: threading.Event) -> "Report":
     if retried:
         report.add("requests continued on another group", f"{retried} (a group failed mid-request; events.jsonl: retry)")
     _check(report, llm, resolve_device(sup.cfg.device), info, prompts, replicas, stop)
+    _show_completions(report, completer, prompt_texts(llm), prompts, rows)
     return report
+
+
+def _show_completions(report: "Report", completer: Completer, texts: list[str | None], prompts: list[list[int]],
+                      rows: list[list[int]]) -> None:
+    """Each prompt and what the model said (decoded when the checkpoint has a tokenizer): on the console, and in
+    RUN_DIR/completions.jsonl. All of max_new_tokens, as generated and checked (no stop at end-of-sequence)."""
+    done = [completer.completion(text if text is not None else ids, ids, row, frozenset(), {"source": "llm"})
+            for text, ids, row in zip(texts, prompts, rows)]
+    completer.log.write(done)
+    where = completer.log.path or "not written: no run folder"
+    said = describe_prompts(completer.sup.cfg.llm)
+    ids = "" if completer.tokenizer is not None else ", token ids: the checkpoint has no tokenizer"
+    print(f"\nprompts: {said}\ncompletions (greedy, {len(rows[0])} tokens each{ids}; {where}):", flush=True)
+    for i, c in enumerate(done[:CONSOLE_ROWS]):
+        print(f"  [{i}] {c.show()}", flush=True)
+    if len(done) > CONSOLE_ROWS:
+        print(f"  ... {len(done) - CONSOLE_ROWS} more rows in {where}", flush=True)
+    report.add("prompts", said)
+    report.add("completions", where)
 
 
 def _count(n: int) -> str:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 from supervisor.core.retry import RetryPolicy, group_failure, next_request_id, wait_for
 from supervisor.errors import RemoteError, WorkerFailed
@@ -87,12 +87,14 @@ class Generator:
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, timeout: float | None = None,
                  group: int | None = None, on_step: Callable[[str, int, float], None] | None = None,
-                 stop: threading.Event | None = None) -> list[list[int]]:
+                 stop: threading.Event | None = None, stop_ids: Collection[int] = ()) -> list[list[int]]:
         """The ``max_new_tokens`` greedy tokens after each prompt. One answer, or the last attempt's error.
 
         ``group``: the dp group to start on when it is serving and idle (a retry may still move the request).
         ``on_step(op, group, seconds)`` is called after every prefill and decode step (the CLI's figures).
-        ``stop`` set: return the tokens produced so far after the current step."""
+        ``stop`` set: return the tokens produced so far after the current step.
+        ``stop_ids`` (end-of-sequence ids): end the request once every row has produced one; the rows are
+        returned as produced, each as long as the others (a row may go on past its own stop id: cut it there)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         view = self.sup.serving_view
         rid, rows, attempt = next_request_id(), [[] for _ in prompts], 1
@@ -102,10 +104,11 @@ class Generator:
                 incarnation = view.incarnation(group)
                 try:
                     try:
-                        self._run(group, prompts, rows, max_new_tokens, deadline, on_step, stop)
+                        self._run(group, prompts, rows, max_new_tokens, deadline, on_step, stop, stop_ids)
                         return rows
-                    except RemoteError as exc:
-                        raise (group_failure(exc, view, group, incarnation) if self.retry else None) or exc
+                    except RemoteError as exc:  # a survivor's collective broke because a peer died: that is the
+                        # group's failure, retried or not (the caller hears of the dead rank, not of a reset socket)
+                        raise group_failure(exc, view, group, incarnation) or exc
                 except WorkerFailed as exc:
                     if not self.retry or attempt >= self.policy.attempts or _passed(deadline):
                         raise
@@ -128,16 +131,20 @@ class Generator:
                         deadline, exc)
 
     def _run(self, group: int, prompts: list[list[int]], rows: list[list[int]], n: int, deadline: float | None,
-             on_step: Callable[[str, int, float], None] | None, stop: threading.Event | None) -> None:
-        """Prefill (the prompts plus what is already produced) and decode to ``n`` tokens on ``group``."""
+             on_step: Callable[[str, int, float], None] | None, stop: threading.Event | None,
+             stop_ids: Collection[int]) -> None:
+        """Prefill (the prompts plus what is already produced) and decode to ``n`` tokens on ``group``, or until
+        every row has produced one of ``stop_ids``."""
         first = self._step(group, {"op": "prefill", "prompts": [p + r for p, r in zip(prompts, rows)],
                                    "max_new_tokens": n - len(rows[0])}, deadline, on_step)
         for row, tok in zip(rows, first):
             row.append(tok)
-        while len(rows[0]) < n and not (stop is not None and stop.is_set()):
+        ended = [any(t in stop_ids for t in row) for row in rows]  # a retry's rows may have ended already
+        while len(rows[0]) < n and not all(ended) and not (stop is not None and stop.is_set()):
             nxt = self._step(group, {"op": "decode", "tokens": [r[-1] for r in rows]}, deadline, on_step)
-            for row, tok in zip(rows, nxt):
+            for i, (row, tok) in enumerate(zip(rows, nxt)):
                 row.append(tok)
+                ended[i] = ended[i] or tok in stop_ids
 
     def _step(self, group: int, step: dict, deadline: float | None,
               on_step: Callable[[str, int, float], None] | None = None) -> Any:

@@ -13,7 +13,9 @@ from typing import Any, Callable
 from loguru import logger
 
 from supervisor.api import Supervisor
+from supervisor.completions_serve import check as check_stdin, serve as serve_completions
 from supervisor.errors import ShutdownInProgress
+from supervisor.llm_checks import runs_llm
 from supervisor.llm_workload import run_llm
 from supervisor.report import Report, percentile
 
@@ -70,7 +72,15 @@ def run_echo(sup: Supervisor, stop: threading.Event) -> Report:
 
 
 def run_serve(sup: Supervisor, stop: threading.Event) -> Report:
-    """Keep serving until a signal (or the policy gives up), printing a status table every few seconds."""
+    """Keep serving until a signal (or the policy gives up), printing a status table every few seconds. With the
+    Llama decoder (worker=llm) the tree also answers prompts: POST /v1/completions, and stdin when asked
+    (supervisor/completions_serve.py)."""
+    if runs_llm(sup.cfg):
+        return serve_completions(sup, stop, _print_status)
+    return _print_status(sup, stop)
+
+
+def _print_status(sup: Supervisor, stop: threading.Event) -> Report:
     interval = sup.cfg.workload.status_interval_s
     while not stop.wait(interval):
         if sup.wait(timeout=0):
@@ -107,6 +117,9 @@ def check(cfg) -> str | None:
     """One line if the workload cannot drive ``worker.cls`` (tp_mlp and echo check their own worker's answers),
     else None. The CLI asks before starting anything; ``run`` asks again."""
     w = cfg.workload
+    problem = check_stdin(cfg)
+    if problem:
+        return problem
     if w.driver:
         module, _, fn = w.driver.partition(":")
         if not module or not fn.isidentifier():

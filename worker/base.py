@@ -120,8 +120,11 @@ class Worker:
         raise NotImplementedError(f"{type(self).__name__} has no execute_model")
 
     def ping(self) -> int:
-        """The cheapest round trip: the rank, nothing else (for latency measurements and liveness probes)."""
-        return self.rank
+        """The cheapest round trip: this rank's global rank, nothing else (for latency measurements and liveness
+        probes). Global, not the torch.distributed rank within the dp group: it is the number the API orders
+        results by and ``unique_reply_rank`` addresses, so ``collective_rpc("ping")`` reads ``[0, 1, ..., N-1]``
+        and an answer names the one rank of the whole tree that gave it."""
+        return self.topology.global_rank
 
     def check_health(self) -> dict[str, Any]:
         """Raise if this rank is unhealthy; return a small report otherwise."""

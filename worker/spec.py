@@ -37,7 +37,7 @@ class TransportSettings:
 class WorkloadSettings:
     """The built-in workload (tensor-parallel MLP) and the driver loop around it."""
 
-    name: str = "tp_mlp"  # tp_mlp | echo | serve | bench
+    name: str = "tp_mlp"  # tp_mlp | echo | serve | bench | llm | script
     driver: str = ""  # "module:function" run instead of the named workload: fn(sup, stop) drives any worker.cls
     hidden: int = 256
     layers: int = 4
@@ -45,6 +45,10 @@ class WorkloadSettings:
     steps: int = 50
     seed: int = 0
     status_interval_s: float = 5.0  # serve mode: seconds between status lines
+    # serve with worker=llm (supervisor/completions_serve.py): also answer prompts read line by line from stdin,
+    # one answer a line on stdout; the end of input ends the run. Opt-in: a server's stdin is its launcher's.
+    stdin: bool = False
+    request_timeout_s: float = 300.0  # serve with worker=llm: one completion request's limit (HTTP or stdin)
     check_tolerance: float = 1e-4  # max abs error allowed against the single-process reference
 
 
@@ -121,6 +125,11 @@ class Topology:
     def rank(self) -> int:
         """Rank inside the group's torch.distributed world (pp-major, tp-minor)."""
         return self.pp_rank * self.tp + self.tp_rank
+
+    @property
+    def global_rank(self) -> int:
+        """Rank in the whole tree (dp-major): how the API orders results and addresses ``unique_reply_rank``."""
+        return self.dp_rank * self.world_size + self.rank
 
     @property
     def name(self) -> str:

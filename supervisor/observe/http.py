@@ -6,6 +6,7 @@
                  with the groups that are not serving in the body — a readiness probe
     /api/state   the snapshot and its history as JSON (what the page polls)
     /            the live page (page.py)
+    POST /v1/completions   a tree of the Llama decoder answers prompts (supervisor/completions_http.py)
 
 The bound port (``http.port=0`` picks a free one) is written to RUN_DIR/http.json and logged.
 """
@@ -35,6 +36,13 @@ class Routes:
         if route is None:
             return 404, "text/plain; charset=utf-8", b"not found: try / /metrics /healthz /readyz /api/state\n"
         return route()
+
+    def post(self, path: str, body: bytes) -> tuple[int, str, bytes]:
+        from supervisor import completions_http  # the serving layer, imported only when a prompt comes
+
+        if path.split("?", 1)[0] != completions_http.PATH:
+            return 404, "text/plain; charset=utf-8", f"not found: POST {completions_http.PATH}\n".encode()
+        return completions_http.answer(self.sup, body)
 
     def _metrics(self) -> tuple[int, str, bytes]:
         return 200, CONTENT_TYPE_LATEST, self.metrics.exposition()
@@ -67,6 +75,26 @@ class _Handler(BaseHTTPRequestHandler):
             status, ctype, body = self.server.routes.get(self.path)
         except Exception as exc:  # a failing view answers 500, it does not kill the server
             status, ctype, body = 500, "text/plain; charset=utf-8", f"{type(exc).__name__}: {exc}\n".encode()
+        self._reply(status, ctype, body)
+
+    def do_POST(self) -> None:  # noqa: N802 (the standard library's name)
+        from supervisor.completions_http import MAX_BODY_BYTES
+
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if not 0 <= length <= MAX_BODY_BYTES:  # refused unread: the handler's thread never holds a huge body
+            self.close_connection = True
+            return self._reply(413, "text/plain; charset=utf-8",
+                               f"Content-Length must be 0..{MAX_BODY_BYTES}\n".encode())
+        try:
+            status, ctype, body = self.server.routes.post(self.path, self.rfile.read(length))
+        except Exception as exc:  # a failing route answers 500, it does not kill the server
+            status, ctype, body = 500, "text/plain; charset=utf-8", f"{type(exc).__name__}: {exc}\n".encode()
+        self._reply(status, ctype, body)
+
+    def _reply(self, status: int, ctype: str, body: bytes) -> None:
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))

@@ -94,3 +94,22 @@ class TreeInChild:
         reap_adopted(getattr(self, "_tree", ()))
         for f in (self.proc.stdout, self.proc.stderr):
             f.close()
+
+
+def tiny_checkpoint_with_tokenizer(folder, seed: int, eos_token_id: int | None = None) -> str:
+    """The tiny preset's seeded random checkpoint in ``folder``, with a word-level tokenizer built in-process
+    (``w0`` .. ``w511`` are ids 0 .. 511; no network) and, if given, generation_config.json's end-of-sequence id."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from worker.llm.checkpoint import ensure_random_checkpoint
+    from worker.llm.shape import preset
+
+    ensure_random_checkpoint(folder, preset("tiny"), seed=seed, dtype="float32")
+    words = Tokenizer(models.WordLevel(vocab={f"w{i}": i for i in range(512)}, unk_token="w0"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="w0").save_pretrained(str(folder))
+    if eos_token_id is not None:
+        with open(os.path.join(folder, "generation_config.json"), "w") as f:
+            json.dump({"eos_token_id": eos_token_id}, f)
+    return str(folder)

@@ -276,3 +276,29 @@ def test_a_call_on_a_supervisor_never_started_fails_at_once():
             sup.collective_rpc("ping")
     finally:
         sup.shutdown()
+
+
+# -- vLLM V1's execute_model(scheduler_output, non_block=False); what ping answers ----------------------------------
+def test_execute_model_non_block_returns_a_future_in_both_faces_and_ping_names_the_global_rank(_tree_cfg):
+    """non_block is the API's, as in vLLM's executor: a Future of the output, never a keyword for the worker (the
+    echo worker returns the keywords it got). ping answers the global rank, the order results come in."""
+    from supervisor.aio import AsyncSupervisor
+
+    with Supervisor(_tree_cfg) as sup:
+        fut = sup.execute_model("a", group=1, non_block=True)
+        retried = sup.execute_model("b", group=0, retry=True, non_block=True)
+        assert isinstance(fut, cf.Future) and isinstance(retried, cf.Future)
+        assert fut.result(timeout=BOUND_S) == (0, ("a",), {}) and retried.result(BOUND_S) == (0, ("b",), {})
+        assert sup.execute_model("c", group=0, k=1) == (0, ("c",), {"k": 1})  # a worker's own keywords pass
+        assert sup.collective_rpc("ping") == [0, 1, 2, 3]
+        assert sup.collective_rpc("ping", group=1) == [2, 3] and sup.collective_rpc("ping", unique_reply_rank=3) == 3
+
+    async def main():
+        async with AsyncSupervisor(_tree_cfg) as asup:
+            first = await asup.execute_model("x", non_block=True)  # sent; the loop goes on
+            second = await asup.execute_model("y", group=1, non_block=True)
+            pings = await asup.collective_rpc("ping", non_block=True)
+            assert isinstance(first, asyncio.Future) and isinstance(pings, asyncio.Future)
+            return await second, await first, await pings
+
+    assert asyncio.run(asyncio.wait_for(main(), 60)) == ((0, ("y",), {}), (0, ("x",), {}), [0, 1, 2, 3])

@@ -17,7 +17,7 @@ pytest.importorskip("transformers")
 
 from supervisor.api import Supervisor  # noqa: E402
 from supervisor.llm_workload import generate, make_prompts  # noqa: E402
-from tests.integration.helpers import REPO, config, reap_adopted  # noqa: E402
+from tests.integration.helpers import REPO, config, reap_adopted, tiny_checkpoint_with_tokenizer  # noqa: E402
 from worker.llm.checkpoint import preset_dir  # noqa: E402
 from worker.llm.reference import hf_generate, load_hf  # noqa: E402
 from worker.llm.shape import preset  # noqa: E402
@@ -157,17 +157,13 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, bad, says: str) -> Non
 
 
 @pytest.mark.timeout(180)
-def test_cli_summary_and_check_with_text_prompts_through_the_tokenizer(tmp_path: Path) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+def test_cli_summary_check_and_each_completion_with_text_prompts_through_the_tokenizer(tmp_path: Path) -> None:
+    """The summary and the check; each prompt with its completion, decoded, on the console and in the run folder's
+    completions.jsonl, identical to transformers' generate on the same checkpoint."""
+    from transformers import AutoTokenizer
 
-    from worker.llm.checkpoint import ensure_random_checkpoint
-
-    folder = tmp_path / "with-tokenizer"
-    ensure_random_checkpoint(folder, preset("tiny"), seed=SEED, dtype="float32")
-    words = Tokenizer(models.WordLevel(vocab={f"w{i}": i for i in range(512)}, unk_token="w0"))
-    words.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="w0").save_pretrained(str(folder))
+    folder = tiny_checkpoint_with_tokenizer(tmp_path / "with-tokenizer", SEED)
+    texts = ["w5 w9 w400 w3", "w17 w2", "w5 w9 w400 w3"]  # llm.prompt_text cycled over the batch of 3
     code, out, err = Cli(tmp_path, "workload=llm", "device=cpu", f"llm.checkpoint={folder}", "llm.batch=3",
                          "llm.prompt_text=[w5 w9 w400 w3,w17 w2]", f"llm.max_new_tokens={NEW_TOKENS}").run()
     assert code == 0, err[-3000:]
@@ -175,3 +171,32 @@ def test_cli_summary_and_check_with_text_prompts_through_the_tokenizer(tmp_path:
         assert line in out, out
     assert "batch 3 x 4 tokens" in out  # "w5 w9 w400 w3" is 4 tokens; the 2-token prompt is left-padded
     assert "PASS: greedy tokens identical (3 rows x 16 tokens)" in out
+    tok = AutoTokenizer.from_pretrained(folder)
+    ref = hf_generate(load_hf(folder), [tok(t)["input_ids"] for t in texts], NEW_TOKENS)
+    said = [tok.decode(row, skip_special_tokens=True) for row in ref]
+    assert "prompts: 2 llm.prompt_text, tokenized, over 3 rows" in out
+    for i, (text, answer) in enumerate(zip(texts, said)):
+        assert f"  [{i}] {text!r} -> {answer!r}" in out, out
+    written = [json.loads(line) for line in next((tmp_path / "outputs").glob("*/*/completions.jsonl")).open()]
+    assert [(r["prompt"], r["token_ids"], r["text"], r["finish_reason"]) for r in written] == \
+        [(t, row, a, "length") for t, row, a in zip(texts, ref, said)]
+    assert "completions.jsonl" in out.split("llm summary")[1]  # the summary says where they are
+
+
+@pytest.mark.timeout(120)
+def test_random_prompts_are_said_to_be_random_and_each_completion_is_shown(cache_dir: str, capfd) -> None:
+    import threading
+
+    from supervisor.workloads import run
+
+    cfg = config(*_overrides(cache_dir, "llm.check=false", "llm.batch=2"))
+    with Supervisor(cfg) as sup:
+        report = run(sup, threading.Event())
+    out = capfd.readouterr().out
+    says = "2 rows of 9 random token ids (seeded: llm.seed=5), since neither llm.prompt_text nor llm.prompt_ids is set"
+    assert report.ok and ("prompts", says) in report.lines and f"prompts: {says}" in out
+    prompts = make_prompts(cfg.llm, preset("tiny"), "")
+    shown = [line for line in out.splitlines() if line.startswith("  [")]
+    assert len(shown) == 2 and all(line.startswith(f"  [{i}] ids {p} -> ids [") for i, (line, p) in
+                                   enumerate(zip(shown, prompts))), out
+    assert "token ids: the checkpoint has no tokenizer" in out

@@ -176,7 +176,7 @@ def test_only_the_writer_end_can_enqueue():
 @pytest.fixture
 def echo_tree():
     with Supervisor(config(*ECHO, "parallel.tp=2", "parallel.dp=2")) as sup:
-        assert sup.collective_rpc("ping", timeout=30) == [0, 1, 0, 1]
+        assert sup.collective_rpc("ping", timeout=30) == [0, 1, 2, 3]
         yield sup
 
 
