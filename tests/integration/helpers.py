@@ -33,6 +33,16 @@ def fault_env(kind: str, rank: int | None = None, attempts: str = "", arg: str =
     return tuple(out)
 
 
+def greedy_tokens(sup, prompts: list[list[int]], new_tokens: int, timeout: float = 60) -> list[list[int]]:
+    """workload=llm: ``new_tokens`` greedy tokens per prompt, one execute_model step at a time (prefill, decodes)."""
+    out = [[t] for t in sup.execute_model({"op": "prefill", "prompts": prompts, "max_new_tokens": new_tokens},
+                                          timeout=timeout)]
+    for _ in range(new_tokens - 1):
+        for row, t in zip(out, sup.execute_model({"op": "decode", "tokens": [r[-1] for r in out]}, timeout=timeout)):
+            row.append(t)
+    return out
+
+
 def gone_within(pids, timeout: float) -> list[int]:
     """The pids still alive (and not zombies) after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

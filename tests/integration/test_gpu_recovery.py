@@ -14,7 +14,7 @@ import pytest
 from supervisor import gpu
 from supervisor.api import Supervisor
 from supervisor.core.topology import visible_gpus
-from tests.integration.helpers import TreeInChild, config, gone_within
+from tests.integration.helpers import TreeInChild, config, gone_within, greedy_tokens
 
 pytestmark = [pytest.mark.cuda, pytest.mark.timeout(300)]
 NEW_TOKENS = 8
@@ -43,12 +43,7 @@ def _llm(tmp_path, *extra: str):
 
 
 def _generate(sup) -> list[list[int]]:
-    out = [[t] for t in sup.execute_model({"op": "prefill", "prompts": PROMPTS, "max_new_tokens": NEW_TOKENS},
-                                          timeout=120)]
-    for _ in range(NEW_TOKENS - 1):
-        for row, t in zip(out, sup.execute_model({"op": "decode", "tokens": [r[-1] for r in out]}, timeout=120)):
-            row.append(t)
-    return out
+    return greedy_tokens(sup, PROMPTS, NEW_TOKENS, timeout=120)
 
 
 def _ready_standby(sup, timeout: float = 120.0) -> list[int]:

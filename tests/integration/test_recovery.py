@@ -12,7 +12,7 @@ import pytest
 
 from supervisor.api import Supervisor
 from supervisor.errors import StartupError
-from tests.integration.helpers import TreeInChild, config, gone_within
+from tests.integration.helpers import TreeInChild, config, gone_within, greedy_tokens
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -40,12 +40,7 @@ def _ready_standbys(sup, timeout: float = 60.0) -> dict:
 
 
 def _generate(sup, prompts) -> list[list[int]]:
-    out = [[t] for t in sup.execute_model({"op": "prefill", "prompts": prompts, "max_new_tokens": NEW_TOKENS},
-                                          timeout=60)]
-    for _ in range(NEW_TOKENS - 1):
-        for row, t in zip(out, sup.execute_model({"op": "decode", "tokens": [r[-1] for r in out]}, timeout=60)):
-            row.append(t)
-    return out
+    return greedy_tokens(sup, prompts, NEW_TOKENS)
 
 
 def _kill_and_wait(sup, pid: int) -> None:
