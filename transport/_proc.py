@@ -70,6 +70,32 @@ def alive(pid: int, start: int = 0) -> bool:
     return not start or started == start
 
 
+PF_EXITING = 0x4  # include/linux/sched.h: set at the start of the kernel's do_exit
+
+
+def exit_status(pid: int, start: int = 0) -> int | None:
+    """The wait status of ``pid`` once it has begun to exit, before it is reaped; None while it runs, once it is
+    gone, or if ``start`` says the pid is another process now.
+
+    The kernel's do_exit sets PF_EXITING (field 9) and the exit code (field 52, waitpid's format) before it tears
+    the process down (its memory, then its descriptors: a CUDA context's teardown can take tens of ms), and keeps
+    both readable until the parent reaps it. So a process's end can be read here as soon as it is certain, without
+    waiting for the teardown and for a forkserver to pass the status on."""
+    fields = _stat_fields(pid)
+    try:
+        if fields is None or (start and int(fields[19]) != start):
+            return None
+        exiting = fields[0] in (b"Z", b"X", b"x") or int(fields[6]) & PF_EXITING
+        return int(fields[49]) if exiting else None
+    except (IndexError, ValueError):  # a kernel before 3.5 has no exit_code field
+        return None
+
+
+def wait_code(status: int) -> int:
+    """A wait status in multiprocessing's convention: the exit code, or minus the signal that killed it."""
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
 def _kill0(pid: int) -> bool:
     try:
         os.kill(pid, 0)

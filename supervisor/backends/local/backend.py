@@ -9,6 +9,7 @@ from supervisor.backends.local import startmethod
 from supervisor.backends.local.group import WorkerGroup
 from supervisor.backends.local.monitor import Monitor
 from supervisor.backends.local.output import RankOutput
+from supervisor.backends.local.process import settle_lingering
 from supervisor.backends.local.reserve import Reserve
 from supervisor.core import recovery
 from supervisor.settings import Config
@@ -86,6 +87,7 @@ class LocalBackend:
 
     def close(self) -> None:
         self.reserve.close()  # the standbys, then the keeper: the last of the tree to go
+        settle_lingering(self.cfg.shutdown.reap_s)  # workers whose end was read before their teardown finished
         self.output.close()  # the workers are gone: what their pipes still hold is written out first
 
 

@@ -1,8 +1,11 @@
 """Liveness and progress of running workers, in one thread that never blocks on anything but the kernel.
 
-It waits (``multiprocessing.connection.wait``) on every watched worker's process sentinel and status pipe, plus a
-wake-up pipe, never on a data queue. A sentinel firing is a death, confirmed by the exit status before anyone acts
-on it; several deaths seen in one wake-up are reported together (one coherent recovery). A status frame is a
+It waits (``multiprocessing.connection.wait``) on every watched worker's pidfd (its process sentinel where there is
+none) and status pipe, plus a wake-up pipe, never on a data queue. A death is confirmed by the exit status before
+anyone acts on it; several deaths seen in one wake-up are reported together (one coherent recovery). What the kernel
+offers makes that early: the pidfd turns readable at the exit itself (no relay through the forkserver), and the
+status pipe's end of file comes while the process is still being torn down (its descriptors close before its exit
+is announced), when its exit status can already be read (``WorkerProcess.note_exit``). A status frame is a
 heartbeat; a worker whose last heartbeat is older than the timeout is declared hung: its Python stacks are dumped
 (faulthandler, SIGUSR1), it is killed, and its death is then reported like any other.
 """
@@ -79,7 +82,7 @@ class Monitor(threading.Thread):
             eof = set(self._status_eof)
         waitables: dict[object, tuple[str, WorkerProcess]] = {}
         for w in watched:
-            waitables[w.sentinel] = ("exit", w)
+            waitables[w.pidfd if w.pidfd is not None else w.sentinel] = ("exit", w)
             if w not in eof and not w.status_r.closed:
                 waitables[w.status_r] = ("status", w)
         ready = mp_wait([*waitables, self._wake_r], timeout=self._next_deadline(watched))
@@ -89,10 +92,8 @@ class Monitor(threading.Thread):
                 self._drain_wake()
                 continue
             kind, w = waitables[obj]
-            if kind == "exit":
+            if kind == "exit" or not self._read_status(w) and w.note_exit():
                 exited.append(w)
-            else:
-                self._read_status(w)
         self._report_exits(exited, watched)
         self._check_heartbeats(watched)
 
@@ -103,12 +104,15 @@ class Monitor(threading.Thread):
         except (BlockingIOError, OSError):
             pass
 
-    def _read_status(self, w: WorkerProcess) -> None:
+    def _read_status(self, w: WorkerProcess) -> bool:
+        """A frame (a heartbeat); False at the end of file: the worker is exiting, or closed the pipe."""
         try:
             w.read_status()
+            return True
         except (EOFError, OSError):
             with self._lock:
                 self._status_eof.add(w)
+            return False
 
     def _next_deadline(self, watched) -> float | None:
         live = [w.last_beat for w in watched if not w.hung]
@@ -119,8 +123,10 @@ class Monitor(threading.Thread):
     def _report_exits(self, exited: list[WorkerProcess], watched) -> None:
         if not exited:
             return
+        exited = list(dict.fromkeys(exited))  # its pidfd and its status pipe may both have said so
         for w in exited:
-            w.reap(1.0)  # confirm the exit status before acting on it
+            if not w.note_exit():
+                w.reap(1.0)  # confirm the exit status before acting on it
         by_group: dict[int, tuple[object, list[WorkerProcess]]] = {}
         for w in exited:
             group = watched[w]

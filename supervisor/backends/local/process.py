@@ -11,6 +11,7 @@ import multiprocessing.process as mp_process
 import os
 import pickle
 import signal
+import threading
 import time
 
 import psutil
@@ -18,6 +19,7 @@ import psutil
 from supervisor.backends.local import startmethod
 from supervisor.core.exits import ExitInfo
 from supervisor.core.states import WorkerState
+from transport import _proc
 from worker.main import entry
 from worker.protocol import PROMOTE_PREFIX, STOP_PREFIX, Promotion
 from worker.spec import WorkerSpec
@@ -25,6 +27,10 @@ from worker.spec import WorkerSpec
 # Process-wide on purpose, as descriptors are: a worker started with fork inherits every descriptor of this
 # process, so it must close the parent-only pipe ends of every live worker, whichever supervisor owns it.
 _OPEN: set["TreeProcess"] = set()
+# Processes closed while the kernel was still tearing them down (their end read early, see ``note_exit``): their
+# multiprocessing objects are closed once the status is in, by the next close() or settle_lingering().
+_LINGERING: set["TreeProcess"] = set()
+_LINGERING_LOCK = threading.Lock()
 
 
 def parent_fds() -> tuple[int, ...]:
@@ -68,8 +74,11 @@ class TreeProcess:
         self.started_at = time.monotonic()
         self.last_beat = self.started_at
         self.create_time = _create_time(self.pid)
+        self.start_ticks = _proc.start_time(self.pid)
+        self.pidfd = _pidfd_open(self.pid)  # readable at the exit itself, without the forkserver's relay
         self._ps: psutil.Process | None = None
-        self._exitcode: int | None = None
+        self._exitcode: int | None = None  # multiprocessing's, once it has the status
+        self._early_exitcode: int | None = None  # read from the kernel while the process was still exiting
         self._closed = False
         _OPEN.add(self)
 
@@ -79,13 +88,25 @@ class TreeProcess:
 
     @property
     def exitcode(self) -> int | None:
-        """multiprocessing's exit code (negative: the signal), kept after the process object is closed."""
+        """The exit code (negative: the signal), from multiprocessing or read from the kernel as the process
+        began to exit (``note_exit``); kept after the process object is closed."""
         if self._exitcode is None and not self._closed:
             try:
                 self._exitcode = self.proc.exitcode
             except ValueError:  # closed by another thread after it cached the status
                 pass
-        return self._exitcode
+        return self._exitcode if self._exitcode is not None else self._early_exitcode
+
+    def note_exit(self) -> bool:
+        """If the process has begun to exit, take its exit status from the kernel now (transport/_proc.py
+        exit_status): its end is certain, and acting on it need not wait for the teardown. True if it has."""
+        if self.exitcode is not None:
+            return True
+        status = _proc.exit_status(self.pid, self.start_ticks)
+        if status is None:
+            return False
+        self._early_exitcode = _proc.wait_code(status)
+        return True
 
     def reap(self, timeout: float) -> None:
         """Collect the exit status (bounded)."""
@@ -128,15 +149,29 @@ class TreeProcess:
         self.death_w.close()
 
     def close(self) -> None:
-        """Release the parent's descriptors once the process is gone (reaped)."""
+        """Release the parent's descriptors once the process is gone. One whose end was read early is not waited
+        for here (the kernel may still be tearing it down): it lingers until its status is in."""
         _OPEN.discard(self)
-        self.reap(0.5)
+        self.reap(0.0 if self._early_exitcode is not None else 0.5)
         for conn in (self.death_w, self.status_r):
             if not conn.closed:
                 conn.close()
-        if not self._closed and self.exitcode is not None:
-            self._closed = True
-            self.proc.close()
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+        _LINGERING.add(self)
+        settle_lingering(0.0)
+
+    def _release(self, timeout: float) -> bool:
+        """Close the multiprocessing object once it has the exit status (waiting up to ``timeout``)."""
+        if self._closed:
+            return True
+        self.reap(timeout)
+        if self.exitcode is None or self._exitcode is None:  # (the property takes multiprocessing's status in)
+            return False
+        self._closed = True
+        self.proc.close()
+        return True
 
     def kill(self) -> None:
         """SIGKILL this worker (verified by create time); its death is then reported by the monitor."""
@@ -200,6 +235,23 @@ class WorkerProcess(TreeProcess):
         if self.output is not None:
             self.output.note(self.label, f"rank {self.label} pid {self.pid} promoted from standby, attempt "
                                          f"{spec.attempt}")
+
+
+def settle_lingering(timeout: float) -> None:
+    """Close the processes whose status was still on its way when they were closed, waiting up to ``timeout``
+    in all (0: only those whose status is in)."""
+    deadline = time.monotonic() + timeout
+    with _LINGERING_LOCK:
+        for p in list(_LINGERING):
+            if p._release(max(0.0, deadline - time.monotonic())):
+                _LINGERING.discard(p)
+
+
+def _pidfd_open(pid: int) -> int | None:
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):  # Python < 3.9, Linux < 5.3, or gone already: the sentinel alone
+        return None
 
 
 def _create_time(pid: int) -> float | None:
