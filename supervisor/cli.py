@@ -292,6 +292,7 @@ def _finish(cfg: Any, sup: Any, report: Any, ready_s: float, shutdown_s: float, 
     items = [("world", f"tp={p.tp} pp={p.pp} dp={p.dp} ({p.total} workers, device {sup.device}, "
                        f"{sup.describe_backend()})"),
              ("start-up to READY (from the command's start)", f"{ready_s:.3f} s"), *report.lines,
+             ("restarts", _restarts_line(outcome.restarts, sup.retry_stats.total())),
              ("shutdown", f"{shutdown_s:.3f} s")]
     sup.summary = f"{cfg.workload.name} summary\n" + format_report(items)  # also into supervisor.log (observe)
     # workload.stdin: stdout carries one answer per prompt line, for the next program in the pipe; not the summary
@@ -305,6 +306,12 @@ def _finish(cfg: Any, sup: Any, report: Any, ready_s: float, shutdown_s: float, 
         print(f"error: {report.failure}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
+
+
+def _restarts_line(restarts: tuple[int, ...], retried: int) -> str:
+    """The restarts the run rode through, per dp group where there are several, and the calls sent again."""
+    per_group = f" (by group: {', '.join(map(str, restarts))})" if len(restarts) > 1 and any(restarts) else ""
+    return f"{sum(restarts)}{per_group}" + (f"; calls sent again: {retried}" if retried else "")
 
 
 # -- the run folder: what was used, beside what was asked ----------------------------------------------------------

@@ -365,3 +365,45 @@ def test_a_builtin_driver_given_a_foreign_worker_is_bad_input_before_anything_st
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert lines[-1].startswith("error: worker.cls: workload=tp_mlp drives the tensor-parallel MLP"), proc.stderr
     assert not (tmp_path / "run" / "events.jsonl").exists()
+
+
+# -- the built-in drivers ride through a restart their policy allows -------------------------------------------------
+
+# Rank 1 SIGKILLs itself on its 4th step (or echo) of the first incarnation only: a kill mid-run, at the same point
+# of every run whatever the machine's load (worker/faults.py).
+KILL_MID_RUN = ("parallel.tp=2", "logging.level=WARNING", "hydra.run.dir=run", "+runtime.env.RV_FAULT=kill_at_call",
+                "+runtime.env.RV_FAULT_ARG=4", "+runtime.env.RV_FAULT_RANK=1", "+runtime.env.RV_FAULT_ATTEMPTS=0")
+FAULTY_FOR = {"tp_mlp": "worker.faults:FaultyTPWorker", "bench": "worker.faults:FaultyTPWorker",
+              "echo": "worker.faults:FaultyWorker"}
+
+
+def summary_value(out: str, key: str) -> str:
+    line = next((ln for ln in out.splitlines() if ln.strip().startswith(key + "  ")), None)
+    assert line is not None, f"no {key!r} line in the summary:\n{out}"
+    return line.strip()[len(key):].strip()
+
+
+@pytest.mark.parametrize("workload", sorted(FAULTY_FOR))
+def test_a_builtin_driver_rides_through_a_restart_its_policy_allows(tmp_path, workload):
+    """restart=one_for_all: the step a killed rank took down is sent again once the group serves again; the run
+    finishes (exit 0, its check passing) and the summary counts the restart."""
+    code, out, err = run_cmd(tmp_path, f"workload={workload}", f"worker.cls={FAULTY_FOR[workload]}",
+                             "workload.steps=12", "restart=one_for_all", *KILL_MID_RUN)
+    assert code == 0, err[-3000:]
+    assert summary_value(out, "restarts") == "1; calls sent again: 1", out
+    assert "PASS" in summary_value(out, "check vs reference" if workload != "echo" else "echo check"), out
+    events = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
+    assert [(e["rank"], e["reason"]) for e in events if e["kind"] == "exited" and e["reason"] == "SIGKILL"] == \
+        [(1, "SIGKILL")]  # the one kill: the step was not the rest of the group's undoing twice
+    assert [e["attempt"] for e in events if e["kind"] == "retry"] == [2]
+
+
+def test_under_restart_never_the_kill_fails_the_run_naming_the_rank(tmp_path):
+    """Fail-stop: exit 1, one error line naming the killed rank (not rank 0, whose all-reduce broke under it and
+    which often answers first)."""
+    code, out, err = run_cmd(tmp_path, f"worker.cls={FAULTY_FOR['tp_mlp']}", "workload.steps=12", *KILL_MID_RUN)
+    assert code == 1, err[-3000:]
+    last = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert len(last) == 1 and "rank 1 (Worker_TP1, pid" in last[0] and "SIGKILL" in last[0], err[-3000:]
+    assert "rank 0" not in last[0] and last[0].endswith("strategy never restarts"), last
+    assert summary_value(out, "restarts") == "0"
