@@ -148,6 +148,34 @@ def test_status_shows_the_call_in_progress_and_metrics_time_every_call():
         sup.calls.remove_sink(metrics.on_call)
 
 
+def test_every_get_path_answers_head_too():
+    """``HEAD /healthz`` was 501: every path answers HEAD with GET's status and headers, and no body."""
+    import http.client
+    from types import SimpleNamespace
+
+    from supervisor.observe.http import HttpServer, Routes
+
+    sup = SimpleNamespace(finished=threading.Event(), serving=lambda: True)
+    metrics = SimpleNamespace(exposition=lambda: b"rankvisor_give_ups_total 0.0\n")
+    server = HttpServer(0, Routes(sup, metrics, lambda: {"status": {}}, "<html>page</html>"))
+    try:
+        for path in ("/metrics", "/healthz", "/readyz", "/api/state", "/", "/nowhere"):
+            answers = {}
+            for method in ("GET", "HEAD"):
+                conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+                try:
+                    conn.request(method, path)
+                    r = conn.getresponse()
+                    answers[method] = (r.status, r.getheader("Content-Type"), r.getheader("Content-Length"), r.read())
+                finally:
+                    conn.close()
+            get, head = answers["GET"], answers["HEAD"]
+            assert head[:3] == get[:3] and head[3] == b"" and int(get[2]) == len(get[3]) > 0, (path, answers)
+            assert get[0] == (404 if path == "/nowhere" else 200), (path, get)
+    finally:
+        server.close()
+
+
 # -- the CLI: story, events, status from another process, metrics, probes -----------------------------------------
 class ServeCli:
     """`python -m supervisor workload=serve ...` in tmp_path, with HTTP on a free port."""
