@@ -253,7 +253,7 @@ def run_one(cfg: Any, run_dir: str, signals: SignalState, t0: float | None = Non
     p = cfg.parallel
     logger.info(f"starting tp={p.tp} pp={p.pp} dp={p.dp} device={cfg.device} restart={cfg.restart.strategy} "
                 f"(run dir {run_dir})")
-    sup = Supervisor(cfg, start=False)
+    sup = Supervisor(cfg, start=False, endpoints=False)  # the command serves its own (observe.watch)
     _record_used(cfg, sup, run_dir)
     if not signals.attach(sup):
         sup.shutdown()
