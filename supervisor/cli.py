@@ -149,8 +149,10 @@ def _command(hydra: Any, args: Any, parser: Any, name: str, signals: SignalState
     elif args.cfg:
         hydra.show_cfg(config_name=name, overrides=overrides, cfg_type=args.cfg, package=args.package,
                        resolve=args.resolve)
-    elif args.shell_completion:
-        hydra.shell_completion(config_name=name, overrides=overrides)
+    elif args.shell_completion:  # rankvisor and python -m supervisor in bash (supervisor/shell_completion.py)
+        from supervisor.shell_completion import shell_completion
+
+        shell_completion(hydra, name, overrides)
     elif args.info:
         hydra.show_info(args.info, config_name=name, overrides=overrides)
     elif args.multirun or _mode_is_multirun(overrides):

@@ -407,3 +407,85 @@ def test_under_restart_never_the_kill_fails_the_run_naming_the_rank(tmp_path):
     assert len(last) == 1 and "rank 1 (Worker_TP1, pid" in last[0] and "SIGKILL" in last[0], err[-3000:]
     assert "rank 0" not in last[0] and last[0].endswith("strategy never restarts"), last
     assert summary_value(out, "restarts") == "0"
+
+
+# -- tab completion --------------------------------------------------------------------------------------------------
+
+QUERIES = [  # the command line up to the cursor; choices that must come
+    ("rankvisor ", {"status", "parallel.", "restart=", "workload=", "hydra."}),
+    ("rankvisor st", {"status"}),
+    ("rankvisor restart=one", {"restart=one_for_all", "restart=one_for_one"}),
+    ("rankvisor status ", {"--json", "--watch", "--restart", "--stop", "--list"}),
+    ("rankvisor status --w", {"--watch"}),
+    ("rankvisor --cf", {"--cfg"}),
+    ("rankvisor --cfg job parallel.p", {"parallel.pp="}),
+    ("python -m supervisor parallel.t", {"parallel.tp="}),
+    ("/usr/bin/python3.11 -m supervisor -m parallel.tp=2 workload=e", {"workload=echo"}),
+]
+
+
+@pytest.mark.parametrize("line,expected", QUERIES, ids=[q for q, _ in QUERIES])
+def test_completion_query_after_rankvisor_or_python_m_supervisor(run_main, monkeypatch, line, expected):
+    """The query behind <TAB>: Hydra's took `-m supervisor` for overrides (a one-line error, no choice)."""
+    monkeypatch.setenv("COMP_LINE", line)
+    code, out, err = run_main("--shell-completion", "query=bash")
+    assert (code, err) == (0, "") and expected <= set(out.split()), (out, err)
+
+
+def test_completion_query_of_a_half_typed_line_is_quiet(run_main, monkeypatch):
+    for line in ("rankvisor status", "rankvisor parallel.tp=2 =", "rankvisor 'x"):
+        monkeypatch.setenv("COMP_LINE", line)
+        code, out, err = run_main("--shell-completion", "query=bash")
+        assert (code, err) == (0, ""), (line, out, err)
+
+
+BASH_CASES = [  # COMP_WORDS as bash splits the line (at "=" too), the last one being completed; what must come
+    (["rankvisor", "restart", "=", "one"], {"one_for_all", "one_for_one"}),
+    (["python", "-m", "supervisor", "parallel.t"], {"parallel.tp="}),
+    (["python3", "-m", "supervisor", "workload", "="], {"=echo", "=tp_mlp"}),  # the cursor right after "="
+    (["python", "train.py", "--ep"], {"from-pythons-own-completion"}),  # not ours: python's from before
+]
+
+
+def _bash_line(words: list[str]) -> str:
+    """The command line bash split into ``words`` (no space around a "=")."""
+    line = words[0]
+    for prev, w in zip(words, words[1:]):
+        line += w if "=" in (prev, w) else " " + w
+    return line
+
+
+def test_bash_completion_completes_rankvisor_and_python_m_supervisor(tmp_path):
+    """`eval "$(rankvisor --shell-completion install=bash)"` completed neither command (Hydra's script knows only
+    `python app.py` and the app's own name, and its query took `-m supervisor` for overrides). bash runs the
+    installed function with COMP_WORDS / COMP_LINE as it would on <TAB>; uninstall gives python its completion
+    back."""
+    import shlex
+
+    (tmp_path / "bin").mkdir()
+    for name in ("python", "python3"):
+        os.symlink(sys.executable, tmp_path / "bin" / name)
+    (tmp_path / "bin" / "rankvisor").write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -m supervisor \"$@\"\n")
+    (tmp_path / "bin" / "rankvisor").chmod(0o755)
+    cases = "".join(
+        f"COMP_WORDS=({' '.join(shlex.quote(w) for w in words)}); COMP_CWORD={len(words) - 1}\n"
+        f"COMP_LINE={shlex.quote(_bash_line(words))}; COMP_POINT=${{#COMP_LINE}}; COMPREPLY=()\n"
+        f"_rankvisor_complete {shlex.quote(words[0])} {shlex.quote(words[-1])} {shlex.quote(words[-2])}\n"
+        'echo "reply: ${COMPREPLY[*]}"\n' for words, _ in BASH_CASES)
+    script = ("_pythons_own() { COMPREPLY=(from-pythons-own-completion); }\ncomplete -F _pythons_own python\n"
+              'eval "$(rankvisor --shell-completion install=bash)"\ncomplete -p rankvisor python python3\n'
+              f"{cases}"
+              'eval "$(rankvisor --shell-completion uninstall=bash)"\ncomplete -p python\n'
+              "complete -p rankvisor 2>/dev/null || echo rankvisor: none\n")
+    res = subprocess.run(["bash", "--norc", "--noprofile", "-c", script], capture_output=True, text=True, timeout=120,
+                         cwd=tmp_path, env={**os.environ, "PYTHONPATH": REPO,
+                                            "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}"})
+    out = res.stdout.splitlines()
+    assert res.returncode == 0 and res.stderr == "", res.stderr
+    assert [ln.split()[-2:] for ln in out[:3]] == [["_rankvisor_complete", c] for c in ("rankvisor", "python",
+                                                                                      "python3")], out
+    replies = [set(ln.split()[1:]) for ln in out if ln.startswith("reply:")]
+    assert len(replies) == len(BASH_CASES), out
+    for (words, expected), got in zip(BASH_CASES, replies):
+        assert expected <= got, (words, got)
+    assert out[-2:] == ["complete -o default -F _pythons_own python", "rankvisor: none"], out
