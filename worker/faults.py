@@ -53,6 +53,10 @@ class _Faults:
         self.grandchildren: list[int] = []
         self.calls = 0  # execute_model and echo calls so far (kill_at_call)
 
+    def adopt(self, spec) -> None:
+        super().adopt(spec)
+        self.fault = _selected(spec)  # a warm standby promoted: the faults of the attempt it now serves
+
     def init_device(self) -> None:
         if self.fault == "dist_fail_init":
             _unreachable_rendezvous()  # before our own init: it is joining the world that fails
