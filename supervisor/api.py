@@ -44,8 +44,13 @@ _ABANDONED: "weakref.WeakSet[Lifecycle]" = weakref.WeakSet()  # trees of collect
 
 
 class Supervisor:
-    def __init__(self, cfg: Config | None = None, *, events: EventLog | None = None, start: bool = True) -> None:
+    def __init__(self, cfg: Config | None = None, *, events: EventLog | None = None, start: bool = True,
+                 endpoints: bool = True) -> None:
+        """``endpoints``: serve control.sock and HTTP as the command does when ``http.when`` asks for HTTP
+        (supervisor/observe/embedded.py); the command serves its own and passes False."""
         self.cfg = cfg or Config()
+        self._serve_endpoints = endpoints
+        self._embedded: Any = None  # observe.embedded.Embedded while the endpoints are up
         self.events = events or EventLog(self.cfg.logging.run_dir if self.cfg.logging.events else "")
         self._life = Lifecycle(self.cfg, self.events, make_backend(self.cfg))
         self._rr = itertools.count()
@@ -69,6 +74,10 @@ class Supervisor:
     def start(self) -> None:
         """Start every group; raises StartupError (naming the rank, with its remote traceback) on failure."""
         try:
+            if self._serve_endpoints and self._embedded is None:  # up during start-up too, as the command's
+                from supervisor.observe.embedded import embed
+
+                self._embedded = embed(self)
             self._life.start()
         except BaseException:
             self.shutdown()
@@ -84,12 +93,25 @@ class Supervisor:
             life = self._life
             if not life.thread.is_alive() and not life.started.is_set():
                 life.monitor.stop()
+                self._close_endpoints()
                 return
             life.request_shutdown(self._drain_seconds(drain))
             if threading.current_thread() is life.thread:
                 return  # called from a failure callback: the manager stops right after it
             life.finished.wait(timeout=life.teardown_bound_s() + life.drain_s)
+            self._close_endpoints()
             self.events.close()
+
+    def _close_endpoints(self) -> None:
+        if self._embedded is not None:
+            self._embedded.close()
+            self._embedded = None
+
+    @property
+    def endpoints(self) -> Any:
+        """What other processes reach this tree through (control.sock, HTTP: ``.run_dir``, ``.url``), when
+        ``http.when`` asks for them; None otherwise, and after shutdown()."""
+        return self._embedded.endpoints if self._embedded is not None else None
 
     def __enter__(self) -> "Supervisor":
         return self

@@ -149,8 +149,10 @@ def _command(hydra: Any, args: Any, parser: Any, name: str, signals: SignalState
     elif args.cfg:
         hydra.show_cfg(config_name=name, overrides=overrides, cfg_type=args.cfg, package=args.package,
                        resolve=args.resolve)
-    elif args.shell_completion:
-        hydra.shell_completion(config_name=name, overrides=overrides)
+    elif args.shell_completion:  # rankvisor and python -m supervisor in bash (supervisor/shell_completion.py)
+        from supervisor.shell_completion import shell_completion
+
+        shell_completion(hydra, name, overrides)
     elif args.info:
         hydra.show_info(args.info, config_name=name, overrides=overrides)
     elif args.multirun or _mode_is_multirun(overrides):
@@ -253,7 +255,7 @@ def run_one(cfg: Any, run_dir: str, signals: SignalState, t0: float | None = Non
     p = cfg.parallel
     logger.info(f"starting tp={p.tp} pp={p.pp} dp={p.dp} device={cfg.device} restart={cfg.restart.strategy} "
                 f"(run dir {run_dir})")
-    sup = Supervisor(cfg, start=False)
+    sup = Supervisor(cfg, start=False, endpoints=False)  # the command serves its own (observe.watch)
     _record_used(cfg, sup, run_dir)
     if not signals.attach(sup):
         sup.shutdown()
@@ -292,6 +294,7 @@ def _finish(cfg: Any, sup: Any, report: Any, ready_s: float, shutdown_s: float, 
     items = [("world", f"tp={p.tp} pp={p.pp} dp={p.dp} ({p.total} workers, device {sup.device}, "
                        f"{sup.describe_backend()})"),
              ("start-up to READY (from the command's start)", f"{ready_s:.3f} s"), *report.lines,
+             ("restarts", _restarts_line(outcome.restarts, sup.retry_stats.total())),
              ("shutdown", f"{shutdown_s:.3f} s")]
     sup.summary = f"{cfg.workload.name} summary\n" + format_report(items)  # also into supervisor.log (observe)
     # workload.stdin: stdout carries one answer per prompt line, for the next program in the pipe; not the summary
@@ -305,6 +308,12 @@ def _finish(cfg: Any, sup: Any, report: Any, ready_s: float, shutdown_s: float, 
         print(f"error: {report.failure}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
+
+
+def _restarts_line(restarts: tuple[int, ...], retried: int) -> str:
+    """The restarts the run rode through, per dp group where there are several, and the calls sent again."""
+    per_group = f" (by group: {', '.join(map(str, restarts))})" if len(restarts) > 1 and any(restarts) else ""
+    return f"{sum(restarts)}{per_group}" + (f"; calls sent again: {retried}" if retried else "")
 
 
 # -- the run folder: what was used, beside what was asked ----------------------------------------------------------

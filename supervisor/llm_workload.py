@@ -67,10 +67,12 @@ def describe_prompts(llm: Any) -> str:
 
 
 def generate(sup: "Supervisor", prompts: list[list[int]], max_new_tokens: int,
-             stop: threading.Event | None = None, group: int = 0) -> tuple[list[list[int]], float, list[float]]:
+             stop: threading.Event | None = None, group: int = 0,
+             retry: bool | None = None) -> tuple[list[list[int]], float, list[float]]:
     """Greedy generation, starting on dp group ``group``: (tokens per row, TTFT seconds, inter-token latencies).
     A request whose group fails part-way is continued on another serving group, or on its own once it serves again
-    (supervisor/serving.py's Generator; ``rpc.retry_execute_model=never`` turns that off): the tokens are the same.
+    (supervisor/serving.py's Generator; ``retry=False``, or by default ``rpc.retry_execute_model=never``, turns that
+    off): the tokens are the same.
     TTFT is the first prefill; a retry's prefill is counted in neither figure."""
     from supervisor.serving import Generator
 
@@ -80,26 +82,29 @@ def generate(sup: "Supervisor", prompts: list[list[int]], max_new_tokens: int,
     def seen(op: str, _group: int, seconds: float) -> None:
         (prefills if op == "prefill" else itl).append(seconds)
 
-    rows = Generator(sup).generate(prompts, max_new_tokens, group=group, on_step=seen, stop=stop)
+    rows = Generator(sup, retry).generate(prompts, max_new_tokens, group=group, on_step=seen, stop=stop)
     return rows, prefills[0], itl
 
 
 def run_llm(sup: "Supervisor", stop: threading.Event) -> "Report":
     from supervisor.report import Report, percentile
 
-    llm, par = sup.cfg.llm, sup.cfg.parallel
+    from supervisor.ride import Ride
+
+    llm, par, ride = sup.cfg.llm, sup.cfg.parallel, Ride(sup)  # calls ride through restarts the policy allows
     output_rank = (par.pp - 1) * par.tp
-    info = sup.collective_rpc("model_info", timeout=30, unique_reply_rank=output_rank)
-    phases = sup.collective_rpc("phase_timings", timeout=30)
+    info = ride.collective_rpc("model_info", timeout=30, unique_reply_rank=output_rank)
+    phases = ride.collective_rpc("phase_timings", timeout=30)
     shape = read_shape(info["checkpoint"])
     completer = Completer(sup, info["checkpoint"], load_tokenizer(info["checkpoint"]), shape.vocab_size,
                           shape.max_position_embeddings)
     prompts = make_prompts(llm, shape, info["checkpoint"], completer.tokenizer)
     retried_before = sup.retry_stats.total()
-    generate(sup, prompts, min(2, llm.max_new_tokens), stop)  # warm-up: kernels, allocator, the CUDA graph capture
-    rows, ttft, itl = generate(sup, prompts, llm.max_new_tokens, stop)  # the figures: dp group 0
+    ride.generate(generate, prompts, min(2, llm.max_new_tokens), stop)  # warm-up: kernels, allocator, CUDA graphs
+    rows, ttft, itl = ride.generate(generate, prompts, llm.max_new_tokens, stop)  # the figures: dp group 0
     # Other dp replicas generate too, and every replica's tokens go to the check.
-    replicas = [rows] + [generate(sup, prompts, llm.max_new_tokens, stop, group=g)[0] for g in range(1, par.dp)]
+    replicas = [rows] + [ride.generate(generate, prompts, llm.max_new_tokens, stop, group=g)[0]
+                         for g in range(1, par.dp)]
     retried = sup.retry_stats.total() - retried_before
     report = Report()
     report.add("model", f"{llm.checkpoint or llm.preset} ({_count(shape.total_params())} parameters, "

@@ -18,6 +18,7 @@ from supervisor.errors import ShutdownInProgress
 from supervisor.llm_checks import runs_llm
 from supervisor.llm_workload import run_llm
 from supervisor.report import Report, percentile
+from supervisor.ride import Ride
 
 
 def _timed(fn: Callable[[], Any], n: int, stop: threading.Event) -> list[float]:
@@ -40,10 +41,10 @@ def _latency_lines(report: Report, lat: list[float], what: str) -> None:
 def run_tp_mlp(sup: Supervisor, stop: threading.Event) -> Report:
     from worker.tp_mlp import make_input, reference_forward  # imports torch: after READY, off the start-up path
 
-    w = sup.cfg.workload
+    w, ride = sup.cfg.workload, Ride(sup)  # its calls ride through restarts the policy allows
     report = Report()
     x0 = make_input(w, 0)
-    out = sup.execute_model(x0, timeout=60)
+    out = ride.execute_model(x0, timeout=60)
     err = float((out - reference_forward(w, x0)).abs().max())
     report.ok = err <= w.check_tolerance
     report.add("check vs reference", f"{'PASS' if report.ok else 'FAIL'} (max abs error {err:.2e}, "
@@ -52,21 +53,21 @@ def run_tp_mlp(sup: Supervisor, stop: threading.Event) -> Report:
         report.failure = f"output differs from the single-process reference by {err:.3e}"
     inputs = [make_input(w, s % 8 + 1) for s in range(8)]
     steps = iter(range(w.steps))
-    lat = _timed(lambda: sup.execute_model(inputs[next(steps) % 8], timeout=60), w.steps, stop)
+    lat = _timed(lambda: ride.execute_model(inputs[next(steps) % 8], timeout=60), w.steps, stop)
     _latency_lines(report, lat, "steps")
-    rpc = _timed(lambda: sup.collective_rpc("check_health", timeout=30), min(200, max(20, w.steps)), stop)
+    rpc = _timed(lambda: ride.collective_rpc("check_health", timeout=30), min(200, max(20, w.steps)), stop)
     report.add("rpc (check_health, all ranks) p50 / p99",
                f"{percentile(rpc, .5) * 1e3:.3f} ms / {percentile(rpc, .99) * 1e3:.3f} ms")
     return report
 
 
 def run_echo(sup: Supervisor, stop: threading.Event) -> Report:
-    report = Report()
+    report, ride = Report(), Ride(sup)  # its calls ride through restarts the policy allows
     payload = {"ids": list(range(16)), "lens": [7] * 16}
-    got = sup.collective_rpc("echo", args=(payload,), timeout=30)
+    got = ride.collective_rpc("echo", args=(payload,), timeout=30)
     report.ok = all(g == payload for g in got)
     report.add("echo check", "PASS" if report.ok else "FAIL")
-    lat = _timed(lambda: sup.collective_rpc("echo", args=(payload,), timeout=30), sup.cfg.workload.steps, stop)
+    lat = _timed(lambda: ride.collective_rpc("echo", args=(payload,), timeout=30), sup.cfg.workload.steps, stop)
     _latency_lines(report, lat, "calls")
     return report
 

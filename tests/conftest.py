@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import faulthandler
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
@@ -32,6 +34,17 @@ def _terminal_dispositions() -> None:
 
 
 _terminal_dispositions()
+
+# The trees these tests start (the command's runs, embedded ones) register in a registry of live trees of their own,
+# not in the user's (supervisor/observe/live.py): `status` here never meets a tree of another session, and the
+# user's own `status` never meets ours.
+os.environ["RANKVISOR_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="rv-test-runtime-")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _own_runtime_dir():
+    yield
+    shutil.rmtree(os.environ["RANKVISOR_RUNTIME_DIR"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)

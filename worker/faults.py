@@ -3,17 +3,19 @@
 Configured through the worker environment (``+runtime.env.RV_FAULT=...`` on the command line):
 
     RV_FAULT           raise_init | exit_init | segv_init | hang_init | dist_fail_init
-                       | ignore_sigterm | slow_stop | grandchild | slow_execute
+                       | ignore_sigterm | slow_stop | grandchild | slow_execute | kill_at_call
     RV_FAULT_RANK      comma-separated group-local ranks that misbehave (default: all)
     RV_FAULT_ATTEMPTS  comma-separated group restart attempts that misbehave (default: all), e.g. "0" = only the
                        first start, so a restart recovers
-    RV_FAULT_ARG       a number for faults that take one (slow_stop, slow_execute: seconds)
+    RV_FAULT_ARG       a number for faults that take one (slow_stop, slow_execute: seconds; kill_at_call: the
+                       rank SIGKILLs itself on its N-th execute_model or echo call, a kill mid-run of a driver)
 
 Run-time faults (raise in a call, exit, a signal, a hang) need no class: send a callable through collective_rpc.
 
 ``FaultyWorker`` is the torch-free echo worker with these faults (starts in ~0.2 s); ``FaultyTPWorker`` is the
 tensor-parallel MLP (torch.distributed, CUDA with device=cuda) with the same faults, for the rows where the
-process group or GPU memory matters (a fault in init then strikes with the device and the world already set up).
+process group or GPU memory matters (a fault in init then strikes with the device and the world already set up);
+``FaultyLLMWorker`` is the Llama decoder (workload=llm) with them.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import sys
 import time
 from typing import Any
 
+from worker.llm.worker import LLMWorker
 from worker.tp_mlp import EchoWorker, TPMLPWorker
 
 
@@ -48,6 +51,11 @@ class _Faults:
         self.fault = _selected(spec)
         self.arg = float(dict(spec.env).get("RV_FAULT_ARG", "0") or 0)
         self.grandchildren: list[int] = []
+        self.calls = 0  # execute_model and echo calls so far (kill_at_call)
+
+    def adopt(self, spec) -> None:
+        super().adopt(spec)
+        self.fault = _selected(spec)  # a warm standby promoted: the faults of the attempt it now serves
 
     def init_device(self) -> None:
         if self.fault == "dist_fail_init":
@@ -81,7 +89,18 @@ class _Faults:
     def execute_model(self, *args: Any, **kwargs: Any) -> Any:
         if self.fault == "slow_execute":  # a step that takes time, so a kill or a SIGTERM lands mid-call
             time.sleep(self.arg)
+        self._count_call()
         return super().execute_model(*args, **kwargs)
+
+    def echo(self, x: Any) -> Any:
+        self._count_call()
+        return super().echo(x)  # type: ignore[misc]  # the echo worker's
+
+    def _count_call(self) -> None:
+        """kill_at_call: SIGKILL this rank on its N-th call, while the driver waits for the answer."""
+        self.calls += 1
+        if self.fault == "kill_at_call" and self.calls >= self.arg:
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def shutdown(self) -> None:
         if self.fault == "ignore_sigterm":
@@ -98,6 +117,10 @@ class FaultyWorker(_Faults, EchoWorker):
 
 class FaultyTPWorker(_Faults, TPMLPWorker):
     """The tensor-parallel MLP worker, misbehaving as configured."""
+
+
+class FaultyLLMWorker(_Faults, LLMWorker):
+    """The Llama decoder, misbehaving as configured."""
 
 
 def _unreachable_rendezvous() -> None:

@@ -7,7 +7,9 @@
              └────────────> metrics.py    restarts, give-ups, exits (counters)
     Supervisor.calls (calls.py) ──> metrics.py  RPC latency by method, failures by kind
     Supervisor.status() ──> control.py   RUN_DIR/control.sock (0600): status / restart / stop, for status_cli.py
-                        └─> http.py      127.0.0.1:PORT  /metrics /healthz /readyz /api/state and the page (page.py)
+                        ├─> http.py      127.0.0.1:PORT  /metrics /healthz /readyz /api/state and the page (page.py)
+                        └─> live.py      RUNTIME/live/: this user's live trees, found by status_cli.py from anywhere
+    endpoints.py: those three for one tree, served by the command (session.py) or an embedded tree (embedded.py)
 
 ``watch(sup, t0)`` starts what the CLI shows; nothing here is needed for the tree to run, and nothing here may stop it.
 """

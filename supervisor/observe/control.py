@@ -6,7 +6,8 @@ One request per connection, one JSON line each way::
     {"cmd": "status"}                 -> {"ok": true, "status": {...snapshot...}}
     {"cmd": "restart", "group": 1}    -> {"ok": true, "restarting": 1}     (a graceful restart between calls)
     {"cmd": "restart", "group": "all"} -> {"ok": true, "restarting": "all"} (a rolling restart, one group at a time)
-    {"cmd": "stop"}                   -> {"ok": true, "stopping": true}    (exactly as SIGTERM: graceful, exit 143)
+    {"cmd": "stop"}                   -> {"ok": true, "stopping": true}    (the command: exactly as SIGTERM, exit
+                                                                            143; an embedded tree: a drained stop)
     anything else                     -> {"ok": false, "error": "..."}
 
 A Unix socket path is limited to 107 bytes; a deep run folder is reached through /proc/self/fd/N/ (the folder
@@ -17,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import socket
 import socketserver
 import struct
@@ -51,8 +51,8 @@ def peer_uid(sock: socket.socket) -> int:
 class Commands:
     """What the socket can do to a Supervisor."""
 
-    def __init__(self, sup: Any, status: Callable[[], dict]) -> None:
-        self.sup, self.status = sup, status
+    def __init__(self, sup: Any, status: Callable[[], dict], stop: Callable[[], None]) -> None:
+        self.sup, self.status, self.stop = sup, status, stop
 
     def handle(self, req: dict[str, Any]) -> dict[str, Any]:
         cmd = req.get("cmd")
@@ -61,7 +61,7 @@ class Commands:
         if cmd == "restart":
             return self._restart(req.get("group"))
         if cmd == "stop":
-            os.kill(os.getpid(), signal.SIGTERM)  # the CLI's own graceful path, exit code and all
+            self.stop()
             return {"ok": True, "stopping": True}
         return {"ok": False, "error": f"unknown command {cmd!r} (status | restart | stop)"}
 

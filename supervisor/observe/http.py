@@ -8,6 +8,8 @@
     /            the live page (page.py)
     POST /v1/completions   a tree of the Llama decoder answers prompts (supervisor/completions_http.py)
 
+Every GET path answers HEAD as it answers GET (status and headers, no body): ``curl -I``, probes that send HEAD.
+
 The bound port (``http.port=0`` picks a free one) is written to RUN_DIR/http.json and logged.
 """
 from __future__ import annotations
@@ -71,11 +73,17 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "rankvisor"
 
     def do_GET(self) -> None:  # noqa: N802 (the standard library's name)
+        self._answer(send_body=True)
+
+    def do_HEAD(self) -> None:  # noqa: N802 -- every GET path answers HEAD: its status and headers, no body
+        self._answer(send_body=False)
+
+    def _answer(self, send_body: bool) -> None:
         try:
             status, ctype, body = self.server.routes.get(self.path)
         except Exception as exc:  # a failing view answers 500, it does not kill the server
             status, ctype, body = 500, "text/plain; charset=utf-8", f"{type(exc).__name__}: {exc}\n".encode()
-        self._reply(status, ctype, body)
+        self._reply(status, ctype, body, send_body)
 
     def do_POST(self) -> None:  # noqa: N802 (the standard library's name)
         from supervisor.completions_http import MAX_BODY_BYTES
@@ -94,13 +102,14 @@ class _Handler(BaseHTTPRequestHandler):
             status, ctype, body = 500, "text/plain; charset=utf-8", f"{type(exc).__name__}: {exc}\n".encode()
         self._reply(status, ctype, body)
 
-    def _reply(self, status: int, ctype: str, body: bytes) -> None:
+    def _reply(self, status: int, ctype: str, body: bytes, send_body: bool = True) -> None:
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
         self.end_headers()
-        self.wfile.write(body)
+        if send_body:
+            self.wfile.write(body)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the standard library's signature)
         pass  # probes every second would flood the log

@@ -11,11 +11,11 @@ LATENCY_BUCKET_S = 1.0  # the page's latency chart: one point (p50, p99) per sec
 LATENCY_WINDOW_S = 300.0
 
 
-def snapshot(sup: Any, started_unix: float) -> dict[str, Any]:
+def snapshot(sup: Any, started_unix: float, run_dir: str) -> dict[str, Any]:
     """Supervisor, groups and workers as plain data. Cheap enough to take a few times a second."""
     return {
         "run": sup.events.run_id,
-        "run_dir": sup.cfg.logging.run_dir,
+        "run_dir": run_dir,
         "pid": os.getpid(),
         "state": sup.state.value,
         "serving": sup.serving(),

@@ -1,15 +1,18 @@
-"""`python -m supervisor status [RUN_DIR|latest] [--json] [--watch [SECONDS]] [--restart GROUP|all] [--stop]`
+"""`python -m supervisor status [RUN_DIR|latest] [--json] [--watch [SECONDS]] [--restart GROUP|all] [--stop] [--list]`
 
 Asks a running supervisor, through RUN_DIR/control.sock, for its live table: one row per rank with group, pid,
 state, restarts, RSS, CPU%, GPU MiB, heartbeat age and the call in progress with its age. ``latest`` (the default)
-is the newest run folder under ./outputs (or a sweep's job under ./multirun) whose supervisor still answers.
-``--restart G`` restarts group G between calls, ``--restart all`` every group one at a time (a rolling restart),
-``--stop`` stops the tree as SIGTERM does.
+is the newest of this user's live trees that answers, wherever it runs: those in the registry of live trees
+(live.py; the command's runs and trees embedded in programs) and any run folder under ./outputs or ./multirun.
+When several answer, they are listed on stderr (newest first) and the newest is named; ``--list`` lists them
+only. ``--restart G`` restarts group G between calls, ``--restart all`` every group one at a time (a rolling
+restart), ``--stop`` stops the tree as SIGTERM does.
 
 Exit codes: 0 answered; 1 no supervisor answers there (not running any more); 2 bad arguments (one line).
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -18,10 +21,10 @@ import sys
 import time
 from typing import Any
 
-from supervisor.observe import control
+from supervisor.observe import control, live
 
 USAGE = ("usage: python -m supervisor status [RUN_DIR|latest] [--json] [--watch [SECONDS]] "
-         "[--restart GROUP|all] [--stop]")
+         "[--restart GROUP|all] [--stop] [--list]")
 DEFAULT_WATCH_S = 2.0
 _CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear screen: what `watch` does between frames
 
@@ -36,6 +39,8 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         opts = _parse(argv)
+        if opts["list"]:
+            return _list(opts["json"])
         run_dir = _resolve(opts["where"])
     except _Usage as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -56,7 +61,8 @@ def main(argv: list[str]) -> int:
 
 
 def _parse(argv: list[str]) -> dict[str, Any]:
-    opts: dict[str, Any] = {"where": "latest", "json": False, "watch": None, "restart": None, "stop": False}
+    opts: dict[str, Any] = {"where": "latest", "json": False, "watch": None, "restart": None, "stop": False,
+                            "list": False}
     args = list(argv)
     while args:
         a = args.pop(0)
@@ -64,8 +70,8 @@ def _parse(argv: list[str]) -> dict[str, Any]:
             raise _Usage(USAGE)
         if a == "--json":
             opts["json"] = True
-        elif a == "--stop":
-            opts["stop"] = True
+        elif a in ("--stop", "--list"):
+            opts[a[2:]] = True
         elif a == "--watch":
             opts["watch"] = _number(args.pop(0), "--watch") if args and _is_number(args[0]) else DEFAULT_WATCH_S
         elif a == "--restart":
@@ -102,17 +108,45 @@ def _resolve(where: str) -> str:
         if not os.path.exists(os.path.join(where, control.SOCKET_NAME)):
             raise _Usage(f"{where}: no {control.SOCKET_NAME} there (not a run folder, or its supervisor has exited)")
         return where
-    found = [*glob.glob(os.path.join("outputs", "*", "*", control.SOCKET_NAME)),  # Hydra's run folders
-             *glob.glob(os.path.join("multirun", "*", "*", "*", control.SOCKET_NAME))]  # a sweep's jobs
-    candidates = sorted(found, key=os.path.getmtime, reverse=True)
-    for sock in candidates:
-        run_dir = os.path.dirname(sock)
-        try:
-            control.request(run_dir, {"cmd": "status"}, timeout_s=1.0)
-            return run_dir
-        except (OSError, ValueError):
-            continue  # a supervisor killed with -9 leaves its socket file: skip it
-    raise _Usage("latest: no running supervisor under ./outputs or ./multirun (give RUN_DIR)")
+    trees = _answering()
+    if not trees:
+        raise _Usage(f"latest: no running supervisor of yours (none registered in {live.runtime_dir()}/live, "
+                     "none under ./outputs or ./multirun); give RUN_DIR")
+    if len(trees) > 1:
+        print(f"{len(trees)} live trees, newest first; showing the newest, {trees[0].run_dir} (give RUN_DIR for "
+              f"another):\n" + "\n".join(f"  {t.describe()}" for t in trees), file=sys.stderr)
+    return trees[0].run_dir
+
+
+def _answering() -> list[live.LiveTree]:
+    """This user's trees that answer on their control socket, newest first: the registered ones, and those under
+    ./outputs and ./multirun (found by their socket, in case one could not register)."""
+    trees = {os.path.realpath(t.run_dir): t for t in live.live_trees()}
+    for sock in [*glob.glob(os.path.join("outputs", "*", "*", control.SOCKET_NAME)),  # Hydra's run folders
+                 *glob.glob(os.path.join("multirun", "*", "*", "*", control.SOCKET_NAME))]:  # a sweep's jobs
+        run_dir = os.path.realpath(os.path.dirname(sock))
+        trees.setdefault(run_dir, live.LiveTree(run_dir, 0, os.path.getmtime(sock), False))
+    answers = [(t, _pid_answering(t.run_dir)) for t in trees.values()]
+    return sorted((dataclasses.replace(t, pid=pid) for t, pid in answers if pid), key=lambda t: t.started,
+                  reverse=True)
+
+
+def _pid_answering(run_dir: str) -> int:
+    """The pid of the supervisor answering in ``run_dir``, 0 if none does."""
+    try:
+        reply = control.request(run_dir, {"cmd": "status"}, timeout_s=1.0)
+        return int(reply["status"]["pid"]) if reply.get("ok") else 0
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0  # a supervisor killed with -9 leaves its socket file: skip it
+
+
+def _list(as_json: bool) -> int:
+    trees = _answering()
+    if as_json:
+        print(json.dumps([dataclasses.asdict(t) for t in trees]))
+    else:
+        print("\n".join(t.describe() for t in trees) or "no live tree")
+    return 0 if trees else 1
 
 
 def _command(run_dir: str, opts: dict[str, Any]) -> int:

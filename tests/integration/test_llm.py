@@ -63,7 +63,7 @@ def test_the_cli_drivers_generation_survives_a_rank_killed_mid_request(cache_dir
     import signal
 
     from supervisor import serving
-    from supervisor.errors import WorkerFailed
+    from supervisor.errors import RemoteError, WorkerFailed
 
     cfg = config(*_overrides(cache_dir, "parallel.tp=2", "parallel.dp=2", "restart=one_for_one",
                              f"rpc.retry_execute_model={retry}"))
@@ -83,8 +83,8 @@ def test_the_cli_drivers_generation_survives_a_rank_killed_mid_request(cache_dir
         prompts = make_prompts(cfg.llm, preset("tiny"), str(path))
         clean, _, _ = generate(sup, prompts, NEW_TOKENS, group=1)
         monkeypatch.setattr(serving.Generator, "_step", step)
-        if retry == "never":
-            with pytest.raises(WorkerFailed):
+        if retry == "never":  # the first error: the group's failure, or rank 0's collective breaking under it
+            with pytest.raises((WorkerFailed, RemoteError)):
                 generate(sup, prompts, NEW_TOKENS, group=0)
             return
         rows, ttft, itl = generate(sup, prompts, NEW_TOKENS, group=0)
@@ -200,3 +200,16 @@ def test_random_prompts_are_said_to_be_random_and_each_completion_is_shown(cache
     assert len(shown) == 2 and all(line.startswith(f"  [{i}] ids {p} -> ids [") for i, (line, p) in
                                    enumerate(zip(shown, prompts))), out
     assert "token ids: the checkpoint has no tokenizer" in out
+
+
+@pytest.mark.timeout(180)
+def test_cli_rides_through_a_restart_its_policy_allows(cache_dir: str, tmp_path: Path) -> None:
+    """restart=one_for_all, dp=1: rank 1 SIGKILLs itself on its 4th step (the first decode after the warm-up,
+    worker/faults.py); the request continues on the group's next incarnation, the tokens still match transformers,
+    and the summary counts the restart."""
+    kill = ("worker.cls=worker.faults:FaultyLLMWorker", "+runtime.env.RV_FAULT=kill_at_call",
+            "+runtime.env.RV_FAULT_ARG=4", "+runtime.env.RV_FAULT_RANK=1", "+runtime.env.RV_FAULT_ATTEMPTS=0")
+    code, out, err = Cli(tmp_path, *_overrides(cache_dir, "parallel.tp=2", "restart=one_for_all", *kill)).run()
+    assert code == 0, err[-3000:]
+    assert any(ln.split() == ["restarts", "1;", "calls", "sent", "again:", "1"] for ln in out.splitlines()), out
+    assert "PASS: greedy tokens identical" in out, out

@@ -26,8 +26,10 @@ from loguru import logger
 from prometheus_client.parser import text_string_to_metric_families
 
 from supervisor.api import Supervisor
+from supervisor.errors import ShutdownInProgress
 from supervisor.backends.local.output import RankOutput
 from supervisor.core.exits import ExitInfo
+from supervisor.observe.live import RUNTIME_ENV
 from tests.integration.helpers import ECHO, REPO, config, fault_env, gone_within, reap_adopted
 
 ENV = {**os.environ, "PYTHONPATH": REPO}
@@ -148,6 +150,34 @@ def test_status_shows_the_call_in_progress_and_metrics_time_every_call():
         sup.calls.remove_sink(metrics.on_call)
 
 
+def test_every_get_path_answers_head_too():
+    """``HEAD /healthz`` was 501: every path answers HEAD with GET's status and headers, and no body."""
+    import http.client
+    from types import SimpleNamespace
+
+    from supervisor.observe.http import HttpServer, Routes
+
+    sup = SimpleNamespace(finished=threading.Event(), serving=lambda: True)
+    metrics = SimpleNamespace(exposition=lambda: b"rankvisor_give_ups_total 0.0\n")
+    server = HttpServer(0, Routes(sup, metrics, lambda: {"status": {}}, "<html>page</html>"))
+    try:
+        for path in ("/metrics", "/healthz", "/readyz", "/api/state", "/", "/nowhere"):
+            answers = {}
+            for method in ("GET", "HEAD"):
+                conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+                try:
+                    conn.request(method, path)
+                    r = conn.getresponse()
+                    answers[method] = (r.status, r.getheader("Content-Type"), r.getheader("Content-Length"), r.read())
+                finally:
+                    conn.close()
+            get, head = answers["GET"], answers["HEAD"]
+            assert head[:3] == get[:3] and head[3] == b"" and int(get[2]) == len(get[3]) > 0, (path, answers)
+            assert get[0] == (404 if path == "/nowhere" else 200), (path, get)
+    finally:
+        server.close()
+
+
 # -- the CLI: story, events, status from another process, metrics, probes -----------------------------------------
 class ServeCli:
     """`python -m supervisor workload=serve ...` in tmp_path, with HTTP on a free port."""
@@ -158,7 +188,8 @@ class ServeCli:
         self._out = open(tmp_path / "stdout.txt", "w")
         args = [sys.executable, "-m", "supervisor", "workload=serve", *ECHO, "http.when=always", "http.port=0",
                 "workload.status_interval_s=60", *overrides]
-        self.proc = subprocess.Popen(args, cwd=tmp_path, env=ENV, stdout=self._out, stderr=self._err)
+        self.env = {**ENV, RUNTIME_ENV: os.environ[RUNTIME_ENV]}  # a test may have given it a registry of its own
+        self.proc = subprocess.Popen(args, cwd=tmp_path, env=self.env, stdout=self._out, stderr=self._err)
         wait_until(lambda: "READY in" in self.stderr() or self.proc.poll() is not None, 60, "the READY line")
         assert self.proc.poll() is None, self.stderr()
         self.run_dir = glob.glob(str(tmp_path / "outputs" / "*" / "*"))[0]
@@ -169,7 +200,7 @@ class ServeCli:
         return (self.dir / "stderr.txt").read_text()
 
     def status(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "supervisor", "status", *args], cwd=self.dir, env=ENV,
+        return subprocess.run([sys.executable, "-m", "supervisor", "status", *args], cwd=self.dir, env=self.env,
                               capture_output=True, text=True, timeout=60)
 
     def status_json(self) -> dict:
@@ -337,6 +368,94 @@ def test_status_cli_bad_input_is_one_line(tmp_path):
     (stale / "control.sock").write_text("")  # a supervisor killed with -9 leaves its socket file behind
     res = status(str(stale))
     assert res.returncode == 1 and res.stderr.startswith("error: no supervisor answers") and res.stderr.count("\n") == 1
+
+
+# -- a tree embedded in a program; this user's live trees found from any folder ----------------------------------
+def _status_from(folder, *args: str) -> subprocess.CompletedProcess:
+    """`python -m supervisor status ...` run in ``folder`` (made if missing), with this test's registry."""
+    folder.mkdir(exist_ok=True)
+    return subprocess.run([sys.executable, "-m", "supervisor", "status", *args], cwd=folder,
+                          env={**ENV, RUNTIME_ENV: os.environ[RUNTIME_ENV]}, capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_an_embedded_tree_serves_metrics_probes_and_status_as_the_command_does(tmp_path, monkeypatch):
+    """Supervisor(cfg) with http.when=always started no HTTP server and no control.sock. Now: both, in a private
+    run folder under the runtime dir; `status` from any folder finds it; `status --stop` stops the tree (not the
+    program); shutdown() removes the folder and the registry entry."""
+    monkeypatch.setenv(RUNTIME_ENV, str(tmp_path / "runtime"))
+    sup = Supervisor(config(*ECHO, "parallel.tp=2", "http.when=always", "http.port=0"))
+    try:
+        made = glob.glob(str(tmp_path / "runtime" / "runs" / "*"))
+        assert len(made) == 1, made
+        run_dir = made[0]
+        assert sup.endpoints.run_dir == run_dir
+        assert stat.S_IMODE(os.stat(run_dir).st_mode) == 0o700
+        assert stat.S_IMODE(os.stat(os.path.join(run_dir, "control.sock")).st_mode) == 0o600
+        port = json.load(open(os.path.join(run_dir, "http.json")))["port"]
+        assert sup.endpoints.url == f"http://127.0.0.1:{port}/"
+        with urllib.request.urlopen(sup.endpoints.url + "metrics", timeout=10) as r:
+            families = text_string_to_metric_families(r.read().decode())
+            workers = {s.labels["state"]: s.value for f in families if f.name == "rankvisor_workers" for s in f.samples}
+        assert workers["running"] == 2
+        with urllib.request.urlopen(sup.endpoints.url + "readyz", timeout=10) as r:
+            assert r.status == 200
+        res = _status_from(tmp_path / "elsewhere", "--json")
+        assert res.returncode == 0 and res.stderr == "", res.stderr
+        st = json.loads(res.stdout)
+        assert (st["pid"], st["run_dir"], [w["rank"] for w in st["workers"]]) == (os.getpid(), run_dir, [0, 1])
+        res = _status_from(tmp_path / "elsewhere", "--stop")
+        assert res.returncode == 0, res.stderr
+        assert sup.wait(30)  # the tree stopped; this program runs on, and its calls are refused
+        with pytest.raises(ShutdownInProgress):
+            sup.collective_rpc("echo", args=(1,), timeout=5)
+    finally:
+        sup.shutdown()
+    assert sup.endpoints is None and not os.path.exists(run_dir)
+    assert os.listdir(tmp_path / "runtime" / "live") == []
+
+
+def _stale_entries(folder) -> list:
+    """Registry entries a kill -9 leaves: a process that is gone, and a pid now another program's."""
+    dead = subprocess.Popen(["true"])
+    dead.wait(10)  # reaped: its pid names no process (or, reused, one started later)
+    paths = []
+    for name, pid, start in (("dead", dead.pid, 1.0), ("reused", os.getpid(), 1.0)):
+        path = folder / f"{pid}-{name}.json"
+        path.write_text(json.dumps({"run_dir": str(folder / name), "pid": pid, "started": time.time() + 60,
+                                    "embedded": False, "command": [], "process_start": start}))
+        paths.append(path)
+    return paths
+
+
+def test_status_finds_this_users_live_trees_from_any_folder_and_names_the_newest(tmp_path, monkeypatch):
+    """`status` without a folder looked only under ./outputs and ./multirun of the current folder. Now: every live
+    tree in the registry, wherever it runs; with several, they are listed and the newest is shown and named;
+    entries whose process is gone (or whose pid another program now has) are ignored and swept."""
+    monkeypatch.setenv(RUNTIME_ENV, str(tmp_path / "runtime"))
+    (tmp_path / "cli").mkdir()
+    cli = ServeCli(tmp_path / "cli", "parallel.tp=1")
+    try:
+        res = _status_from(tmp_path / "elsewhere")  # the one live tree, run from another folder
+        assert res.returncode == 0 and res.stderr == "" and f"supervisor pid {cli.proc.pid}" in res.stdout, res
+        stale = _stale_entries(tmp_path / "runtime" / "live")
+        with Supervisor(config(*ECHO, "parallel.tp=1", "http.when=always", "http.port=0")) as sup:  # the newest
+            res = _status_from(tmp_path / "elsewhere")
+            assert res.returncode == 0 and f"supervisor pid {os.getpid()}" in res.stdout, res
+            head, *listed = res.stderr.splitlines()
+            assert head.startswith(f"2 live trees, newest first; showing the newest, {sup.endpoints.run_dir}"), head
+            assert [ln.split()[:3] for ln in listed] == [[sup.endpoints.run_dir, "pid", str(os.getpid())],
+                                                         [cli.run_dir, "pid", str(cli.proc.pid)]], listed
+            assert "embedded in" in listed[0] and "workload=serve" in listed[1]
+            res = _status_from(tmp_path / "elsewhere", "--list", "--json")
+            assert [t["pid"] for t in json.loads(res.stdout)] == [os.getpid(), cli.proc.pid], res
+        assert not any(p.exists() for p in stale)
+        res = _status_from(tmp_path / "elsewhere", "--list")
+        assert res.returncode == 0 and res.stdout.splitlines()[0].split()[:3] == [cli.run_dir, "pid",
+                                                                                str(cli.proc.pid)]
+    finally:
+        cli.close()
+    assert _status_from(tmp_path / "elsewhere", "--list").returncode == 1  # none left
 
 
 def test_exit_codes_of_ours_have_words():
