@@ -35,9 +35,11 @@ def _smi_used_mib() -> int:
     return int(out[0])
 
 
-def _llm(tmp_path, *extra: str):
-    # the 1B shape: large enough (2.5 GB of bf16 weights) that a second copy would show on nvidia-smi
-    return config("workload=llm", "device=cuda", f"llm.cache_dir={tmp_path}", "llm.preset=llama-3.2-1b",
+def _llm(cache, *extra: str):
+    # the 1B shape: large enough (2.5 GB of bf16 weights) that a second copy would show on nvidia-smi. The preset
+    # is written once into the default cache (~/.cache/rankvisor/llm), which the GPU benchmarks share.
+    return config("workload=llm", "device=cuda", *([f"llm.cache_dir={cache}"] if cache else []),
+                  "llm.preset=llama-3.2-1b",
                   "llm.dtype=bfloat16", "llm.batch=2", f"llm.max_new_tokens={NEW_TOKENS}", "llm.prompt_len=6",
                   "restart=one_for_one", "runtime.startup_timeout_s=300", *extra)
 
@@ -67,9 +69,9 @@ def _serving_as(sup, pids: list[int] | None, before: list[int], timeout: float =
 
 
 @pytest.fixture(scope="module")
-def plain_tokens(tmp_path_factory):
+def plain_tokens():
     """The tokens of a tree that loads its own weights (no keeper, no standby): what every other run must give."""
-    cache = tmp_path_factory.mktemp("llm-gpu")
+    cache = ""
     with Supervisor(_llm(cache, "recovery.keeper=off", "recovery.standby=off")) as sup:
         assert sup.collective_rpc("model_info", timeout=60)[0]["weights"] == "loaded"
         return cache, _generate(sup)
@@ -120,9 +122,8 @@ def test_keeper_killed_ranks_keep_reading_their_weights(plain_tokens):
 
 def test_supervisor_kill9_with_keeper_and_standby_frees_the_card(plain_tokens):
     """Row 53: every process gone and the card's memory back within 0.5 s of their exit (nvidia-smi)."""
-    cache, _ = plain_tokens
     base = _smi_used_mib()
-    tree = TreeInChild("workload=llm", "device=cuda", f"llm.cache_dir={cache}", "llm.preset=llama-3.2-1b",
+    tree = TreeInChild("workload=llm", "device=cuda", "llm.preset=llama-3.2-1b",
                        "llm.dtype=bfloat16", "llm.batch=2", "restart=one_for_one", "--reserve")
     try:
         everyone = tree.pids + tree.info["reserve"]
