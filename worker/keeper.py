@@ -70,7 +70,7 @@ def entry(death_conn: Any, status_conn: Any, cmd_conn: Any, env: tuple, output_c
         output.attach(*output_conns)
     os.setsid()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
-    watch = lifeline.DeathWatch(death_conn, 0.0, lambda: lifeline.exit_now(0 if watch.deliberate else EXIT_ORPHANED),
+    watch = lifeline.DeathWatch(death_conn, 0.0, lambda: _leave(0 if watch.deliberate else EXIT_ORPHANED),
                                 EXIT_ORPHANED, 0)
     watch.start()
     lifeline.arm_parent_death_signal(signal.SIGKILL)  # nothing to stop gracefully: the memory goes with us
@@ -89,8 +89,15 @@ def serve(cmd_conn: Any, status: Any) -> None:
         try:
             req = cmd_conn.recv()
         except (EOFError, OSError):
-            lifeline.exit_now(0)
+            _leave(0)
         status.send(_answer(req, shards))
+
+
+def _leave(code: int) -> None:
+    """Exit at once: the memory goes with the process (the driver's and the kernel's to free); the names CUDA IPC
+    made in /dev/shm do not, so they are removed first (the supervisor does it when we are killed)."""
+    weights.remove_ipc_leftovers(os.getpid())
+    lifeline.exit_now(code)
 
 
 def _answer(req: KeepRequest, shards: dict[tuple, _Shard]) -> Kept | KeepFailed:

@@ -178,6 +178,34 @@ def legacy_ipc() -> bool:
     return os.environ.get(LEGACY_IPC_ENV, "").lower() in ("1", "true", "yes")
 
 
+def ipc_leftovers(pid: int, shm_dir: str = "/dev/shm") -> list[str]:
+    """The /dev/shm names a CUDA IPC exporter leaves when it exits without its destructors (os._exit, a kill):
+    torch's reference counter of shared storages (``torch_<pid>_<n>_<n>``) and the driver's IPC segment
+    (``cuda.shm.<device>.<pid in hex>.<n>``). Mappings of them live on; only the names go."""
+    try:
+        names = os.listdir(shm_dir)
+    except OSError:
+        return []
+    def ours(name: str) -> bool:
+        if name.startswith(f"torch_{pid}_"):
+            return True
+        parts = name.split(".")
+        return name.startswith("cuda.shm.") and len(parts) == 5 and parts[3] == f"{pid:x}"
+
+    return [n for n in names if ours(n)]
+
+
+def remove_ipc_leftovers(pid: int, shm_dir: str = "/dev/shm") -> list[str]:
+    removed = []
+    for name in ipc_leftovers(pid, shm_dir):
+        try:
+            os.unlink(os.path.join(shm_dir, name))
+            removed.append(name)
+        except OSError:
+            pass
+    return removed
+
+
 # -- the rank's side ----------------------------------------------------------------------------------------------
 class KeeperGone(RuntimeError):
     """The weight keeper that holds this shard is gone: its memory cannot be mapped any more."""

@@ -107,3 +107,13 @@ def test_cpu_handle_maps_the_keepers_bytes_without_a_copy():
         os.close(alloc.fd)
     with pytest.raises(weights.KeeperGone):  # its descriptor closed: nothing left to map
         weights.open_buffer(handle)
+
+
+def test_ipc_leftovers_are_the_exporters_own_names(tmp_path):
+    for name in ("torch_774_667816789_0", "torch_7745_1_0", "cuda.shm.0.306.1", "cuda.shm.1.306.2",
+                 "cuda.shm.0.3061.1", "rvq-774-aa", "torch_77_4_0"):
+        (tmp_path / name).touch()
+    assert sorted(weights.ipc_leftovers(774, str(tmp_path))) == ["cuda.shm.0.306.1", "cuda.shm.1.306.2",
+                                                                  "torch_774_667816789_0"]
+    weights.remove_ipc_leftovers(774, str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["cuda.shm.0.3061.1", "rvq-774-aa", "torch_7745_1_0", "torch_77_4_0"]

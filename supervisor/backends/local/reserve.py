@@ -30,6 +30,7 @@ from supervisor.backends.local.keeper import KeeperError, KeeperProcess
 from supervisor.backends.local.process import WorkerProcess, parent_fds
 from supervisor.core import recovery
 from worker.protocol import PhaseReached, StartupFailed, StartupPhase
+from worker.weights import remove_ipc_leftovers
 
 Emit = Callable[..., Any]
 
@@ -124,6 +125,7 @@ class Reserve:
         self._stop(standbys)
         if keeper is not None:
             escalation.stop([keeper], self.grace_s, self.reap_s, self.reaper)
+            remove_ipc_leftovers(keeper.pid)
         with self._lock:  # no _wake() writes into a descriptor number being closed (and perhaps reused)
             fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), -1, -1
         for fd in fds:
@@ -165,6 +167,7 @@ class Reserve:
             if self.keeper is k:
                 self.keeper = None
         escalation.stop([k], 0.0, self.reap_s, self.reaper)
+        remove_ipc_leftovers(k.pid)  # killed: it could not remove them itself
         self.reaper.forget_worker(k.pid)
         if action is recovery.KeeperLoss.STOP_RANKS:
             with self._lock:
