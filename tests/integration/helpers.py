@@ -113,3 +113,18 @@ def tiny_checkpoint_with_tokenizer(folder, seed: int, eos_token_id: int | None =
         with open(os.path.join(folder, "generation_config.json"), "w") as f:
             json.dump({"eos_token_id": eos_token_id}, f)
     return str(folder)
+
+
+def smi_used_mib(gpu: str = "0") -> int:
+    """Memory in use on one GPU (MiB) as nvidia-smi reports it: the fault matrix's witness for "GPU memory back",
+    independent of our own NVML reading. ``gpu``: an index or UUID, as nvidia-smi -i takes it."""
+    out = subprocess.run(["nvidia-smi", "-i", gpu, "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True, timeout=30, check=True).stdout
+    return int(out.split()[0])
+
+
+def smi_pids(gpu: str = "0") -> set[int]:
+    """The processes nvidia-smi shows on one GPU."""
+    out = subprocess.run(["nvidia-smi", "-i", gpu, "--query-compute-apps=pid", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True, timeout=30, check=True).stdout
+    return {int(p) for p in out.split() if p.isdigit()}
