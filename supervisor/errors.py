@@ -39,6 +39,15 @@ class DeviceFailed(WorkerFailed):
         self.remote_traceback = remote_traceback
 
 
+class GpuUnhealthy(WorkerFailed):
+    """check_health: a GPU under the tree reports uncorrectable memory errors, or a page retirement or row remap
+    waiting for a reset (supervisor/gpu_health.py). The message names each GPU, its ranks and the counter."""
+
+    def __init__(self, problems: list[str], ranks: tuple[int, ...]) -> None:
+        super().__init__("unhealthy GPU: " + " | ".join(problems), ranks)
+        self.problems = problems
+
+
 class CallTimeout(SupervisorError, TimeoutError):
     """The caller's own wait ran out (``timeout=``, ``Future.result(timeout)``): "wait at most", as everywhere in
     Python. The ranks are left alone; ``ranks`` had not answered yet. (TimeoutError is also what

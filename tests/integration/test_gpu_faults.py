@@ -1,6 +1,6 @@
-"""The GPU rows of the fault matrix (/work/shared/FAULTS.md rows 48-51, and a segfault mid-call) with real processes.
-The `cuda` tests skip without a GPU; each has a CPU analog here where one exists. On a GPU:
-python -m pytest -m cuda tests/integration/test_cuda.py tests/integration/test_gpu_faults.py
+"""The GPU rows of the fault matrix (/work/shared/FAULTS.md rows 48-51, and a segfault mid-call) with real processes,
+and GPU health (NVML) through the API. The `cuda` tests skip without a GPU; each has a CPU analog here where one
+exists. On a GPU: python -m pytest -m cuda tests/integration/test_cuda.py tests/integration/test_gpu_faults.py
 (and scripts/gpu_faults.py times each row).
 
 Row -> test:
@@ -26,8 +26,9 @@ import time
 import pytest
 
 from supervisor.api import Supervisor
-from supervisor.errors import RemoteError, RpcTimeout, WorkerFailed
-from tests.integration.helpers import FAULTY, config, smi_pids, smi_used_mib
+from supervisor.errors import GpuUnhealthy, RemoteError, RpcTimeout, WorkerFailed
+from tests.fake_nvml import FakeGpu, FakeNVML
+from tests.integration.helpers import FAULTY, config, limited_memory_cgroup, smi_pids, smi_used_mib
 from tests.integration.test_faults import METHODS, exits_of, wait_until
 from worker import faults
 
@@ -105,8 +106,10 @@ def gpu():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     from supervisor import gpu as nvml_ctypes
+    from supervisor.gpu_health import GpuHealth
 
     nvml_ctypes.memory_by_pid()
+    GpuHealth().readings()
     return nvml_ctypes.usable_gpus()[0]
 
 
@@ -250,49 +253,10 @@ CGROUP_LIMIT = 96 << 20
 
 @pytest.fixture
 def memory_cgroup():
-    """A fresh memory cgroup under this process's own, limited to 96 MiB with no swap; skip where none can be made
-    (no writable cgroup fs, no memory controller delegated here). Removed after the test (it is empty by then)."""
-    from supervisor.backends.local.oomkill import counter_files, parse_mountinfo
-
-    with open("/proc/self/mountinfo") as f, open("/proc/self/cgroup") as g:
-        files = counter_files(g.read(), parse_mountinfo(f.read()))
-    path = ""
-    for counters in files:  # cgroup v1's memory controller, or v2
-        parent = os.path.dirname(counters)
-        path = os.path.join(parent, f"rv-oom-{os.getpid()}")
-        try:
-            _make_limited(path, counters.endswith("memory.events"))
-            break
-        except OSError:
-            _remove(path)
-            path = ""
-    if not path:
-        pytest.skip("no memory cgroup can be made here")
-    try:
+    with limited_memory_cgroup(CGROUP_LIMIT) as path:
+        if path is None:
+            pytest.skip("no memory cgroup can be made here")
         yield path
-    finally:
-        _remove(path)
-
-
-def _make_limited(path: str, v2: bool) -> None:
-    os.mkdir(path)
-    limits = {"memory.max": CGROUP_LIMIT, "memory.swap.max": 0} if v2 else \
-        {"memory.limit_in_bytes": CGROUP_LIMIT, "memory.memsw.limit_in_bytes": CGROUP_LIMIT}
-    for name, value in limits.items():
-        if os.path.exists(os.path.join(path, name)) or name in ("memory.max", "memory.limit_in_bytes"):
-            with open(os.path.join(path, name), "w") as f:
-                f.write(str(value))
-
-
-def _remove(path: str) -> None:
-    deadline = time.monotonic() + 10
-    while path and os.path.isdir(path):
-        try:
-            os.rmdir(path)
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)  # the killed process is still leaving the cgroup
 
 
 def test_oom_killer_is_named_in_the_exit(memory_cgroup):
@@ -320,3 +284,59 @@ def test_a_plain_sigkill_is_not_taken_for_the_oom_killer():
         os.kill(old[0], signal.SIGKILL)
         serving_again(sup, old)
         assert exits_of(sup.events, old[0]) == [(0, "SIGKILL", -9)]
+
+
+# -- GPU health (NVML) through the API ---------------------------------------------------------------------------------
+def test_an_unhealthy_gpu_fails_check_health_and_shows_in_status_and_metrics(monkeypatch):
+    """A fake NVML puts both ranks of a CPU tree on GPU 1, which reports 2 volatile uncorrectable ECC errors."""
+    from supervisor import gpu_health
+
+    nvml = FakeNVML(FakeGpu("GPU-healthy"), FakeGpu("GPU-bad", ecc={0: 2, 1: 2}, rows=(0, 2, 1, 0)))
+    monkeypatch.setattr(gpu_health, "load_nvml", lambda: nvml)
+    with Supervisor(config(*FAULTY, "parallel.tp=2", "gpu.health_ttl_s=0")) as sup:
+        nvml.gpus[1].pids = tuple(sup.pids())
+        with pytest.raises(GpuUnhealthy) as err:
+            sup.check_health()
+        assert str(err.value) == ("unhealthy GPU: GPU 1 (GPU-bad) of ranks [0, 1]: 2 uncorrectable ECC error(s) since "
+                                  "the driver loaded (volatile); a row remap is pending (needs a GPU reset)")
+        assert err.value.ranks == (0, 1)
+        assert [r["gpu_health"] for r in sup.status()] == ["ECC 2", "ECC 2"]
+        metrics = _scrape(sup)
+        assert 'rankvisor_gpu_healthy{gpu="1",uuid="GPU-bad"} 0.0' in metrics
+        assert 'rankvisor_gpu_ecc_uncorrectable_total{counter="volatile",gpu="1"} 2.0' in metrics
+        assert 'rankvisor_gpu_row_remap_pending{gpu="1"} 1.0' in metrics
+        assert 'gpu="0"' not in metrics  # no rank of the tree runs on GPU 0
+        nvml.gpus[1].ecc, nvml.gpus[1].rows = {0: 0, 1: 2}, (0, 2, 0, 0)  # reset: only the lifetime count stays
+        assert sup.check_health() and [r["gpu_health"] for r in sup.status()] == ["ok", "ok"]
+
+
+def test_gpu_health_off_reads_nothing(monkeypatch):
+    from supervisor import gpu_health
+
+    monkeypatch.setattr(gpu_health, "load_nvml", lambda: pytest.fail("NVML was read with gpu.health=false"))
+    with Supervisor(config(*FAULTY, "gpu.health=false")) as sup:
+        assert sup.check_health() and sup.status()[0]["gpu_health"] is None and sup.gpus() == []
+
+
+def _scrape(sup: Supervisor) -> str:
+    from supervisor.observe.metrics import Metrics
+
+    return Metrics(sup).exposition().decode()
+
+
+@pytest.mark.cuda
+def test_real_nvml_health_of_the_gpu_under_a_rank(gpu):
+    """On a real GPU: every counter read (or None where unsupported), the rank's GPU found, check_health passes on a
+    healthy card, status and /metrics carry it. Needs nvidia-ml-py (the `gpu` extra)."""
+    pytest.importorskip("pynvml")
+    with Supervisor(config("device=cuda")) as sup:
+        warm(sup)
+        (reading,) = sup.gpus()
+        assert sup.pids()[0] in reading.pids and reading.uuid.startswith("GPU-")
+        assert reading.ecc_volatile in (None, 0), f"{reading.name} reports uncorrectable errors: {reading}"
+        assert not reading.problems() and sup.check_health()
+        assert sup.status()[0]["gpu_health"] == reading.short
+        from supervisor.observe.metrics import gpu_families
+
+        names = {s.name for fam in gpu_families([reading]) for s in fam.samples}
+        assert {"rankvisor_gpu_healthy", "rankvisor_gpu_throttle_reasons"} <= names
