@@ -27,6 +27,8 @@ import pytest
 
 from supervisor.api import Supervisor
 from supervisor.errors import GpuUnhealthy, RemoteError, RpcTimeout, WorkerFailed
+from supervisor.gpu_health import SLOWED
+from supervisor.observe.metrics import gpu_families
 from tests.fake_nvml import FakeGpu, FakeNVML
 from tests.integration.helpers import FAULTY, config, limited_memory_cgroup, smi_pids, smi_used_mib
 from tests.integration.test_faults import METHODS, exits_of, wait_until
@@ -36,6 +38,9 @@ pytestmark = pytest.mark.timeout(180)
 ONE_FOR_ONE = ("restart=one_for_one", "restart.intensity=10")
 GIB = 1 << 30
 TOLERANCE_MIB = 256  # "back to its level": a fresh context of the replacement may differ from the old by this much
+# check_health right after the error: the failed group's channel refuses it with the error itself, or, once the
+# monitor has seen the exit, the closed gate does. Either way no health report comes from the dying process.
+IN_THE_WINDOW = r"rank {rank} hit a fatal device error|groups \[0\] are not serving"
 CAUSES = {"assert": "device-side assert triggered", "illegal_address": "an illegal memory access was encountered"}
 
 
@@ -84,7 +89,7 @@ def test_fatal_device_error_cpu_analog(method):
         with pytest.raises(WorkerFailed) as err:
             sup.collective_rpc(device_error_on(1), timeout=60)
         one_line_naming(err.value, 1, "CUDA error: device-side assert triggered")
-        with pytest.raises(WorkerFailed, match="rank 1"):  # in the window: never a healthy report from it
+        with pytest.raises(WorkerFailed, match=IN_THE_WINDOW.format(rank=1)):  # never a healthy report from it
             sup.check_health()
         serving_again(sup, old)
         (exited,) = [e for e in sup.events.of_kind("exited") if e["pid"] == old[1]]
@@ -148,7 +153,7 @@ def test_fatal_device_error_in_a_call(gpu, fault):
         with pytest.raises(WorkerFailed) as err:
             sup.collective_rpc(hold_then(fault), timeout=60)
         one_line_naming(err.value, 0, CAUSES[fault])
-        with pytest.raises(WorkerFailed, match="rank 0"):
+        with pytest.raises(WorkerFailed, match=IN_THE_WINDOW.format(rank=0)):
             sup.check_health()
         serving_again(sup, old)
         assert exits_of(sup.events, old[0]) == [(0, "exit 73", 73)]
@@ -335,8 +340,6 @@ def test_real_nvml_health_of_the_gpu_under_a_rank(gpu):
         assert sup.pids()[0] in reading.pids and reading.uuid.startswith("GPU-")
         assert reading.ecc_volatile in (None, 0), f"{reading.name} reports uncorrectable errors: {reading}"
         assert not reading.problems() and sup.check_health()
-        assert sup.status()[0]["gpu_health"] == reading.short
-        from supervisor.observe.metrics import gpu_families
-
+        assert sup.status()[0]["gpu_health"] in ("ok", *SLOWED)  # a throttle reason may come or go between reads
         names = {s.name for fam in gpu_families([reading]) for s in fam.samples}
         assert {"rankvisor_gpu_healthy", "rankvisor_gpu_throttle_reasons"} <= names
