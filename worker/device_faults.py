@@ -3,7 +3,7 @@
 Two kinds of GPU failure need more than "the call raised":
 
 * a sticky CUDA error (a device-side assert, an illegal address, a launch failure): the CUDA context is poisoned and
-  every later CUDA call in this process fails the same way. Nothing in the process can repair it; the rank must be
+  every later CUDA call in this process fails the same way, whichever library made the kernel. Nothing in the process can repair it; the rank must be
   replaced. ``is_fatal`` says so, and worker/main.py exits (EXIT_DEVICE_ERROR) right after replying.
 * CUDA running out of memory: recoverable, the same process serves the next call. But the blocks the failed call
   allocated before the failing allocation stay cached by torch's allocator once its tensors are freed, so the
@@ -21,20 +21,24 @@ _CUDA_ERROR_PREFIX = "CUDA error: "
 
 
 def is_fatal(exc: BaseException) -> bool:
-    """Whether ``exc`` left this process's device unusable. A CUDA runtime error is fatal when it is sticky: where
-    this process has a CUDA context, a synchronize then fails too (a non-sticky one, e.g. an invalid argument or a
-    failed cudaMalloc outside torch's allocator, does not, and the process keeps serving). Without a context to ask
-    (the error was raised by hand, or by a library that manages its own), a CUDA error is taken as fatal."""
-    if not _is_cuda_error(exc):
-        return False
+    """Whether the call that raised ``exc`` left this process's device unusable. Where this process has a CUDA
+    context, the context itself is asked, whichever library raised (torch, Triton, CuPy): a poisoned one answers
+    any call with its sticky error, a working one (after an invalid argument, a failed allocation, a Python error)
+    does not. Without a context to ask (the error was raised by hand, or by a library with a context of its own), a
+    CUDA error is taken as fatal."""
     torch = sys.modules.get("torch")
-    if torch is None or not torch.cuda.is_initialized():
-        return True
+    if torch is not None and torch.cuda.is_initialized():
+        return not _context_works(torch)
+    return _is_cuda_error(exc)
+
+
+def _context_works(torch) -> bool:
+    """A stream query never blocks (unlike a synchronize, which would wait for a kernel that never ends)."""
     try:
-        torch.cuda.synchronize()
+        torch.cuda.current_stream().query()
     except Exception:  # noqa: BLE001 -- whatever it raises, the context no longer works
-        return True
-    return False
+        return False
+    return True
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

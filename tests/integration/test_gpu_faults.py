@@ -5,7 +5,8 @@ exists. On a GPU: python -m pytest -m cuda tests/integration/test_cuda.py tests/
 
 Row -> test:
   48  sticky CUDA error    test_fatal_device_error_in_a_call[assert|illegal_address] (cuda),
-                           test_retryable_calls_hitting_a_device_error_are_answered_by_the_replacement (cuda);
+                           test_retryable_calls_hitting_a_device_error_are_answered_by_the_replacement (cuda),
+                           test_a_cuda_error_that_leaves_the_context_working_keeps_the_process (cuda);
                            CPU analog: test_fatal_device_error_cpu_analog (torch's AcceleratorError raised by hand:
                            the worker treats it as it treats a real one when it has no CUDA context to ask)
   49  CUDA out of memory   test_cuda_oom_same_process_serves_and_memory_back (cuda);
@@ -176,6 +177,26 @@ def test_retryable_calls_hitting_a_device_error_are_answered_by_the_replacement(
         attempt = sup.groups()[0].attempts - 1
         ((pid, answered_in),) = sup.collective_rpc(device_error_in_attempt, args=(attempt,), retry=True, timeout=120)
         assert answered_in == attempt + 1 and pid in sup.pids()
+
+
+def invalid_device(w):
+    """A CUDA error that leaves the context working (cudaSetDevice to a GPU that is not there)."""
+    import torch
+
+    torch.cuda.set_device(torch.cuda.device_count() + 7)
+
+
+@pytest.mark.cuda
+def test_a_cuda_error_that_leaves_the_context_working_keeps_the_process(gpu):
+    with Supervisor(config("device=cuda", *ONE_FOR_ONE)) as sup:
+        warm(sup)
+        pids = sup.pids()
+        with pytest.raises(RemoteError) as err:
+            sup.collective_rpc(invalid_device, timeout=60)
+        if "CUDA error" not in err.value.remote_message:
+            pytest.skip(f"this torch refuses the device before CUDA does: {err.value.remote_message}")
+        assert [p for p, _ in sup.collective_rpc(pid_of, timeout=60)] == pids  # not replaced: it serves on
+        warm(sup)
 
 
 # -- row 49: out of memory -------------------------------------------------------------------------------------------

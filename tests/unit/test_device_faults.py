@@ -20,15 +20,17 @@ class Held:
 
 @pytest.fixture
 def cuda(monkeypatch):
-    """A CUDA context 'exists'; what synchronize raises and when empty_cache runs are the test's."""
-    state = {"sync_raises": None, "emptied": []}
+    """A CUDA context 'exists'; whether it answers with a sticky error, and when empty_cache runs, are the test's."""
+    state = {"poisoned": None, "emptied": []}
 
-    def synchronize(*_):
-        if state["sync_raises"] is not None:
-            raise state["sync_raises"]
+    class Stream:
+        def query(self):
+            if state["poisoned"] is not None:
+                raise state["poisoned"]
+            return True
 
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
-    monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *_: Stream())
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: state["emptied"].append(state["probe"]()))
     return state
 
@@ -57,8 +59,8 @@ def test_oom_release_can_be_turned_off(cuda):
 
 
 def test_a_sticky_cuda_error_is_fatal(cuda):
-    """A device-side assert poisons the context: the synchronize probe fails the same way."""
-    cuda["sync_raises"] = torch.AcceleratorError(ASSERT)
+    """A device-side assert poisons the context: asked, it answers with the same error."""
+    cuda["poisoned"] = torch.AcceleratorError(ASSERT)
 
     def boom(_w):
         raise torch.AcceleratorError(ASSERT)
@@ -70,9 +72,15 @@ def test_a_sticky_cuda_error_is_fatal(cuda):
 
 
 def test_a_cuda_error_that_leaves_the_context_working_is_not_fatal(cuda):
-    """e.g. an invalid argument: the context still synchronizes, so the same process serves the next call."""
+    """e.g. an invalid argument: the context still answers, so the same process serves the next call."""
     assert not device_faults.is_fatal(torch.AcceleratorError("CUDA error: invalid argument"))
     assert cuda["emptied"] == []
+
+
+def test_a_poisoned_context_is_fatal_whoever_raised(cuda):
+    """CuPy or Triton word an illegal address their own way: the context's answer decides, not the words."""
+    cuda["poisoned"] = torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+    assert device_faults.is_fatal(RuntimeError("Triton Error [CUDA]: an illegal memory access was encountered"))
 
 
 def test_without_a_context_a_cuda_error_is_taken_as_fatal(monkeypatch):
