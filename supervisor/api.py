@@ -22,7 +22,8 @@ from typing import Any, Callable
 
 import psutil
 
-from supervisor.errors import ShutdownInProgress, WorkerFailed
+from supervisor.errors import GpuUnhealthy, ShutdownInProgress, WorkerFailed
+from supervisor.gpu_health import GpuHealth, GpuReading, RankPlace, rank_place
 from supervisor.core.events import EventLog
 from supervisor.core.gate import Closed
 from supervisor.backends.base import Group as WorkerGroup
@@ -64,6 +65,8 @@ class Supervisor:
         # Multi-call requests (a generation) admitted per group: a rolling restart or a drain waits for them
         # (supervisor/core/requests.py); supervisor/serving.py admits each request it runs.
         self.requests = self._life.requests
+        # GPU health from NVML (ECC errors, retired pages, remapped rows, throttle reasons): check_health, status()
+        self.gpu_health = GpuHealth(self.cfg.gpu.health, self.cfg.gpu.health_ttl_s)
         _LIVE.add(self)
         # Garbage collection without shutdown() must not leave the tree running; interpreter exit is _LIVE's job.
         weakref.finalize(self, _abandoned, self._life).atexit = False
@@ -343,14 +346,32 @@ class Supervisor:
                                    deadline=self.cfg.worker.call_deadline_s or None)
 
     def check_health(self, timeout: float | None = 10.0) -> list[Any]:
-        """Raise if the tree is not healthy (a group down, a rank failing its check); else the ranks' reports."""
+        """Raise if the tree is not healthy (a group down, a GPU of its ranks reporting uncorrectable memory errors
+        or a pending row remap: GpuUnhealthy, a rank failing its check); else the ranks' reports."""
         life = self._life
         if life.state is not SupervisorState.RUNNING:
             raise WorkerFailed(f"supervisor is {life.state.value}")
         down = [i for i in life.live if not life.gates[i].is_open]
         if down:
             raise WorkerFailed(f"groups {down} are not serving ({life.gates[down[0]].closed_reason})")
+        places = self._rank_places()
+        problems = self.gpu_health.unhealthy(places)
+        if problems:
+            raise GpuUnhealthy(problems, tuple(sorted(self.gpu_health.of_ranks(places))))
         return self.collective_rpc("check_health", timeout=timeout)
+
+    def gpus(self) -> list[GpuReading]:
+        """The GPUs the tree's ranks run on, with their health counters (none on CPU, or without nvidia-ml-py)."""
+        on = {g.index: g for g in self.gpu_health.of_ranks(self._rank_places()).values()}
+        return [on[i] for i in sorted(on)]
+
+    def _rank_places(self) -> list[RankPlace]:
+        """Where each live rank runs; only for ranks on this host (the local backend): NVML sees this host's GPUs."""
+        life = self._life
+        if life.backend.name != "local":
+            return []
+        return [rank_place(g.rank_offset + w.rank, w.pid, w.spec, life.device)
+                for g in list(life.groups.values()) for w in list(g.workers) if w.is_alive()]
 
     def _pick_group(self) -> int:
         live = list(self._life.live)
@@ -442,7 +463,8 @@ class Supervisor:
 
     # -- views -----------------------------------------------------------------------------------------------
     def status(self) -> list[dict[str, Any]]:
-        """One row per worker: group, rank, pid, state, restarts, RSS (MiB), CPU%."""
+        """One row per worker: group, rank, pid, state, restarts, RSS (MiB), CPU%, GPU MiB and the health of its GPU
+        ("ok", "ECC 2", "reset pending", a throttle reason such as "hw_thermal"; None off a GPU)."""
         rows = []
         life = self._life
         gpu_mem = {}
@@ -450,6 +472,7 @@ class Supervisor:
             from supervisor import gpu
 
             gpu_mem = gpu.memory_by_pid()
+        health = self.gpu_health.of_ranks(self._rank_places())
         for gi in sorted(life.groups):
             g = life.groups[gi]
             for w in g.workers:
@@ -466,6 +489,7 @@ class Supervisor:
                              "state": w.state.value, "restarts": life.restarts[gi], "rss_mib": rss, "cpu_pct": cpu,
                              "retried": self.retry_stats.away_from[gi],
                              "gpu_mib": round(gpu_mem[w.pid] / 2**20, 1) if w.pid in gpu_mem else None,
+                             "gpu_health": _gpu_short(health.get(g.rank_offset + w.rank)),
                              **_liveness(w, self.calls.in_progress(gi, w.rank))})
         return rows
 
@@ -488,6 +512,10 @@ class Supervisor:
 
     def pids(self) -> list[int]:
         return [row["pid"] for row in self.status()]
+
+
+def _gpu_short(reading: GpuReading | None) -> str | None:
+    return reading.short if reading is not None else None
 
 
 def _liveness(w: Any, call: tuple[str, float] | None) -> dict[str, Any]:

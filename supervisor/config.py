@@ -462,6 +462,7 @@ _RULES: tuple[tuple[str, Callable[[Any], str | None]], ...] = (
     ("worker.call_deadline_s", _NON_NEG),
     ("workload.name", lambda name: _one_of(_workloads())(name)),
     ("http.port", _at_most(_NON_NEG_INT, 65535, "the largest TCP port")),
+    ("gpu.health_ttl_s", _NON_NEG),
     ("workload.hidden", _POSITIVE_INT),
     ("workload.layers", _POSITIVE_INT),
     ("workload.batch", _POSITIVE_INT),

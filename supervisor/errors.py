@@ -24,6 +24,30 @@ class WorkerFailed(SupervisorError):
         self.restarting = restarting
 
 
+class DeviceFailed(WorkerFailed):
+    """A call left a rank's device unusable (a sticky CUDA error: a device-side assert, an illegal address): the
+    process exits right after answering and never answers again; the restart policy replaces it. Every call on that
+    group still waiting gets this same error, in one line naming the rank and the cause; the remote traceback is in
+    ``remote_traceback``. A retryable call is sent again, to the replacement (or another replica)."""
+
+    def __init__(self, rank: int, exc_type: str, cause: str, method: str, remote_traceback: str = "") -> None:
+        super().__init__(f"rank {rank} hit a fatal device error in {method}: {cause} ({exc_type}); its CUDA context "
+                         "is unusable, so the process exits for the restart policy to replace", (rank,))
+        self.rank = rank
+        self.exc_type = exc_type
+        self.cause = cause
+        self.remote_traceback = remote_traceback
+
+
+class GpuUnhealthy(WorkerFailed):
+    """check_health: a GPU under the tree reports uncorrectable memory errors, or a page retirement or row remap
+    waiting for a reset (supervisor/gpu_health.py). The message names each GPU, its ranks and the counter."""
+
+    def __init__(self, problems: list[str], ranks: tuple[int, ...]) -> None:
+        super().__init__("unhealthy GPU: " + " | ".join(problems), ranks)
+        self.problems = problems
+
+
 class CallTimeout(SupervisorError, TimeoutError):
     """The caller's own wait ran out (``timeout=``, ``Future.result(timeout)``): "wait at most", as everywhere in
     Python. The ranks are left alone; ``ranks`` had not answered yet. (TimeoutError is also what

@@ -207,6 +207,17 @@ class HttpSettings:
 
 
 @dataclass(frozen=True)
+class GpuSettings:
+    """GPU health from NVML (supervisor/gpu_health.py; needs the `gpu` extra: nvidia-ml-py)."""
+
+    # Read each GPU's ECC errors, retired pages, remapped rows and throttle reasons: an uncorrectable error since the
+    # driver loaded, or a pending retirement / remap, makes check_health fail naming the GPU and the counter; status
+    # and /metrics show them. false = never touch NVML for this.
+    health: bool = True
+    health_ttl_s: float = 1.0  # a reading is reused this long (scrapes, status views and health checks share it)
+
+
+@dataclass(frozen=True)
 class RaySettings:
     address: str = ""  # "" = start a local Ray instance; "auto" or host:port = join a cluster
     placement_strategy: PlacementStrategy = PlacementStrategy.PACK  # PACK keeps a TP group on one node
@@ -229,5 +240,6 @@ class Config:
     rpc: RpcSettings = field(default_factory=RpcSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
+    gpu: GpuSettings = field(default_factory=GpuSettings)
     backend: Backend = Backend.local
     ray: RaySettings = field(default_factory=RaySettings)

@@ -4,6 +4,8 @@ Configured through the worker environment (``+runtime.env.RV_FAULT=...`` on the 
 
     RV_FAULT           raise_init | exit_init | segv_init | hang_init | dist_fail_init
                        | ignore_sigterm | slow_stop | grandchild | slow_execute | kill_at_call
+                       | device_error (execute_model hits a sticky device error: device_error() below)
+                       | join_cgroup (init_device moves the rank into the cgroup folder RV_FAULT_CGROUP)
     RV_FAULT_RANK      comma-separated group-local ranks that misbehave (default: all)
     RV_FAULT_ATTEMPTS  comma-separated group restart attempts that misbehave (default: all), e.g. "0" = only the
                        first start, so a restart recovers
@@ -49,7 +51,8 @@ class _Faults:
     def __init__(self, spec) -> None:
         super().__init__(spec)
         self.fault = _selected(spec)
-        self.arg = float(dict(spec.env).get("RV_FAULT_ARG", "0") or 0)
+        self.spec_env = dict(spec.env)
+        self.arg = float(self.spec_env.get("RV_FAULT_ARG", "0") or 0)
         self.grandchildren: list[int] = []
         self.calls = 0  # execute_model and echo calls so far (kill_at_call)
 
@@ -75,6 +78,8 @@ class _Faults:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if fault == "grandchild":
             self.spawn_grandchildren()
+        if fault == "join_cgroup":
+            join_cgroup(self.spec_env["RV_FAULT_CGROUP"])
 
     def spawn_grandchildren(self) -> list[int]:
         """One ordinary child and one that detaches into its own session (setsid)."""
@@ -90,6 +95,8 @@ class _Faults:
         if self.fault == "slow_execute":  # a step that takes time, so a kill or a SIGTERM lands mid-call
             time.sleep(self.arg)
         self._count_call()
+        if self.fault == "device_error":
+            device_error(self.device)
         return super().execute_model(*args, **kwargs)
 
     def echo(self, x: Any) -> Any:
@@ -153,3 +160,52 @@ def crash(kind: str) -> Any:
     if kind == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     raise ValueError(f"unknown crash kind {kind!r}")
+
+
+# -- device faults (the fault matrix's GPU rows; tests/integration/test_gpu_faults.py, scripts/gpu_faults.py) ------------
+def device_error(device: Any = None) -> None:
+    """A sticky device error in this process. On a CUDA device a real one: a device-side assert (an index out of
+    range, then a synchronize), after which the process's CUDA context is unusable. Elsewhere the error torch raises
+    for one (torch.AcceleratorError, in CUDA's words), which the worker treats the same way: the CPU analog."""
+    import torch
+
+    if device is not None and torch.device(device).type == "cuda":
+        torch.zeros(2, device=device)[torch.tensor([5], device=device)].sum().item()  # raises AcceleratorError
+        torch.cuda.synchronize(device)
+        raise RuntimeError("worker.faults.device_error: the device-side assert did not fire")
+    raise torch.AcceleratorError("CUDA error: device-side assert triggered\n(raised by worker.faults.device_error)")
+
+
+def illegal_address(device: Any) -> None:
+    """A sticky CUDA error of the other kind: a kernel writes through a null pointer ("an illegal memory access was
+    encountered"). torch has no way to launch a kernel on a bogus address, so CuPy does, on the same context."""
+    import cupy
+    import torch
+
+    with cupy.cuda.Device(torch.device(device).index or 0):
+        poke = cupy.RawKernel(r'extern "C" __global__ void poke(float* p) { p[threadIdx.x] = 1.0f; }', "poke")
+        poke((1,), (1,), (cupy.uint64(0),))
+    torch.cuda.synchronize(device)
+
+
+def spin_forever(device: Any) -> None:
+    """A kernel that never ends (it spins for 2**62 clock cycles: years), waited for: the call never returns."""
+    import torch
+
+    torch.cuda._sleep(1 << 62)
+    torch.cuda.synchronize(device)
+
+
+def join_cgroup(path: str) -> None:
+    """Move this process into the cgroup folder ``path`` (cgroup v1 or v2): its memory limit applies from now on."""
+    with open(os.path.join(path, "cgroup.procs"), "w") as f:
+        f.write(str(os.getpid()))
+
+
+def grow_memory(at_most: int, chunk: int = 8 << 20) -> int:
+    """Allocate (and touch) memory, ``chunk`` bytes at a time, up to ``at_most`` bytes: under a memory limit below
+    that, the kernel's OOM killer ends the process on the way. Returns the bytes held if it was not killed."""
+    held = []
+    while len(held) * chunk < at_most:
+        held.append(bytearray(chunk))  # zero-filled: every page is touched, so charged to the cgroup
+    return len(held) * chunk

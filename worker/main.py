@@ -31,10 +31,10 @@ import time
 import traceback
 from typing import Any
 
-from worker import lifeline, output
+from worker import device_faults, lifeline, output
 from worker.protocol import (EXIT_DEVICE_ERROR, EXIT_ORPHANED, EXIT_SHUTDOWN_RAISED, EXIT_STARTUP_FAILED,
-                             EXIT_STOP_OVERDUE, STOP_METHOD, PhaseReached, Promotion, Ready, RemoteFailure, Reply,
-                             Request, StartupFailed, StartupPhase)
+                             EXIT_STOP_OVERDUE, STOP_METHOD, DeviceLost, PhaseReached, Promotion, Ready,
+                             RemoteFailure, Reply, Request, StartupFailed, StartupPhase)
 from worker.spec import WorkerSpec
 
 
@@ -129,7 +129,7 @@ def entry(spec: WorkerSpec, bcast_handle: Any, death_conn: Any, status_conn: Any
         Heartbeat(status, spec.worker.heartbeat_interval_s).start()
     except GracefulStop:
         pass  # stopped the moment READY was out (a group stopped right after it started): _serve stops at once
-    _serve(spec, worker, bcast, reply)
+    _serve(spec, worker, bcast, reply, status)
 
 
 def _detach(close_fds: tuple) -> None:
@@ -208,7 +208,7 @@ def load_class(path: str):
     return getattr(importlib.import_module(module), name)
 
 
-def _serve(spec: WorkerSpec, worker: Any, bcast: Any, reply: Any) -> None:
+def _serve(spec: WorkerSpec, worker: Any, bcast: Any, reply: Any, status: StatusChannel) -> None:
     from loguru import logger
 
     from transport import QueueClosed, PeerDied
@@ -224,13 +224,11 @@ def _serve(spec: WorkerSpec, worker: Any, bcast: Any, reply: Any) -> None:
             if req.method == STOP_METHOD:
                 break
             calls += 1
-            out = _call(worker, req, spec.topology.rank)
+            out = _call(worker, req, spec)
             if req.reply_rank is None or req.reply_rank == spec.topology.rank:
                 _send_reply(reply, req.call_id, out, _over_budget(spec, calls), spec.topology.rank)
-            if not out[0] and _fatal_device_error(out[1]):
-                # Every later call here would fail too, and a graceful shutdown may hang on the broken context:
-                # leave now (the reply is already out) so the supervisor's policy restarts this rank.
-                lifeline.exit_now(EXIT_DEVICE_ERROR)
+            if not out[0] and out[1].fatal:
+                _leave_for_device(status, out[1])
     except GracefulStop:
         pass
     except (QueueClosed, PeerDied) as exc:
@@ -249,12 +247,24 @@ def _serve(spec: WorkerSpec, worker: Any, bcast: Any, reply: Any) -> None:
     os._exit(code)
 
 
-def _call(worker: Any, req: Request, rank: int) -> tuple[bool, Any]:
-    return dispatch(worker, req.method, req.args, req.kwargs, rank)
+def _leave_for_device(status: StatusChannel, failure: RemoteFailure) -> None:
+    """Every later call here would fail too, and a graceful shutdown may hang on the broken context: say why on the
+    status pipe (the exit reason names it) and leave now -- the reply, marked fatal, is already out -- so the
+    supervisor's policy replaces this rank."""
+    status.send(DeviceLost(failure.rank, failure.exc_type, failure.cause))
+    lifeline.exit_now(EXIT_DEVICE_ERROR)
 
 
-def dispatch(worker: Any, method: Any, args: tuple, kwargs: dict | None, rank: int) -> tuple[bool, Any]:
-    """Run one call on the worker: (True, result) or (False, RemoteFailure with the traceback)."""
+def _call(worker: Any, req: Request, spec: WorkerSpec) -> tuple[bool, Any]:
+    return dispatch(worker, req.method, req.args, req.kwargs, spec.topology.rank, spec.worker.empty_cache_on_oom)
+
+
+def dispatch(worker: Any, method: Any, args: tuple, kwargs: dict | None, rank: int,
+             release_on_oom: bool = True) -> tuple[bool, Any]:
+    """Run one call on the worker: (True, result) or (False, RemoteFailure with the traceback). The failure is
+    ``fatal`` when it left the device unusable (worker/device_faults.py). After CUDA ran out of memory, with
+    ``release_on_oom``, the blocks the failed call had allocated go back to the driver, so the device's memory is
+    back at its level before the call and the same process serves the next one."""
     try:
         if isinstance(method, str):
             return True, getattr(worker, method)(*args, **(kwargs or {}))
@@ -264,13 +274,12 @@ def dispatch(worker: Any, method: Any, args: tuple, kwargs: dict | None, rank: i
     except GracefulStop:
         raise
     except BaseException as exc:
-        return False, RemoteFailure(rank, type(exc).__name__, str(exc), traceback.format_exc())
-
-
-def _fatal_device_error(failure: RemoteFailure) -> bool:
-    """A sticky CUDA error (device-side assert, illegal address, ...) poisons the process's CUDA context;
-    torch raises it as AcceleratorError ("CUDA error: ..."). Out-of-memory is recoverable and is not one."""
-    return failure.exc_type == "AcceleratorError" or "CUDA error: " in failure.message
+        failure = RemoteFailure(rank, type(exc).__name__, str(exc), traceback.format_exc(),
+                                device_faults.is_fatal(exc))
+        out_of_memory = device_faults.is_out_of_memory(exc)
+    if out_of_memory and release_on_oom:  # out of the except block: the failed call's frames (and tensors) are gone
+        device_faults.release_cached_memory()
+    return False, failure
 
 
 def _send_reply(reply: Any, call_id: int, out: tuple[bool, Any], over: bool, rank: int) -> None:

@@ -72,6 +72,16 @@ class StartupFailed:
     traceback: str
 
 
+@dataclass(frozen=True)
+class DeviceLost:
+    """Sent on the status pipe by a rank that is leaving because a call left its device unusable (just before it
+    exits with EXIT_DEVICE_ERROR): the exit reason then names the cause, whoever sees the exit first."""
+
+    rank: int
+    exc_type: str
+    cause: str  # the error's first line, e.g. "CUDA error: device-side assert triggered"
+
+
 class Request(NamedTuple):
     call_id: int
     method: Any  # a method name (str) or cloudpickled bytes of a callable taking the worker first
@@ -92,6 +102,14 @@ class RemoteFailure(NamedTuple):
     exc_type: str
     message: str
     traceback: str
+    # The call left the rank's device unusable (a sticky CUDA error: worker/device_faults.py). The rank exits
+    # (EXIT_DEVICE_ERROR) right after this reply and never answers again: the supervisor fails the group's calls now.
+    fatal: bool = False
+
+    @property
+    def cause(self) -> str:
+        """The error's first line, e.g. "CUDA error: device-side assert triggered" (its type if it has no words)."""
+        return next((line.strip() for line in self.message.splitlines() if line.strip()), self.exc_type)
 
 
 STOP_METHOD = "__stop__"  # a Request with this method makes every worker stop gracefully, no reply

@@ -104,6 +104,10 @@ class WorkerSettings:
     # (stacks dumped, killed, the restart policy acts). 0 = none. Other calls have a deadline only when asked
     # (collective_rpc(deadline=...)); a caller's timeout= never touches the ranks.
     call_deadline_s: float = 300.0
+    # After a call fails with CUDA out of memory, hand the blocks torch's allocator cached for it back to the driver
+    # (torch.cuda.empty_cache), so the device's memory is back at its level before the call: other processes on the
+    # card (a dp replica sharing it, the next rank started there) can use it. false = keep them cached.
+    empty_cache_on_oom: bool = True
 
 
 @dataclass(frozen=True)

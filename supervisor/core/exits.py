@@ -15,6 +15,7 @@ _HINTS = {
     signal.SIGINT: "interrupted",
     signal.SIGFPE: "floating-point exception",
 }
+OOM_KILLED = "killed by the kernel's OOM killer"
 _CODES = {code: words for code, words in EXIT_MEANINGS.items() if code != 0}  # our own codes, in words
 
 
@@ -24,6 +25,8 @@ class ExitInfo:
     hung: bool = False
     hung_why: str = ""  # what declared it hung: "missed its heartbeat deadline", "missed the call deadline of 5 s"
     detail: str = ""  # what the backend knows beyond the code (e.g. Ray's actor-death cause)
+    oom: str = ""  # a SIGKILL was the kernel's OOM killer's: the kernel's record that says so (local backend)
+    cause: str = ""  # what the worker said of its end before it left (a fatal device error: the CUDA error)
 
     @property
     def signal(self) -> signal.Signals | None:
@@ -45,13 +48,15 @@ class ExitInfo:
             return f"hung ({self.hung_why or 'declared hung by the supervisor'})"
         if self.detail:
             return self.detail
+        if self.oom:
+            return f"SIGKILL ({OOM_KILLED}: {self.oom})"
         sig = self.signal
         if sig is not None:
             hint = _HINTS.get(sig)
             return f"{sig.name} ({hint})" if hint else sig.name
         if self.exitcode is None:
             return "still running"
-        hint = _CODES.get(self.exitcode)
+        hint = "; ".join(words for words in (_CODES.get(self.exitcode), self.cause) if words)
         return f"exit code {self.exitcode}" + (f" ({hint})" if hint else "")
 
     @property
@@ -59,15 +64,20 @@ class ExitInfo:
         """Words for events and logs: the signal's or our exit code's meaning ("" for another code)."""
         if self.hung:
             return "hung: declared so by the supervisor, its stacks dumped into its rank log, then killed"
+        if self.oom:
+            return f"{OOM_KILLED}: the machine or the rank's memory cgroup ran out of memory ({self.oom})"
         sig = self.signal
         if sig is not None:
             return _HINTS.get(sig, sig.name)
-        return EXIT_MEANINGS.get(self.exitcode, "") if self.exitcode is not None else ""
+        words = EXIT_MEANINGS.get(self.exitcode, "") if self.exitcode is not None else ""
+        return f"{words} ({self.cause})" if self.cause else words
 
     @property
     def short(self) -> str:
         """For events and tables: "exit 3", "SIGKILL", "hung"."""
         if self.hung:
             return "hung"
+        if self.oom:
+            return "SIGKILL (OOM killer)"
         sig = self.signal
         return sig.name if sig is not None else f"exit {self.exitcode}"

@@ -15,7 +15,8 @@ Exactly once: each attempt is a new request on the channel of the group incarnat
 failed is never looked at again, so a reply a dead group might still produce (none can: its channel is failed, its
 queues cancelled) has no path to the caller; only the attempt that answers is returned, once.
 
-What is retried: ``WorkerFailed`` (the group died or was declared hung before it answered; or, under
+What is retried: ``WorkerFailed`` (the group died or was declared hung before it answered; a rank's device failed
+for good in the call, ``DeviceFailed``, so the call goes to the replacement; or, under
 ``restart.calls_during_restart=fail``, it was not serving), and a ``RemoteError`` after which the group goes down
 within PEER_DEATH_GRACE_S (a surviving rank's collective failed because its peer died). What is final: ``RemoteError`` (the method itself
 raised: it would raise again), ``RpcTimeout`` (the call's deadline passed), ``ShutdownInProgress``, a supervisor that

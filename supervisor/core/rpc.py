@@ -25,7 +25,9 @@ ranks alone — the call stays pending if it has a deadline (detached), else it 
 are dropped when they come. A call *deadline* (``deadline_s``) is enforced by whoever drains; when it passes, the
 ranks that did not answer are handed to ``on_deadline`` (the lifecycle declares them hung) and the call fails with
 RpcTimeout naming them. ``fail()`` (a worker died) cancels the rings; every waiter wakes and the first to run
-completes every pending call with the failure.
+completes every pending call with the failure. A reply marked ``fatal`` (the rank's device is unusable: it exits
+right after sending it) does the same at once, before the monitor has seen the exit: every call on the group, and
+every later send, fails with one DeviceFailed naming the rank and the cause.
 
 One limit, from the transport: a dequeue that times out part-way through a multi-slot reply drops that reply. A
 drainer only times out at a caller's timeout or a call deadline, so this needs a large reply to be mid-flight at
@@ -42,7 +44,7 @@ from typing import Any, Callable, Sequence
 
 from loguru import logger
 
-from supervisor.errors import CallTimeout, RemoteError, RpcTimeout, WorkerFailed
+from supervisor.errors import CallTimeout, DeviceFailed, RemoteError, RpcTimeout, WorkerFailed
 from transport import MessageQueue, PeerDied, QueueClosed, QueueTimeout
 from worker.protocol import RemoteFailure, Reply, Request
 
@@ -399,6 +401,8 @@ class RpcChannel:
         if target is None:
             return []  # a call its caller abandoned: the late reply is dropped
         target.results[r] = reply
+        if not reply.ok and reply.value.fatal:
+            return self._device_lost(target, reply.value)
         if len(target.results) < len(target.expected):
             return []
         with self._cond:
@@ -416,6 +420,15 @@ class RpcChannel:
                 f: RemoteFailure = reply.value
                 return RemoteError(self.rank_offset + f.rank, f.exc_type, f.message, f.traceback)
         return None
+
+    def _device_lost(self, call: PendingCall, f: RemoteFailure) -> list[PendingCall]:
+        """As the drainer: rank f.rank answered ``call`` with a fatal device error and exits right after it. No call
+        on this group can be answered any more (the others wait on the rank, or on a collective with it): each fails
+        now with one error naming the rank and the cause, as does every later send, before the monitor has even
+        seen the exit. The lifecycle's failure, when it comes, keeps this one (fail() does not overwrite it)."""
+        if self.failure is None:
+            self.failure = DeviceFailed(self.rank_offset + f.rank, f.exc_type, f.cause, call.method_name, f.traceback)
+        return self._sweep()
 
     def _settle_all(self, calls: list[PendingCall]) -> None:
         for call in calls:

@@ -19,6 +19,18 @@ Read at scrape time from Supervisor.status() / groups()::
     rankvisor_worker_heartbeat_age_seconds{group,rank}
     rankvisor_worker_rss_bytes{group,rank}, rankvisor_worker_cpu_percent{group,rank},
     rankvisor_worker_gpu_memory_bytes{group,rank} (device=cuda)
+
+Read at scrape time from Supervisor.gpus(), the GPUs the ranks run on (NVML through nvidia-ml-py; none without it)::
+
+    rankvisor_gpu_healthy{gpu,uuid}                   1 unless uncorrectable errors or a pending retirement / remap
+    rankvisor_gpu_ecc_uncorrectable_total{gpu,counter}   counter: volatile (since the driver loaded), aggregate
+    rankvisor_gpu_retired_pages{gpu,cause}            cause: multiple_single_bit, double_bit (GPUs before Ampere)
+    rankvisor_gpu_retired_pages_pending{gpu}
+    rankvisor_gpu_remapped_rows{gpu,kind}             kind: correctable, uncorrectable (Ampere and later)
+    rankvisor_gpu_row_remap_pending{gpu}, rankvisor_gpu_row_remap_failed{gpu}
+    rankvisor_gpu_throttle_reasons{gpu,reason}        1 for each active clocks-event reason (hw_thermal, sw_power_cap...)
+
+A counter the GPU does not report is left out, not shown as 0.
 """
 from __future__ import annotations
 
@@ -26,9 +38,10 @@ import threading
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from supervisor.core.states import WorkerState
+from supervisor.gpu_health import THROTTLE_REASONS
 
 PREFIX = "rankvisor"
 # RPC latency buckets: the rings answer in tens of microseconds; a model step takes milliseconds to seconds.
@@ -112,6 +125,7 @@ class _TreeCollector:
             serving.add_metric([str(g.index)], 1.0 if g.serving else 0.0)
         yield serving
         yield from self._per_worker(rows)
+        yield from gpu_families(self.sup.gpus())
 
     @staticmethod
     def _by_state(rows: list[dict]) -> GaugeMetricFamily:
@@ -132,3 +146,36 @@ class _TreeCollector:
                 if r.get(key) is not None:
                     fam.add_metric([str(r["group"]), str(r["rank"])], float(r[key]) * scale)
             yield fam
+
+
+def gpu_families(gpus: list[Any]) -> list[Any]:
+    """The GPU health gauges of supervisor/gpu_health.py's readings (see the module docstring)."""
+    healthy = GaugeMetricFamily(f"{PREFIX}_gpu_healthy", "1 unless the GPU reports uncorrectable memory errors since "
+                                "the driver loaded or a pending page retirement / row remap", labels=["gpu", "uuid"])
+    ecc = CounterMetricFamily(f"{PREFIX}_gpu_ecc_uncorrectable", "Uncorrectable ECC errors (volatile: since the "
+                              "driver loaded; aggregate: the GPU's life)", labels=["gpu", "counter"])
+    retired = GaugeMetricFamily(f"{PREFIX}_gpu_retired_pages", "Pages retired, by cause", labels=["gpu", "cause"])
+    remapped = GaugeMetricFamily(f"{PREFIX}_gpu_remapped_rows", "Rows remapped, by kind", labels=["gpu", "kind"])
+    flags = {name: GaugeMetricFamily(f"{PREFIX}_gpu_{name}", doc, labels=["gpu"]) for name, doc in (
+        ("retired_pages_pending", "1 while a page retirement waits for a GPU reset"),
+        ("row_remap_pending", "1 while a row remap waits for a GPU reset"),
+        ("row_remap_failed", "1 if a row remap failed"))}
+    throttle = GaugeMetricFamily(f"{PREFIX}_gpu_throttle_reasons", "1 for each active clocks-event (throttle) reason",
+                                 labels=["gpu", "reason"])
+    for g in gpus:
+        i = str(g.index)
+        healthy.add_metric([i, g.uuid], 0.0 if g.problems() else 1.0)
+        for counter, value in (("volatile", g.ecc_volatile), ("aggregate", g.ecc_aggregate)):
+            if value is not None:
+                ecc.add_metric([i, counter], float(value))
+        for cause, n in (g.retired_pages or {}).items():
+            retired.add_metric([i, cause], float(n))
+        for kind, n in (g.remapped_rows or {}).items():
+            remapped.add_metric([i, kind], float(n))
+        for name, value in (("retired_pages_pending", g.retirement_pending), ("row_remap_pending", g.remap_pending),
+                            ("row_remap_failed", g.remap_failed)):
+            if value is not None:
+                flags[name].add_metric([i], float(value))
+        for _bit, reason in THROTTLE_REASONS:
+            throttle.add_metric([i, reason], 1.0 if reason in g.throttle else 0.0)
+    return [healthy, ecc, retired, remapped, *flags.values(), throttle]

@@ -1,7 +1,7 @@
 """`python -m supervisor status [RUN_DIR|latest] [--json] [--watch [SECONDS]] [--restart GROUP|all] [--stop] [--list]`
 
 Asks a running supervisor, through RUN_DIR/control.sock, for its live table: one row per rank with group, pid,
-state, restarts, RSS, CPU%, GPU MiB, heartbeat age and the call in progress with its age. ``latest`` (the default)
+state, restarts, RSS, CPU%, GPU MiB, its GPU's health (ok, ECC N, reset pending, a throttle reason), heartbeat age and the call in progress with its age. ``latest`` (the default)
 is the newest of this user's live trees that answers, wherever it runs: those in the registry of live trees
 (live.py; the command's runs and trees embedded in programs) and any run folder under ./outputs or ./multirun.
 When several answer, they are listed on stderr (newest first) and the newest is named; ``--list`` lists them
@@ -175,7 +175,8 @@ def _show(run_dir: str, opts: dict[str, Any]) -> int:
 
 
 _COLUMNS = [("group", 5), ("rank", 4), ("pid", 7), ("state", 9), ("restarts", 8), ("rss MiB", 8), ("cpu%", 6),
-            ("gpu MiB", 8), ("beat s", 7), ("call", 24)]
+            ("gpu MiB", 8), ("gpu", 13), ("beat s", 7), ("call", 24)]
+_LEFT = ("state", "gpu", "call")  # words, left-aligned; numbers are right-aligned
 
 
 def format_status(st: dict[str, Any]) -> str:
@@ -183,12 +184,13 @@ def format_status(st: dict[str, Any]) -> str:
                        for g in st["groups"])
     head = (f"run {st['run']}  {st['run_dir']}  supervisor pid {st['pid']}  {st['state']}"
             f"{'  serving' if st['serving'] else ''}  up {st['uptime_s']:.0f} s\ngroups  {groups}")
-    lines = [head, " ".join(f"{name:<{w}}" if name in ("state", "call") else f"{name:>{w}}" for name, w in _COLUMNS)]
+    lines = [head, " ".join(f"{name:<{w}}" if name in _LEFT else f"{name:>{w}}" for name, w in _COLUMNS)]
     for r in st["workers"]:
         call = f"{r['call']} {r['call_s']:.1f}s" if r.get("call") else "-"
         cells = [r["group"], r["rank"], r["pid"], r["state"], r["restarts"], _num(r.get("rss_mib")),
-                 _num(r.get("cpu_pct")), _num(r.get("gpu_mib")), _num(r.get("heartbeat_age_s")), call]
-        lines.append(" ".join(f"{str(c):<{w}}" if name in ("state", "call") else f"{str(c):>{w}}"
+                 _num(r.get("cpu_pct")), _num(r.get("gpu_mib")), _num(r.get("gpu_health")),
+                 _num(r.get("heartbeat_age_s")), call]
+        lines.append(" ".join(f"{str(c):<{w}}" if name in _LEFT else f"{str(c):>{w}}"
                               for c, (name, w) in zip(cells, _COLUMNS)))
     return "\n".join(lines)
 

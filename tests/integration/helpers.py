@@ -1,6 +1,7 @@
 """Helpers for real-process tests: configs from Hydra overrides, and a supervisor in a child process."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -123,3 +124,63 @@ def tiny_checkpoint_with_tokenizer(folder, seed: int, eos_token_id: int | None =
         with open(os.path.join(folder, "generation_config.json"), "w") as f:
             json.dump({"eos_token_id": eos_token_id}, f)
     return str(folder)
+
+
+def smi_used_mib(gpu: str = "0") -> int:
+    """Memory in use on one GPU (MiB) as nvidia-smi reports it: the fault matrix's witness for "GPU memory back",
+    independent of our own NVML reading. ``gpu``: an index or UUID, as nvidia-smi -i takes it."""
+    out = subprocess.run(["nvidia-smi", "-i", gpu, "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True, timeout=30, check=True).stdout
+    return int(out.split()[0])
+
+
+def smi_pids(gpu: str = "0") -> set[int]:
+    """The processes nvidia-smi shows on one GPU."""
+    out = subprocess.run(["nvidia-smi", "-i", gpu, "--query-compute-apps=pid", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True, timeout=30, check=True).stdout
+    return {int(p) for p in out.split() if p.isdigit()}
+
+
+@contextlib.contextmanager
+def limited_memory_cgroup(limit_bytes: int):
+    """A fresh memory cgroup under this process's own (cgroup v1's memory controller, or v2), limited to
+    ``limit_bytes`` with no swap; yields its folder, or None where none can be made here (no writable cgroup fs, no
+    memory controller delegated). Removed afterwards, once the processes put in it are gone."""
+    from supervisor.backends.local.oomkill import counter_files, parse_mountinfo
+
+    with open("/proc/self/mountinfo") as f, open("/proc/self/cgroup") as g:
+        files = counter_files(g.read(), parse_mountinfo(f.read()))
+    path = None
+    for counters in files:
+        candidate = os.path.join(os.path.dirname(counters), f"rv-oom-{os.getpid()}")
+        try:
+            _make_limited(candidate, limit_bytes, v2=counters.endswith("memory.events"))
+            path = candidate
+            break
+        except OSError:
+            _remove_cgroup(candidate)
+    try:
+        yield path
+    finally:
+        _remove_cgroup(path)
+
+
+def _make_limited(path: str, limit: int, v2: bool) -> None:
+    os.mkdir(path)
+    hard, no_swap = ("memory.max", "memory.swap.max") if v2 else ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes")
+    with open(os.path.join(path, hard), "w") as f:
+        f.write(str(limit))
+    if os.path.exists(os.path.join(path, no_swap)):  # absent where the kernel accounts no swap
+        with open(os.path.join(path, no_swap), "w") as f:
+            f.write(str(0 if v2 else limit))
+
+
+def _remove_cgroup(path: str | None, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while path and os.path.isdir(path):
+        try:
+            os.rmdir(path)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)  # a killed process is still leaving it

@@ -12,6 +12,7 @@ import pytest
 from supervisor import gpu
 from supervisor.api import Supervisor
 from supervisor.core.topology import visible_gpus
+from supervisor.gpu_health import GpuHealth
 from tests.integration.helpers import TreeInChild, config, gone_within
 
 pytestmark = [pytest.mark.cuda, pytest.mark.timeout(300)]
@@ -25,6 +26,7 @@ def _need_gpu():
     if visible_gpus() == 0:
         pytest.skip("no NVIDIA GPU visible")
     gpu.memory_by_pid()  # NVML opens each device node on first use: do it for every GPU now
+    GpuHealth().readings()  # and the health counters' reads (nvidia-ml-py, where installed), which status() makes
 
 
 def _hold(nbytes: int):

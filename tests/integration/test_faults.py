@@ -819,8 +819,10 @@ def gpu():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     from supervisor import gpu
+    from supervisor.gpu_health import GpuHealth
 
     gpu.used_bytes(0), gpu.memory_by_pid()  # opens NVML and the device node
+    GpuHealth().readings()  # the health counters' reads (nvidia-ml-py, where installed), which status() makes
     return gpu
 
 

@@ -8,6 +8,7 @@ from supervisor.backends.local import escalation
 from supervisor.backends.local import startmethod
 from supervisor.backends.local.group import WorkerGroup
 from supervisor.backends.local.monitor import Monitor
+from supervisor.backends.local.oomkill import OomWitness
 from supervisor.backends.local.output import RankOutput
 from supervisor.backends.local.process import settle_lingering
 from supervisor.backends.local.reserve import Reserve
@@ -45,6 +46,8 @@ class LocalBackend:
                                stop_s=(cfg.shutdown.grace_s, cfg.shutdown.reap_s))
         self.reserve.on_weights_lost = self._weights_lost
         self._groups: dict[int, WorkerGroup] = {}
+        # Tells a worker the kernel's OOM killer SIGKILLed from one killed otherwise (its exit reason says which)
+        self.oom = OomWitness()
 
     def attach_events(self, emit) -> None:
         """The lifecycle's EventLog.emit: the reserve's keeper and standbys report through it."""
@@ -62,7 +65,7 @@ class LocalBackend:
     def new_group(self, index: int, specs) -> WorkerGroup:
         c = self.cfg
         group = WorkerGroup(index, specs, self.ctx, c.transport, c.shutdown.grace_s, c.shutdown.reap_s, self.reaper,
-                            self.output, self.reserve)
+                            self.output, self.reserve, self.oom)
         self._groups[index] = group
         return group
 
@@ -89,6 +92,7 @@ class LocalBackend:
         self.reserve.close()  # the standbys, then the keeper: the last of the tree to go
         settle_lingering(self.cfg.shutdown.reap_s)  # workers whose end was read before their teardown finished
         self.output.close()  # the workers are gone: what their pipes still hold is written out first
+        self.oom.close()
 
 
 def keeps_weights(cls_path: str) -> bool:

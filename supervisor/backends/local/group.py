@@ -34,10 +34,11 @@ _ABORT_POLL_S = 0.05  # a shutdown during start-up is noticed this fast
 class WorkerGroup:
     def __init__(self, index: int, specs: Sequence[WorkerSpec], ctx, transport, grace_s: float, reap_s: float,
                  reaper: escalation.Reaper,
-                 output=None, reserve=None) -> None:
+                 output=None, reserve=None, oom=None) -> None:
         self.index = index
         self.reaper = reaper
         self.reserve = reserve  # Reserve: the weight keeper and warm standbys (None: neither)
+        self.oom = oom  # OomWitness: tells the OOM killer's SIGKILLs from others
         self.output = output  # RankOutput: the workers' stdout/stderr pipes go there (None: they inherit ours)
         # Start-up progress for whoever watches (the lifecycle sets it): observer(phase, worker, elapsed_s=...).
         self.observer: Callable[..., None] | None = None
@@ -66,6 +67,8 @@ class WorkerGroup:
             self._take_weights(deadline)
             self._launch(bcast.export_handle())
             readies = self._await_ready(deadline)
+            for w in self.workers:
+                w.note_memory_cgroup(self.oom)  # again: a rank may have joined a cgroup of its own while starting
             for rank, ready in enumerate(readies):
                 replies.append(self._attach_reply(rank, ready))
             self._await_attached(bcast, deadline)
@@ -103,6 +106,7 @@ class WorkerGroup:
             else:
                 w = WorkerProcess(spec, self.ctx, bcast_handle, parent_fds(), self.output)
                 self.reaper.register_worker(w.pid)
+            w.note_memory_cgroup(self.oom)
             self.workers.append(w)
             self._observe(StartupPhase.SPAWNED, w, 0.0)
 

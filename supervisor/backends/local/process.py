@@ -17,11 +17,12 @@ import time
 import psutil
 
 from supervisor.backends.local import startmethod
+from supervisor.backends.local.oomkill import OomWitness
 from supervisor.core.exits import ExitInfo
 from supervisor.core.states import WorkerState
 from transport import _proc
 from worker.main import entry
-from worker.protocol import PROMOTE_PREFIX, STOP_PREFIX, Promotion
+from worker.protocol import PROMOTE_PREFIX, STOP_PREFIX, DeviceLost, Promotion
 from worker.spec import WorkerSpec
 
 # Process-wide on purpose, as descriptors are: a worker started with fork inherits every descriptor of this
@@ -44,6 +45,7 @@ class TreeProcess:
     status pipe and its output pipes. Workers, warm standbys and the weight keeper are all of this kind."""
 
     label: str | int = ""  # its name in the output and the logs: the global rank, or "keeper"
+    device_lost = ""  # what it said before leaving for a fatal device error (worker/protocol.py's DeviceLost)
 
     def _launch(self, ctx, target, args: tuple, attempt: int | str, output, extra_conns: tuple = ()) -> None:
         """Start ``target(*args, death_r, status_w, *extra_conns, close_fds?, output ends)`` (see the callers)."""
@@ -123,7 +125,10 @@ class TreeProcess:
         """One frame from the status pipe: None for a heartbeat, else the unpickled message. EOFError at EOF."""
         data = self.status_r.recv_bytes()
         self.last_beat = time.monotonic()
-        return pickle.loads(data) if data else None
+        msg = pickle.loads(data) if data else None
+        if isinstance(msg, DeviceLost):  # it is leaving: its exit reason will name the cause
+            self.device_lost = f"{msg.exc_type}: {msg.cause}"
+        return msg
 
     def psutil_process(self) -> psutil.Process | None:
         """The live process, verified by create time so a recycled pid is never signalled."""
@@ -202,6 +207,9 @@ class WorkerProcess(TreeProcess):
         self.state = WorkerState.STARTING
         self.hung = False
         self.output = output
+        self._oom_witness: OomWitness | None = None
+        self._oom_baseline: dict[str, int] = {}
+        self._oom: str | None = None  # the OOM killer's record of a SIGKILL exit, once looked for
         close_fds = parent_fds if ctx.get_start_method() == "fork" else ()
         self._launch(ctx, entry, (spec, bcast_handle), "standby" if spec.standby else spec.attempt, output,
                      (close_fds,))
@@ -221,7 +229,25 @@ class WorkerProcess(TreeProcess):
         code = self.exitcode
         why = getattr(self, "killed_why", "") if code is not None and code < 0 else ""
         return ExitInfo(code, hung=self.hung, hung_why=getattr(self, "hung_why", ""),
-                        detail=f"{ExitInfo(code).reason.split(' (')[0]} ({why})" if why else "")
+                        detail=f"{ExitInfo(code).reason.split(' (')[0]} ({why})" if why else "",
+                        oom=self._oom_record(), cause=self.device_lost)
+
+    def note_memory_cgroup(self, witness: OomWitness | None) -> None:
+        """Remember the OOM-kill counters of the memory cgroup the worker is in now (at spawn or promotion, again
+        at READY: a worker may join a cgroup of its own while it starts), for telling an OOM kill from another
+        SIGKILL."""
+        if witness is not None:
+            self._oom_witness = witness
+            self._oom_baseline = witness.baseline(self.pid)
+
+    def _oom_record(self) -> str:
+        """Looked up once, when a SIGKILL exit that was not ours (hung, or killed for a reason) is first described:
+        the kernel's records are written before its SIGKILL is sent, so they are there once the exit is confirmed."""
+        ours = self.hung or getattr(self, "killed_why", "")
+        if self._oom is None and self.exitcode == -signal.SIGKILL and not ours:
+            witness = self._oom_witness
+            self._oom = witness.evidence(self.pid, self._oom_baseline) if witness is not None else ""
+        return self._oom or ""
 
     def promote(self, spec: WorkerSpec, bcast_handle) -> None:
         """A warm standby takes a rank's place: it gets the attempt's spec and the group's broadcast queue, then
