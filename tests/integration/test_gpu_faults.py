@@ -39,9 +39,14 @@ pytestmark = pytest.mark.timeout(180)
 ONE_FOR_ONE = ("restart=one_for_one", "restart.intensity=10")
 GIB = 1 << 30
 TOLERANCE_MIB = 256  # "back to its level": a fresh context of the replacement may differ from the old by this much
-# check_health right after the error: the failed group's channel refuses it with the error itself, or, once the
-# monitor has seen the exit, the closed gate does. Either way no health report comes from the dying process.
-IN_THE_WINDOW = r"rank {rank} hit a fatal device error|groups \[0\] are not serving"
+# The error of a call on a rank whose device failed: the rank's own answer (DeviceFailed), or, where the monitor saw
+# the rank's exit before the answer was read, the exit (73), which names the same cause.
+DEVICE_LOST = r"rank {rank} (hit a fatal device error|\(.*\) exit code 73 \(a fatal device error)"
+# check_health right after the error (with restart.calls_during_restart=fail, so that it never waits for the
+# replacement): refused by the failed channel with that error, or by the gate once the monitor has closed it. Either
+# way no health report comes from the dying process.
+IN_THE_WINDOW = DEVICE_LOST + r"|groups \[0\] are not serving|group 0 is restarting"
+REFUSE_DURING_RESTART = "restart.calls_during_restart=fail"
 CAUSES = {"assert": "device-side assert triggered", "illegal_address": "an illegal memory access was encountered"}
 
 
@@ -85,7 +90,7 @@ def device_error_in_attempt(w, attempt: int):
 def test_fatal_device_error_cpu_analog(method):
     """One error naming the rank and the cause, for the failing call and for a health check right after it (the
     rank never answers again); the exit names the cause; a retryable call hitting it is answered by the replacement."""
-    with Supervisor(config(*FAULTY, "parallel.tp=2", *ONE_FOR_ONE, method=method)) as sup:
+    with Supervisor(config(*FAULTY, "parallel.tp=2", *ONE_FOR_ONE, REFUSE_DURING_RESTART, method=method)) as sup:
         old = sup.pids()
         with pytest.raises(WorkerFailed) as err:
             sup.collective_rpc(device_error_on(1), timeout=60)
@@ -100,7 +105,7 @@ def test_fatal_device_error_cpu_analog(method):
         answers = sup.collective_rpc(device_error_in_attempt, args=(attempt,), retry=True, timeout=60)
         assert [a for _, a in answers] == [attempt + 1] * 2  # answered by the replacement, once
         (retry,) = sup.events.of_kind("retry")
-        assert "rank 0 hit a fatal device error" in retry["error"]
+        assert re.match(DEVICE_LOST.format(rank=0), retry["error"]), retry["error"]
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +153,7 @@ def memory_back(gpu: str, before: int, pids: list[int], timeout: float = 10.0) -
 def test_fatal_device_error_in_a_call(gpu, fault):
     if fault == "illegal_address":
         pytest.importorskip("cupy")
-    with Supervisor(config("device=cuda", *ONE_FOR_ONE)) as sup:
+    with Supervisor(config("device=cuda", *ONE_FOR_ONE, REFUSE_DURING_RESTART)) as sup:
         warm(sup)
         before, old = smi_used_mib(gpu), sup.pids()
         with pytest.raises(WorkerFailed) as err:
