@@ -12,8 +12,8 @@ step() { local t; t=$(left "$1"); shift; if (( t > 5 )); then timeout "$t" "$@";
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv,noheader | head -1
 python setup.py -q build_ext --inplace >/dev/null 2>&1 || echo "(no compiled transport: Python cursors)"
-step 210 python -m pytest -q -p no:cacheprovider -m cuda -rs tests/integration/test_gpu_recovery.py \
+step 180 python -m pytest -q -p no:cacheprovider -m cuda -rs tests/integration/test_gpu_recovery.py \
   tests/integration/test_gpu_faults.py tests/integration/test_cuda.py 2>&1 | tail -30
+step 130 python scripts/gpu_faults.py --budget-s "$(left 110)"
 step 60 python -c "from worker.llm.checkpoint import resolve; resolve('', 'llama-3.1-8b', '', 0, 'bfloat16', 'cuda')"
 step 130 python scripts/bench_coldstart.py --device cuda --preset llama-3.1-8b --dtype bfloat16 --rounds 1
-step 160 python scripts/gpu_faults.py --budget-s "$(left 150)"
