@@ -251,7 +251,7 @@ def run_one(cfg: Any, run_dir: str, signals: SignalState, t0: float | None = Non
 
     t0 = _command_start() if t0 is None else t0
     cfg = dataclasses.replace(cfg, logging=dataclasses.replace(cfg.logging, run_dir=run_dir))
-    _setup_logging(cfg, run_dir)
+    setup_logging(cfg, run_dir)
     p = cfg.parallel
     logger.info(f"starting tp={p.tp} pp={p.pp} dp={p.dp} device={cfg.device} restart={cfg.restart.strategy} "
                 f"(run dir {run_dir})")
@@ -365,7 +365,7 @@ def _command_start() -> float:
     return time.monotonic() - _proc.age_s()
 
 
-def _setup_logging(cfg: Any, run_dir: str) -> None:
+def setup_logging(cfg: Any, run_dir: str) -> None:
     from loguru import logger
 
     logger.remove()

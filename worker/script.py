@@ -62,24 +62,36 @@ def command(spec: WorkerSpec) -> list[str]:
 def script_env(spec: WorkerSpec, error_file: str) -> dict[str, str]:
     """torchrun's per-rank variables beyond the ones every worker already has (RANK, LOCAL_RANK, WORLD_SIZE,
     LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT, OMP_NUM_THREADS: supervisor.core.topology). One node, one role:
-    GROUP_RANK 0 of GROUP_WORLD_SIZE 1, ROLE_RANK = RANK. No agent store runs here, so init_process_group's rank 0
-    hosts the TCPStore on MASTER_PORT itself (TORCHELASTIC_USE_AGENT_STORE=False)."""
-    topo, s = spec.topology, spec.script
+    GROUP_RANK 0 of GROUP_WORLD_SIZE 1, ROLE_RANK = RANK. In a multi-node round (``spec.script.node``) the node's
+    place in the job's world replaces them: RANK = the node's offset + LOCAL_RANK, WORLD_SIZE over every node, the
+    round's MASTER_ADDR / MASTER_PORT, the job's restart count. No agent store runs here, so init_process_group's
+    global rank 0 hosts the TCPStore on MASTER_PORT itself (TORCHELASTIC_USE_AGENT_STORE=False)."""
+    topo, s, node = spec.topology, spec.script, spec.script.node
     env = dict(spec.env)
+    rank, world = topo.rank, topo.world_size
+    if node.multi_node:
+        rank, world = node.rank_offset + topo.rank, node.world_size
+        env.update({"RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": node.master_addr,
+                    "MASTER_PORT": str(node.master_port)})
     env.update({
-        "GROUP_RANK": "0",
-        "GROUP_WORLD_SIZE": "1",
-        "ROLE_RANK": str(topo.rank),
+        "GROUP_RANK": str(node.group_rank),
+        "GROUP_WORLD_SIZE": str(node.group_world_size),
+        "ROLE_RANK": str(rank),
         "ROLE_NAME": s.role,
-        "ROLE_WORLD_SIZE": str(topo.world_size),
+        "ROLE_WORLD_SIZE": str(world),
         "TORCHELASTIC_RUN_ID": s.run_id,
-        "TORCHELASTIC_RESTART_COUNT": str(spec.attempt),
-        "TORCHELASTIC_MAX_RESTARTS": str(s.max_restarts),
+        "TORCHELASTIC_RESTART_COUNT": str(node.restart_count if node.restart_count >= 0 else spec.attempt),
+        "TORCHELASTIC_MAX_RESTARTS": str(node.max_restarts if node.max_restarts >= 0 else s.max_restarts),
         "TORCHELASTIC_USE_AGENT_STORE": "False",
         "TORCH_NCCL_ASYNC_ERROR_HANDLING": os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1"),
         "TORCHELASTIC_ERROR_FILE": error_file,
     })
     return env
+
+
+def log_attempt(spec: WorkerSpec) -> int:
+    """The attempt that names a rank's log folder: the tree's own restart attempt, or the node's round."""
+    return spec.script.node.round if spec.script.node.round >= 0 else spec.attempt
 
 
 class ScriptWorker(Worker):
@@ -90,7 +102,7 @@ class ScriptWorker(Worker):
     def load_model(self) -> None:
         s = self.spec.script
         log_dir = os.path.abspath(s.log_dir or _scratch_dir(self.spec.rendezvous))  # a script may chdir
-        self.dir = rank_dir(log_dir, self.spec.attempt, self.rank)
+        self.dir = rank_dir(log_dir, log_attempt(self.spec), self.rank)
         os.makedirs(self.dir, exist_ok=True)
         self.env = script_env(self.spec, os.path.join(self.dir, ERROR_FILE))
         shown = not s.local_ranks_filter or self.rank in s.local_ranks_filter

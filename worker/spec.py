@@ -72,6 +72,26 @@ class LLMSettings:
 
 
 @dataclass(frozen=True)
+class NodePlace:
+    """Where one node's ranks sit in a multi-node job, for one round (set by ``rankvisor-run --nnodes``, per round:
+    supervisor/launch/job.py). The defaults describe a single node, whose values come from its own tree instead."""
+
+    group_rank: int = 0  # GROUP_RANK: this node's rank among the round's nodes
+    group_world_size: int = 1  # GROUP_WORLD_SIZE: nodes in the round
+    rank_offset: int = 0  # the global RANK of this node's local rank 0
+    world_size: int = 0  # WORLD_SIZE: ranks of every node; 0 = this node's ranks only
+    restart_count: int = -1  # TORCHELASTIC_RESTART_COUNT, the job's (one count for every node); -1 = the tree's own
+    max_restarts: int = -1  # TORCHELASTIC_MAX_RESTARTS, the job's budget; -1 = derived from restart.*
+    master_addr: str = ""  # MASTER_ADDR / MASTER_PORT of the round (global rank 0 hosts its store there)
+    master_port: int = 0
+    round: int = -1  # this node's round, numbering its log folders (attempt_<round>); -1 = the tree's attempt
+
+    @property
+    def multi_node(self) -> bool:
+        return self.world_size > 0
+
+
+@dataclass(frozen=True)
 class ScriptSettings:
     """A torchrun-style script run as every rank (``workload=script``, or the ``rankvisor-run`` launcher)."""
 
@@ -88,6 +108,7 @@ class ScriptSettings:
     log_dir: str = ""  # per-rank logs and error files; "" = the run directory
     max_restarts: int = 0  # TORCHELASTIC_MAX_RESTARTS; the supervisor derives it from restart.*
     torchrun_exit_codes: bool = False  # launcher: exit 1 (torchrun's code) instead of 128+signal when signalled
+    node: NodePlace = field(default_factory=NodePlace)  # set by rankvisor-run --nnodes for each round, not by hand
 
 
 @dataclass(frozen=True)

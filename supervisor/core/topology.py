@@ -44,7 +44,7 @@ def worker_env(cfg: Config, device: str, backend: str = "local", marker: str = "
     env = dict(cfg.runtime.env)
     if "OMP_NUM_THREADS" not in os.environ and "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(cfg.runtime.omp_num_threads or 1)
-    if backend == "local":  # one host: keep gloo's / NCCL's sockets on loopback
+    if backend == "local" and not cfg.launch.node.multi_node:  # one host: keep gloo's / NCCL's sockets on loopback
         env.setdefault("GLOO_SOCKET_IFNAME" if device == "cpu" else "NCCL_SOCKET_IFNAME", "lo")
     if device == "cuda":
         # NVLink multicast off: on shared hosts it can put the GPUs out of service (device notes).

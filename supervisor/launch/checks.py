@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 from supervisor.errors import ConfigError
+from worker.spec import NodePlace
 
 MODES = ("fresh", "fast")
 STREAM_MASKS = range(4)  # torchrun's --redirects / --tee: 0 none, 1 stdout, 2 stderr, 3 both
@@ -30,5 +31,6 @@ def check_config(cfg) -> None:
     bad = [r for r in s.local_ranks_filter if not 0 <= r < world]
     _require(not bad, "launch.local_ranks_filter", f"rank {bad[0] if bad else ''} is not one of the {world} ranks")
     _require(cfg.parallel.dp == 1, "parallel.dp", "a script run is one torch.distributed world: dp must be 1")
+    _require(s.node == NodePlace(), "launch.node", "is set by rankvisor-run --nnodes for each round, not by hand")
     _require(cfg.backend == "local", "backend",
              "workload=script runs on the local backend (one node); multi-node scripts are not supported yet")

@@ -1,6 +1,10 @@
-"""``rankvisor-run``: torchrun's single-node command line, run under the supervisor.
+"""``rankvisor-run``: torchrun's command line, run under the supervisor.
 
     rankvisor-run --nproc-per-node=4 --max-restarts=3 train.py --epochs 10
+    rankvisor-run --nnodes=1:4 --nproc-per-node=8 --rdzv-backend=c10d --rdzv-endpoint=host0:29400 train.py
+
+More than one node (``--nnodes=N`` or ``MIN:MAX``): each node runs this command; the job's rounds go through torch's
+own rendezvous and every node runs its ranks in its own supervised tree (supervisor/launch/job.py).
 
 torchrun's flags, as torchrun spells them, become Hydra overrides of the same configuration ``python -m supervisor``
 uses (``workload=script``), so every key of the tree still applies through ``-c key=value``. The script, its
@@ -17,6 +21,9 @@ import os
 import sys
 import uuid
 
+from supervisor.launch import jobspec
+from supervisor.launch.jobspec import UsageError
+
 USAGE_ERROR = 2
 
 
@@ -27,18 +34,18 @@ class _Parser(argparse.ArgumentParser):
 
 def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="rankvisor-run", allow_abbrev=False,
-                                description="torchrun's single-node launcher, supervised (see README: rankvisor-run)")
+                                description="torchrun's launcher, supervised (see README: rankvisor-run)")
     a = p.add_argument
-    a("--nnodes", default="1", help="1 (or 1:1): single node only")
+    a("--nnodes", default="1", help="nodes: N, or MIN:MAX (elastic, --rdzv-backend=c10d)")
     a("--nproc-per-node", "--nproc_per_node", default="1", help="ranks on this node: N, cpu, gpu or auto")
-    a("--standalone", action="store_true", help="accepted: a run is always standalone (its own rendezvous)")
-    a("--rdzv-backend", "--rdzv_backend", default="static", help="accepted and ignored on one node")
-    a("--rdzv-endpoint", "--rdzv_endpoint", default="", help="accepted and ignored on one node")
-    a("--rdzv-id", "--rdzv_id", default="none", help="TORCHELASTIC_RUN_ID")
-    a("--rdzv-conf", "--rdzv_conf", default="", help="accepted and ignored on one node")
+    a("--standalone", action="store_true", help="one node, its own rendezvous (a run of one node always is)")
+    a("--rdzv-backend", "--rdzv_backend", default="static", help="static (fixed nodes, --node-rank) or c10d")
+    a("--rdzv-endpoint", "--rdzv_endpoint", default="", help="HOST:PORT of the rendezvous store (multi-node)")
+    a("--rdzv-id", "--rdzv_id", default="none", help="the job's id (TORCHELASTIC_RUN_ID)")
+    a("--rdzv-conf", "--rdzv_conf", default="", help="key=value,...: torch's rendezvous settings (multi-node)")
     a("--run-id", "--run_id", default=None, help="TORCHELASTIC_RUN_ID (same as --rdzv-id)")
     a("--max-restarts", "--max_restarts", type=int, default=0,
-      help="restart every rank (one_for_all) at most this many times in all")
+      help="restart every rank (one_for_all) at most this many times in all (multi-node: for the whole job)")
     a("--monitor-interval", "--monitor_interval", type=float, default=0.1,
       help="accepted and ignored: deaths are noticed at once, not polled")
     a("--start-method", "--start_method", default="spawn", choices=["spawn", "fork", "forkserver"],
@@ -51,9 +58,11 @@ def parser() -> argparse.ArgumentParser:
     a("-r", "--redirects", default="0", help="0 none, 1 stdout, 2 stderr, 3 both: to the log files only")
     a("-t", "--tee", default="0", help="0 none, 1 stdout, 2 stderr, 3 both: to the log files and the console")
     a("--local-ranks-filter", "--local_ranks_filter", default="", help="console output only from these ranks: 0,2")
-    a("--node-rank", "--node_rank", type=int, default=0, help="0 (single node)")
-    a("--master-addr", "--master_addr", default="127.0.0.1", help="127.0.0.1 (single node)")
-    a("--master-port", "--master_port", type=int, default=None, help="a fixed port (default: a free one per attempt)")
+    a("--node-rank", "--node_rank", type=int, default=0, help="this node's rank (--rdzv-backend=static)")
+    a("--master-addr", "--master_addr", default="127.0.0.1", help="static: the node hosting the store")
+    a("--master-port", "--master_port", type=int, default=None,
+      help="one node: the ranks' MASTER_PORT (default: a free one per attempt); static: the store's port (29500)")
+    a("--local-addr", "--local_addr", default="", help="this node's address as the others reach it (multi-node)")
     # ours
     a("--fast", action="store_true", help="run the script with runpy inside a forkserver child that already "
                                           "imported torch (fast start) instead of a fresh interpreter")
@@ -65,18 +74,15 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-class UsageError(Exception):
-    """One line naming the flag and what is wrong with it."""
-
-
-def overrides(ns: argparse.Namespace) -> list[str]:
-    """The Hydra overrides for torchrun's flags (the launch.* strings are set afterwards, see launch_settings)."""
+def overrides(ns: argparse.Namespace, multi_node: bool = False) -> list[str]:
+    """The Hydra overrides for torchrun's flags (the launch.* strings are set afterwards, see launch_settings).
+    Multi-node: no restart policy in the tree (restart=never): the job decides restarts, for every node."""
     out = ["workload=script", f"parallel.tp={nproc(ns.nproc_per_node)}", f"launch.script={_quote(ns.script)}",
            f"launch.module={str(ns.module).lower()}", f"launch.no_python={str(ns.no_python).lower()}",
            f"launch.mode={'fast' if ns.fast else 'fresh'}"]
     if ns.max_restarts < 0:
         raise UsageError(f"--max-restarts: must be >= 0, got {ns.max_restarts}")
-    if ns.max_restarts:  # a total budget, as torchrun means it: no time window, start-up failures included
+    if ns.max_restarts and not multi_node:  # a total budget, as torchrun means it: no time window
         n = ns.max_restarts
         out += ["restart=one_for_all", f"restart.intensity={n}", f"restart.startup_intensity={n}",
                 f"restart.period_s={_FOREVER_S}", f"restart.startup_period_s={_FOREVER_S}"]
@@ -84,7 +90,7 @@ def overrides(ns: argparse.Namespace) -> list[str]:
         out.append("runtime.preload=[]")  # fresh interpreters import torch themselves: the forkserver stays light
     if ns.shutdown_timeout is not None:
         out.append(f"shutdown.grace_s={ns.shutdown_timeout}")
-    if ns.master_port is not None:
+    if ns.master_port is not None and not multi_node:
         out.append(f"+runtime.env.MASTER_PORT={ns.master_port}")
     return out + list(ns.config)
 
@@ -122,13 +128,10 @@ def nproc(value: str) -> int:
     raise UsageError(f"--nproc-per-node: must be a positive integer, cpu, gpu or auto, got {value!r}")
 
 
-def check_single_node(ns: argparse.Namespace) -> None:
-    lo, _, hi = ns.nnodes.partition(":")
-    if not (lo == "1" and hi in ("", "1")):
-        raise UsageError(f"--nnodes={ns.nnodes}: rankvisor-run supervises a single node; multi-node runs are not "
-                         "supported (no cross-node rendezvous yet: use torchrun for those)")
+def check_node_rank(ns: argparse.Namespace) -> None:
+    """One node: its rank is 0."""
     if ns.node_rank != 0:
-        raise UsageError(f"--node-rank={ns.node_rank}: single node only, the node rank is 0")
+        raise UsageError(f"--node-rank={ns.node_rank}: a run of one node (--nnodes={ns.nnodes}) is node 0")
 
 
 def _stream_mask(flag: str, value: str) -> int:
@@ -154,31 +157,34 @@ def main(argv: list[str] | None = None) -> int:
         ns = parser().parse_args(args)
         if ns.fast:  # the forkserver's torch import (the fast way's long pole) overlaps loading the configuration
             startmethod.prestart([])
-        cfg = load(ns)
+        cfg, job = load(ns)
     except UsageError as exc:
         startmethod.stop_helpers()
         print(f"error: {exc}", file=sys.stderr)
         return USAGE_ERROR
     try:
-        return run(cfg, signals)
+        return run(cfg, signals, job)
     finally:
         startmethod.stop_helpers()  # the forkserver and resource tracker go with the command, not seconds later
         signals.exiting()  # a signal's exit code stays that signal's through the interpreter's shutdown
 
 
 def load(ns: argparse.Namespace):
-    """The validated Config for parsed torchrun-style flags (UsageError for a bad flag or key)."""
+    """The validated Config for parsed torchrun-style flags, and the multi-node JobSpec (None for one node);
+    UsageError for a bad flag or key."""
     from supervisor.backends.local.startmethod import cuda_initialized
     from supervisor.config import ConfigError, load_config, validate
 
-    check_single_node(ns)
+    multi = jobspec.is_multi_node(ns.nnodes)
+    if not multi:
+        check_node_rank(ns)
     try:
-        cfg = load_config(overrides(ns))
+        cfg = load_config(overrides(ns, multi))
         cfg = dataclasses.replace(cfg, launch=launch_settings(ns, cfg.launch))
         validate(cfg, cuda_initialized=cuda_initialized())
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
-    return cfg
+    return cfg, (jobspec.parse(ns, cfg.parallel.tp) if multi else None)
 
 
 def _signal_state():
@@ -196,8 +202,13 @@ def _run_one(cfg, signals) -> int:
     return run_one(cfg, make_run_dir(), signals)
 
 
-def run(cfg, signals) -> int:
-    code = _run_one(cfg, signals)
+def run(cfg, signals, job=None) -> int:
+    if job is not None:
+        from supervisor.launch.job import run_job
+
+        code = run_job(cfg, job, signals)
+    else:
+        code = _run_one(cfg, signals)
     if signals.signum and cfg.launch.torchrun_exit_codes:
         return 1  # torchrun: a SignalException ends the agent with exit code 1
     return code

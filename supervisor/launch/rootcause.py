@@ -27,6 +27,7 @@ class RankFailure:
     pid: int
     time: float  # unix seconds
     error_file: str  # "" when the script wrote none (no @record, or killed by a signal)
+    local_rank: int | None = None  # its rank on its node, when that differs from ``rank`` (multi-node)
 
     def message(self) -> str:
         data = _read(self.error_file)
@@ -40,8 +41,9 @@ class RankFailure:
         return _NO_TRACEBACK
 
 
-def failures(events: list[dict], log_dir: str) -> list[RankFailure]:
-    """Failed ranks of the last attempt, first failure first. ``events`` are the supervisor's (started/exited)."""
+def failures(events: list[dict], log_dir: str, attempt: int | None = None, rank_offset: int = 0) -> list[RankFailure]:
+    """Failed ranks of the last attempt, first failure first. ``events`` are the supervisor's (started/exited).
+    A multi-node round names its log folder (``attempt``) and the global rank of its local rank 0 (``rank_offset``)."""
     attempt_of = {e["pid"]: e.get("attempt", 0) for e in events if e["kind"] == "started"}
     exits = [e for e in events if e["kind"] == "exited" and e.get("code") not in (0, None)]
     if not exits:
@@ -49,11 +51,13 @@ def failures(events: list[dict], log_dir: str) -> list[RankFailure]:
     last = max(attempt_of.get(e["pid"], 0) for e in exits)
     out = []
     for e in sorted(exits, key=lambda e: e["time"]):
-        attempt = attempt_of.get(e["pid"], 0)
-        if attempt != last:
+        tried = attempt_of.get(e["pid"], 0)
+        if tried != last:
             continue
-        path = os.path.join(rank_dir(log_dir, attempt, e["rank"]), ERROR_FILE) if log_dir else ""
-        out.append(RankFailure(e["rank"], e["code"], e["pid"], e["time"], path if os.path.isfile(path) else ""))
+        folder = rank_dir(log_dir, tried if attempt is None else attempt, e["rank"])
+        path = os.path.join(folder, ERROR_FILE) if log_dir else ""
+        out.append(RankFailure(rank_offset + e["rank"], e["code"], e["pid"], e["time"],
+                               path if os.path.isfile(path) else "", e["rank"] if rank_offset else None))
     return out
 
 
@@ -74,7 +78,7 @@ def _format_one(idx: int, f: RankFailure) -> str:
         f"[{idx}]:",
         f"  time      : {when}",
         f"  host      : {socket.gethostname()}",
-        f"  rank      : {f.rank} (local_rank: {f.rank})",
+        f"  rank      : {f.rank} (local_rank: {f.rank if f.local_rank is None else f.local_rank})",
         f"  exitcode  : {f.exitcode} (pid: {f.pid}){f' ({sig})' if sig != _NA else ''}",
         f"  error_file: {f.error_file or _NA}",
         f"  traceback : {f.message()}",

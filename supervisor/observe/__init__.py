@@ -17,9 +17,10 @@ from __future__ import annotations
 
 
 
-def watch(sup, t0: float):
+def watch(sup, t0: float, job=None):
     """Start the story, the start-up display, the control socket and (when configured) the HTTP endpoints for
-    ``sup`` (session.py). Imported lazily: the API imports calls.py from here and must stay light."""
+    ``sup`` (session.py). ``job``: a callable giving the multi-node job's view, shown in the status as "job".
+    Imported lazily: the API imports calls.py from here and must stay light."""
     from supervisor.observe.session import Watch
 
-    return Watch(sup, t0)
+    return Watch(sup, t0, job)

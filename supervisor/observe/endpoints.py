@@ -18,8 +18,8 @@ from supervisor.observe.snapshot import history, snapshot
 
 class Endpoints:
     def __init__(self, sup: Any, run_dir: str, started_unix: float, stop: Callable[[], None],
-                 embedded: bool = False) -> None:
-        self.sup, self.run_dir, self.started_unix = sup, run_dir, started_unix
+                 embedded: bool = False, job: Callable[[], dict] | None = None) -> None:
+        self.sup, self.run_dir, self.started_unix, self.job = sup, run_dir, started_unix, job
         self.control = self._start_control(stop)
         self.metrics, self.http = self._start_http()
         self.entry = self._register(embedded) if self.control is not None else ""
@@ -30,7 +30,10 @@ class Endpoints:
         return self.http.url if self.http is not None else None
 
     def status(self) -> dict[str, Any]:
-        return snapshot(self.sup, self.started_unix, self.run_dir)
+        out = snapshot(self.sup, self.started_unix, self.run_dir)
+        if self.job is not None:  # a multi-node job's round: the job as this node sees it
+            out["job"] = self.job()
+        return out
 
     def state(self) -> dict[str, Any]:
         return {"status": self.status(), "history": history(self.sup)}

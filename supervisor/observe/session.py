@@ -22,7 +22,7 @@ from supervisor.observe.progress import StartupProgress
 
 
 class Watch:
-    def __init__(self, sup: Any, t0: float) -> None:
+    def __init__(self, sup: Any, t0: float, job: Any = None) -> None:
         self.sup, self.t0 = sup, t0
         self.started_unix = time.time() - max(0.0, time.monotonic() - t0)
         self.run_dir = sup.cfg.logging.run_dir
@@ -31,7 +31,7 @@ class Watch:
         if self.progress is not None:
             sup.events.subscribe(self.progress.on_event)
         # `status --stop` stops the command as SIGTERM does: the CLI's own graceful path, exit code and all
-        self.endpoints = Endpoints(sup, self.run_dir, self.started_unix, stop=_sigterm_self)
+        self.endpoints = Endpoints(sup, self.run_dir, self.started_unix, stop=_sigterm_self, job=job)
 
     # -- the CLI's moments -----------------------------------------------------------------------------------
     def ready(self, ready_s: float) -> None:
@@ -48,6 +48,11 @@ class Watch:
         if summary:
             logger.debug(f"summary\n{summary}")
         logger.info(f"exit {code}: {self._why(code, failure)}")
+        self.release()
+
+    def release(self) -> None:
+        """Sockets closed, subscriptions ended (a multi-node round's tree ends here, not the command)."""
+        self._end_progress()
         self.endpoints.close()
         self.sup.events.unsubscribe(story.tell)
 

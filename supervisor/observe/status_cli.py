@@ -184,7 +184,8 @@ def format_status(st: dict[str, Any]) -> str:
                        for g in st["groups"])
     head = (f"run {st['run']}  {st['run_dir']}  supervisor pid {st['pid']}  {st['state']}"
             f"{'  serving' if st['serving'] else ''}  up {st['uptime_s']:.0f} s\ngroups  {groups}")
-    lines = [head, " ".join(f"{name:<{w}}" if name in _LEFT else f"{name:>{w}}" for name, w in _COLUMNS)]
+    lines = [head, *([format_job(st["job"])] if st.get("job") else []),
+             " ".join(f"{name:<{w}}" if name in _LEFT else f"{name:>{w}}" for name, w in _COLUMNS)]
     for r in st["workers"]:
         call = f"{r['call']} {r['call_s']:.1f}s" if r.get("call") else "-"
         cells = [r["group"], r["rank"], r["pid"], r["state"], r["restarts"], _num(r.get("rss_mib")),
@@ -193,6 +194,15 @@ def format_status(st: dict[str, Any]) -> str:
         lines.append(" ".join(f"{str(c):<{w}}" if name in _LEFT else f"{str(c):>{w}}"
                               for c, (name, w) in zip(cells, _COLUMNS)))
     return "\n".join(lines)
+
+
+def format_job(j: dict[str, Any]) -> str:
+    """A multi-node job's line: this node's place, the round, the job's restart count, the store."""
+    first = j["rank_offset"]
+    return (f"job    {j['node']}, group rank {j['group_rank']} of {len(j['nodes'])} (--nnodes={j['nnodes']}), "
+            f"global ranks {first}..{first + j['local_ranks'] - 1} of {j['world_size']}, round {j['round']}, "
+            f"restarts {j['restart_count']} of {j['max_restarts']}, store {j['store']} ({j['store_health']}"
+            f"{', here' if j['store_here'] else ''})")
 
 
 def _num(v: Any) -> str:

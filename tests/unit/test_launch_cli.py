@@ -31,11 +31,9 @@ def test_flags_after_the_script_belong_to_the_script_and_torchrun_spellings_both
     assert (s.run_id, s.redirects, s.tee, s.local_ranks_filter) == ("abc", 3, 1, (0, 1))
 
 
-@pytest.mark.parametrize("args, flag", [(["--nnodes=2"], "--nnodes=2"), (["--nnodes=1:4"], "--nnodes=1:4"),
-                                        (["--node-rank=1"], "--node-rank=1")])
-def test_multi_node_is_refused_in_one_line(args, flag):
-    with pytest.raises(cli.UsageError, match=flag):
-        cli.check_single_node(_ns(*args))
+def test_one_node_is_node_zero():
+    with pytest.raises(cli.UsageError, match="--node-rank=1"):
+        cli.check_node_rank(_ns("--node-rank=1"))
 
 
 def test_bad_stream_masks_and_nproc_name_the_flag():

@@ -1,0 +1,192 @@
+"""One round of this node's ranks: the single-node launcher's supervised tree (restart=never: restarts are the job's
+to decide), started with the round's place in the job's world, ended by whatever ends the round first.
+
+::
+
+    start the tree (Supervisor, workload=script, NodePlace) ─▶ join on every rank (non-blocking)
+    wait for the first of
+        this node's ranks all exited 0   -> count this node done; the round is done when every node is
+        a rank here failed                -> claim the round's end: RANK_FAILED
+        a peer's keep-alive stopped       -> claim NODE_LOST
+        nodes wait to join, room up to MAX -> claim NODES_JOINING
+        another node claimed the end      -> the stop key says what (one decision for every node)
+        the store went silent or closed   -> STORE_LOST (nothing to claim: each node finds out by itself)
+        a signal                          -> claim STOPPED
+    stop the tree: every rank gone (graceful, SIGKILL at the grace), none left inside a collective
+
+The claim is the round's stop key, set once (compare_set): whoever sets it first decides for everyone, and writes
+the job's restart count after this end into it.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from loguru import logger
+
+from supervisor.launch.budget import End, RoundEnd, ending
+from supervisor.launch.keepalive import Pulse, RoundWatch, StoreHealth
+from supervisor.launch.rendezvous import Interrupted, Rendezvous, Round, bounded
+from worker.spec import NodePlace
+
+JOIN = "join"  # worker.script.ScriptWorker.join
+
+
+@dataclass
+class RoundResult:
+    end: RoundEnd
+    local_failure: bool = False  # this node's ranks failed: its events hold the root cause
+    events: list = dataclasses.field(default_factory=list)  # the round tree's events (for the root cause)
+    ready_s: float | None = None  # round joined -> every local rank READY
+
+
+def place(cfg, rnd: Round, max_restarts: int):
+    """The round's configuration for this node's tree."""
+    node = NodePlace(group_rank=rnd.me.group_rank, group_world_size=len(rnd.nodes), rank_offset=rnd.rank_offset,
+                     world_size=rnd.world_size, restart_count=rnd.restart_count, max_restarts=max_restarts,
+                     master_addr=rnd.master_addr, master_port=rnd.master_port, round=rnd.index)
+    return dataclasses.replace(cfg, launch=dataclasses.replace(cfg.launch, node=node))
+
+
+class NodeRound:
+    def __init__(self, cfg, rnd: Round, rdzv: Rendezvous, pulse: Pulse, signals, run_id: str,
+                 job_status: Callable[[], dict]) -> None:
+        self.cfg, self.round, self.rdzv, self.pulse, self.signals = cfg, rnd, rdzv, pulse, signals
+        self.run_id, self.job_status = run_id, job_status
+        self.tick_s = pulse.tick_s
+        self.client = None  # this thread's store connection (claims, the done count)
+
+    def run(self) -> RoundResult:
+        from supervisor import observe
+        from supervisor.api import Supervisor
+        from supervisor.core.events import EventLog
+
+        t0 = time.monotonic()
+        sup = Supervisor(self.cfg, events=EventLog(self.cfg.logging.run_dir, run_id=self.run_id), start=False)
+        if not self.signals.attach(sup):
+            return RoundResult(self._stopped())
+        ui = observe.watch(sup, t0, job=self.job_status)
+        watch = RoundWatch(self.rdzv.job, self.round, self.pulse.lost_after_s, self._waiting)
+        try:
+            result = self._supervise(sup, watch, t0, ui)
+        finally:
+            watch.close()
+            sup.shutdown()  # the ranks stop now: none is left inside a collective whose peers are gone
+            ui.release()
+            self.signals.supervisor = None
+        result.events = list(sup.events.recent)
+        return result
+
+    # -- the wait --------------------------------------------------------------------------------------------
+    def _supervise(self, sup, watch: RoundWatch, t0: float, ui) -> RoundResult:
+        started = _start(sup)
+        joined: concurrent.futures.Future | None = None
+        marked = False
+        ready_s = None
+        while True:
+            end = self._outside(watch)
+            if end is not None:
+                return RoundResult(end, ready_s=ready_s)
+            if started.done() and joined is None:
+                if started.exception() is not None:
+                    return RoundResult(self._local_failure(started.exception()), True, ready_s=ready_s)
+                ready_s = time.monotonic() - t0
+                ui.ready(ready_s)
+                joined = sup.collective_rpc(JOIN, non_block=True)
+                joined.add_done_callback(lambda _f: watch.seen.changed.set())
+            if joined is not None and joined.done():
+                if joined.exception() is not None:
+                    return RoundResult(self._local_failure(joined.exception()), True, ready_s=ready_s)
+                if not marked:
+                    marked = self._store(lambda c: c.add(self.round.key("done"), 1)) is not None
+                    logger.info(f"every rank of {self.round.me.label()} exited 0; waiting for the other nodes")
+            watch.seen.changed.wait(self.tick_s)
+            watch.seen.changed.clear()
+
+    def _outside(self, watch: RoundWatch) -> RoundEnd | None:
+        """An end that comes from outside this node's ranks, or None."""
+        rnd, seen = self.round, watch.seen
+        if self.signals.stop.is_set():
+            return self._stopped()
+        health = self.pulse.health()
+        if health is not StoreHealth.OK:
+            what = "refuses connections (its host's launcher is gone)" if health is StoreHealth.CLOSED \
+                else f"stopped answering for {self.pulse.lost_after_s:g} s"
+            return ending(End.STORE_LOST, f"the rendezvous store at {self.rdzv.job.endpoint} {what}",
+                          rnd.restart_count)
+        if seen.stop is not None:
+            return RoundEnd.decode(seen.stop)
+        if seen.done >= len(rnd.nodes):
+            return self._claim(ending(End.DONE, "every node's ranks exited 0", rnd.restart_count))
+        if seen.lost:
+            names = ", ".join(rnd.nodes[g].label() for g in seen.lost)
+            return self._claim(ending(End.NODE_LOST, f"lost {names}: no keep-alive for "
+                                                     f"{self.pulse.lost_after_s:g} s", rnd.restart_count, seen.lost))
+        if seen.waiting and len(rnd.nodes) < self.rdzv.spec.max_nodes:
+            return self._claim(ending(End.NODES_JOINING, f"{seen.waiting} node(s) waiting to join",
+                                      rnd.restart_count))
+        return None
+
+    def _local_failure(self, exc: BaseException) -> RoundEnd:
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        who = self.round.me
+        first = self.round.rank_offset
+        return self._claim(ending(End.RANK_FAILED, f"{who.label()} (global ranks {first}..{first + who.nproc - 1}): "
+                                                   f"{why}", self.round.restart_count, (who.group_rank,)))
+
+    def _stopped(self) -> RoundEnd:
+        import signal
+
+        name = signal.Signals(self.signals.signum).name if self.signals.signum else "a signal"
+        return self._claim(ending(End.STOPPED, f"{self.round.me.label()} was stopped by {name}",
+                                  self.round.restart_count, (self.round.me.group_rank,)))
+
+    def _waiting(self) -> int:
+        return self.rdzv.num_nodes_waiting()
+
+    # -- the stop key ------------------------------------------------------------------------------------------
+    def _claim(self, end: RoundEnd) -> RoundEnd:
+        """Set the round's stop key unless a node did first; the end every node agrees on. Without a store (it went
+        silent meanwhile) this node's own view stands, and the job's loop finds the store lost."""
+        got = self._store(lambda c: c.compare_set(self.round.key("stop"), "", end.encode()))
+        agreed = RoundEnd.decode(got) if got else end
+        if agreed == end:
+            logger.warning(f"round {self.round.id} ends: {end.detail}")
+        return agreed
+
+    def _store(self, op: Callable[[Any], Any]) -> Any:
+        """``op(client)`` on this thread's connection, bounded by the store's health; None if it went silent."""
+        def call():
+            self.client = self.client or self.rdzv.job.client(connect_s=self.pulse.lost_after_s)
+            return op(self.client)
+
+        def give_up():
+            return None if self.pulse.health() is StoreHealth.OK else "the store is lost"
+        try:
+            return bounded(call, give_up, self.tick_s)
+        except Interrupted:
+            self.client = None
+            return None
+        except Exception as exc:  # noqa: BLE001 - a store error: the pulse will say which kind
+            logger.debug(f"store call failed: {str(exc).splitlines()[0]}")
+            self.client = None
+            return None
+
+
+def _start(sup) -> concurrent.futures.Future:
+    """``sup.start()`` on a short-lived thread (the manager thread spawns, so PDEATHSIG stays tied to it): the
+    round's end may come while the ranks start, and request_shutdown then abandons the start-up."""
+    done: concurrent.futures.Future = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            sup.start()
+            done.set_result(None)
+        except BaseException as exc:  # the caller reads it
+            done.set_exception(exc)
+    threading.Thread(target=run, name="rankvisor-round-start", daemon=True).start()
+    return done
