@@ -229,7 +229,7 @@ def _task(signals: SignalState) -> Callable[[Any], int]:
         if signals.stop.is_set():
             raise _SweepStopped
         run_dir = HydraConfig.get().runtime.output_dir
-        t0 = _command_start() if not jobs else time.monotonic()  # a sweep's later jobs count from their own start
+        t0 = command_start() if not jobs else time.monotonic()  # a sweep's later jobs count from their own start
         jobs.append(run_dir)
         cfg = from_node(node)  # validated in the preflight: a ConfigError here is still bad input
         try:
@@ -249,7 +249,7 @@ def run_one(cfg: Any, run_dir: str, signals: SignalState, t0: float | None = Non
     from supervisor.api import Supervisor
     from supervisor.errors import SupervisorError
 
-    t0 = _command_start() if t0 is None else t0
+    t0 = command_start() if t0 is None else t0
     cfg = dataclasses.replace(cfg, logging=dataclasses.replace(cfg.logging, run_dir=run_dir))
     setup_logging(cfg, run_dir)
     p = cfg.parallel
@@ -358,7 +358,7 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _command_start() -> float:
+def command_start() -> float:
     """time.monotonic() at which this process was created (start-up figures count from the command's start)."""
     from transport import _proc
 

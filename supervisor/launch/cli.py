@@ -163,10 +163,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return USAGE_ERROR
     try:
-        return run(cfg, signals, job)
+        code = run(cfg, signals, job)
     finally:
         startmethod.stop_helpers()  # the forkserver and resource tracker go with the command, not seconds later
         signals.exiting()  # a signal's exit code stays that signal's through the interpreter's shutdown
+    if job is not None:
+        _exit_now(code)
+    return code
+
+
+def _exit_now(code: int) -> None:
+    """The multi-node path ends here, without the interpreter's shutdown: torch's store threads (the store this
+    node hosts, its standby, keep-alive timers, a call blocked on a lost store) cannot be joined, and destroying
+    them at exit aborts the process ('terminate called without an active exception'). Every rank is gone by now."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def load(ns: argparse.Namespace):
@@ -184,7 +199,12 @@ def load(ns: argparse.Namespace):
         validate(cfg, cuda_initialized=cuda_initialized())
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
-    return cfg, (jobspec.parse(ns, cfg.parallel.tp) if multi else None)
+    if not multi:
+        return cfg, None
+    from supervisor.launch.rendezvous import quiet_torch
+
+    quiet_torch()
+    return cfg, jobspec.parse(ns, cfg.parallel.tp)
 
 
 def _signal_state():

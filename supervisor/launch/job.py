@@ -53,6 +53,10 @@ class Job:
             self.rdzv = self._bounded(lambda: open_rendezvous(self.spec), "opening the rendezvous")
             self.pulse = Pulse(self.rdzv.job, self.rdzv.key, self.spec.timings.lost_after_s)
             logger.info(f"multi-node job {self.spec.run_id}: {self._where()}")
+            self.events.emit("job_started", run_id=self.spec.run_id, backend=self.spec.backend,
+                             store=self.rdzv.job.endpoint, hosting=self.rdzv.hosting, standby=self.rdzv.standby,
+                             nnodes=f"{self.spec.min_nodes}:{self.spec.max_nodes}", nproc=self.spec.nproc,
+                             max_restarts=self.spec.max_restarts, launcher_pid=os.getpid())
             return self._rounds()
         except Interrupted:
             return self._leave_on_signal()
@@ -78,6 +82,8 @@ class Job:
             self.rounds.append((rnd, result))
             if self.signals.stop.is_set():
                 return self._leave_on_signal()
+            (logger.info if result.end.kind is End.DONE else logger.warning)(
+                f"round {rnd.index} ended: {result.end.detail}")
             end, standing = self._after(rnd, result.end)
             step = decide(end, standing, self.spec.min_nodes, self.spec.max_restarts)
             self.events.emit("round_ended", round=rnd.index, end=end.kind.value, detail=end.detail,
@@ -227,7 +233,7 @@ class Job:
         def give_up() -> str | None:
             if mind_signals and self.signals.stop.is_set():
                 return f"{what}: stopped by a signal"
-            if self.pulse is not None and self.pulse.health() is not StoreHealth.OK and deadline is None:
+            if self.pulse is not None and deadline is None and self.pulse.lost() is not None:
                 return f"{what}: the store is lost"
             if deadline is not None and time.monotonic() > deadline:
                 return f"{what}: no answer in time"

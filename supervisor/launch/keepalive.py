@@ -47,8 +47,10 @@ class Pulse:
 
     def _start(self, job: JobStore) -> None:
         self.job = job
-        self.last_ok = time.monotonic()
+        self.pending: float | None = None  # when the beat in flight was sent (None: none in flight)
+        self.trouble: float | None = None  # when the current run of failed beats began
         self.closed = False
+        self._bad_since: float | None = None
         self.first = threading.Event()
         generation = self.generation = object()
         threading.Thread(target=self._beat, args=(job, generation), name="rankvisor-pulse", daemon=True).start()
@@ -59,11 +61,27 @@ class Pulse:
         return self.first.wait(self.lost_after_s)
 
     def health(self) -> StoreHealth:
+        """From the beats themselves: one unanswered, or failing, for lost_after. A process that was frozen (no beat
+        in flight) is not a silent store: its next beat says."""
         if self.closed:
             return StoreHealth.CLOSED
-        if time.monotonic() - self.last_ok > self.lost_after_s:
+        since = self.trouble if self.trouble is not None else self.pending
+        if since is not None and time.monotonic() - since > self.lost_after_s:
             return StoreHealth.SILENT
         return StoreHealth.OK
+
+    def lost(self) -> StoreHealth | None:
+        """The store's loss once it holds over a tick (the job's loop asks each tick): a beat that was in flight
+        while this very process was frozen lands within a tick after it runs again."""
+        health = self.health()
+        if health is StoreHealth.OK:
+            self._bad_since = None
+            return None
+        now = time.monotonic()
+        if health is StoreHealth.SILENT and (self._bad_since is None or now - self._bad_since < self.tick_s):
+            self._bad_since = self._bad_since or now
+            return None
+        return health
 
     def stop(self) -> None:
         self._stop.set()
@@ -71,20 +89,35 @@ class Pulse:
     def _beat(self, job: JobStore, generation: object) -> None:
         client = None
         while not self._stop.is_set() and generation is self.generation:
+            sent = self.pending = time.monotonic()
             try:
-                client = client or job.client(connect_s=self.lost_after_s)
+                if client is None and self.trouble is not None and self._refused(job, "no connection"):
+                    return
+                client = client or job.client(connect_s=self.tick_s * 4)
                 client.add(f"alive/{self.key}", 1)
             except Exception as exc:  # noqa: BLE001 - any failure of the store is judged by what a connect says
                 client = None
-                if generation is self.generation and refused(job.host, job.port, self.tick_s * 4):
-                    self.closed = True
-                    logger.debug(f"store {job.endpoint}: {str(exc).splitlines()[0]}; its port refuses connections")
+                if generation is not self.generation:
+                    return
+                self.trouble = self.trouble or sent
+                if self._refused(job, str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)):
                     return
             else:
-                if generation is self.generation:
-                    self.last_ok = time.monotonic()
-                    self.first.set()
+                if generation is not self.generation:
+                    return
+                self.trouble = None
+                self.first.set()
+            self.pending = None
             self._stop.wait(self.tick_s)
+
+    def _refused(self, job: JobStore, why: str) -> bool:
+        """A failed beat: the server's process is gone if its port refuses connections. (Asked again at each beat
+        while in trouble: a killed host's connections may close a moment before its listening port does.)"""
+        if not refused(job.host, job.port, self.tick_s * 4):
+            return False
+        self.closed = True
+        logger.debug(f"store {job.endpoint}: {why}; its port refuses connections")
+        return True
 
 
 def refused(host: str, port: int, timeout_s: float) -> bool:

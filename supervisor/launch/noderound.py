@@ -65,7 +65,10 @@ class NodeRound:
         from supervisor.api import Supervisor
         from supervisor.core.events import EventLog
 
-        t0 = time.monotonic()
+        from supervisor.cli import command_start
+
+        # READY counts from the command's start in the first round (as for one node), from the round's after
+        t0 = command_start() if self.round.index == 0 else time.monotonic()
         sup = Supervisor(self.cfg, events=EventLog(self.cfg.logging.run_dir, run_id=self.run_id), start=False)
         if not self.signals.attach(sup):
             return RoundResult(self._stopped())
@@ -112,8 +115,8 @@ class NodeRound:
         rnd, seen = self.round, watch.seen
         if self.signals.stop.is_set():
             return self._stopped()
-        health = self.pulse.health()
-        if health is not StoreHealth.OK:
+        health = self.pulse.lost()
+        if health is not None:
             what = "refuses connections (its host's launcher is gone)" if health is StoreHealth.CLOSED \
                 else f"stopped answering for {self.pulse.lost_after_s:g} s"
             return ending(End.STORE_LOST, f"the rendezvous store at {self.rdzv.job.endpoint} {what}",
@@ -153,10 +156,7 @@ class NodeRound:
         """Set the round's stop key unless a node did first; the end every node agrees on. Without a store (it went
         silent meanwhile) this node's own view stands, and the job's loop finds the store lost."""
         got = self._store(lambda c: c.compare_set(self.round.key("stop"), "", end.encode()))
-        agreed = RoundEnd.decode(got) if got else end
-        if agreed == end:
-            logger.warning(f"round {self.round.id} ends: {end.detail}")
-        return agreed
+        return RoundEnd.decode(got) if got else end
 
     def _store(self, op: Callable[[Any], Any]) -> Any:
         """``op(client)`` on this thread's connection, bounded by the store's health; None if it went silent."""
@@ -165,7 +165,7 @@ class NodeRound:
             return op(self.client)
 
         def give_up():
-            return None if self.pulse.health() is StoreHealth.OK else "the store is lost"
+            return None if self.pulse.lost() is None else "the store is lost"
         try:
             return bounded(call, give_up, self.tick_s)
         except Interrupted:

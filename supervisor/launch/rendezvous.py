@@ -20,7 +20,9 @@ the dead store.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sys
 import threading
 import uuid
 from dataclasses import dataclass
@@ -171,7 +173,12 @@ class C10dRendezvous(Rendezvous):
         self.handler.set_closed()
 
     def abandon(self) -> None:
+        """The store is lost: stop torch's keep-alive timer there (on a thread: it joins its own, which may be
+        blocked on the dead store for good) and keep the handler referenced (see the module's docstring)."""
         _ABANDONED.extend([self.handler, self.store])
+        stop = getattr(self.handler, "_stop_heartbeats", None)  # torch's own, not public: skipped if it moves
+        if stop is not None:
+            threading.Thread(target=stop, name="rankvisor-old-keepalive", daemon=True).start()
 
 
 class StaticRendezvous(Rendezvous):
@@ -186,6 +193,30 @@ class StaticRendezvous(Rendezvous):
         rank, world = self.spec.node_rank, self.spec.max_nodes
         boot = RendezvousStoreInfo.build(rank, store, local_addr=self.addr)
         return store, rank, world, (boot.master_addr, boot.master_port)
+
+
+def quiet_torch() -> None:
+    """Import torch.distributed with its C++ store warnings off, and its rendezvous's Python log into ours (at
+    DEBUG, in supervisor.log): a lost store makes both repeat a stack trace every second, and what they say is
+    said here once, in one line. The ranks keep the environment the user gave (TORCH_CPP_LOG_LEVEL is read once,
+    at import, in this process only)."""
+    if "torch" not in sys.modules:
+        user = os.environ.get("TORCH_CPP_LOG_LEVEL")
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
+        import torch.distributed  # noqa: F401
+
+        if user is None:
+            del os.environ["TORCH_CPP_LOG_LEVEL"]
+    log = logging.getLogger("torch.distributed.elastic")
+    log.handlers[:] = [_ToLoguru()]
+    log.propagate = False
+
+
+class _ToLoguru(logging.Handler):
+    def emit(self, record) -> None:
+        from loguru import logger
+
+        logger.debug(f"torch: {record.getMessage()}")
 
 
 def _handler(spec: JobSpec, store, endpoint: str, addr: str):

@@ -1,0 +1,270 @@
+"""rankvisor-run --nnodes: N launchers on this host are N nodes of one job (each its own process tree and run folder;
+one rendezvous store, on a free port). Where a cut link must be real, each node gets a network namespace of its
+own, joined by a bridge in another one (``unshare -n``, root only: skipped elsewhere).
+
+The rank script is tests/integration/launch_scripts/steps.py (no torch: the launchers keep the CPU), except where a
+collective must be broken: resume.py on gloo.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from tests.integration.helpers import REPO, gone_within, reap_adopted
+
+SCRIPTS = os.path.join(REPO, "tests", "integration", "launch_scripts")
+RUN_TIMEOUT_S = 90
+pytestmark = pytest.mark.timeout(240)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Nodes:
+    """``n`` rankvisor-run processes of one job; node i runs in tmp_path/node<i> (its run folder, its output)."""
+
+    def __init__(self, tmp_path, n: int, *flags: str, script: str = "steps.py", env: dict | None = None,
+                 host: str = "127.0.0.1", wrap=None, node_flags=None) -> None:
+        self.out = str(tmp_path)
+        self.port = free_port()
+        self.procs, self.tree = [], []
+        for i in range(n):
+            cwd = os.path.join(self.out, f"node{i}")
+            os.makedirs(cwd)
+            cmd = [sys.executable, "-m", "supervisor.launch.cli", "--nproc-per-node=2", "--rdzv-backend=c10d",
+                   f"--rdzv-endpoint={host}:{self.port}", "--rdzv-id=test", *flags,
+                   *(node_flags(i) if node_flags else []), os.path.join(SCRIPTS, script)]
+            full = {**os.environ, "OUT_DIR": self.out, "PYTHONPATH": REPO, **(env or {})}
+            with open(os.path.join(cwd, "stdout"), "w") as o, open(os.path.join(cwd, "stderr"), "w") as e:
+                self.procs.append(subprocess.Popen(wrap(i, cmd) if wrap else cmd, cwd=cwd, env=full, stdout=o,
+                                                   stderr=e))
+
+    # -- what the nodes wrote -------------------------------------------------------------------------------------
+    def ups(self, restart: int) -> dict[int, dict]:
+        got = {}
+        for path in glob.glob(os.path.join(self.out, f"up.*.{restart}.json")):
+            got[int(os.path.basename(path).split(".")[1])] = json.load(open(path))
+        return got
+
+    def wait_ups(self, restart: int, count: int, timeout: float = 60) -> dict[int, dict]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = self.ups(restart)
+            if len(got) >= count:
+                self.snapshot_tree()
+                return got
+            time.sleep(0.05)
+        raise AssertionError(f"{count} ranks of restart {restart} not up within {timeout} s: {sorted(got)}\n"
+                             + self.stderr_tails())
+
+    def events(self, i: int) -> list[dict]:
+        (path,) = glob.glob(os.path.join(self.out, f"node{i}", "outputs", "*", "*", "events.jsonl"))
+        return [json.loads(line) for line in open(path)]
+
+    def job_event(self, i: int, kind: str) -> list[dict]:
+        return [e for e in self.events(i) if e["kind"] == kind]
+
+    def stderr(self, i: int) -> str:
+        return open(os.path.join(self.out, f"node{i}", "stderr")).read()
+
+    def stdout(self, i: int) -> str:
+        return open(os.path.join(self.out, f"node{i}", "stdout")).read()
+
+    def stderr_tails(self) -> str:
+        return "\n".join(f"--- node{i} stderr ---\n{self.stderr(i)[-1500:]}" for i in range(len(self.procs)))
+
+    def launcher_of(self, pid: int) -> int:
+        for i, p in enumerate(self.procs):
+            try:
+                if pid in {c.pid for c in psutil.Process(p.pid).children(recursive=True)}:
+                    return i
+            except psutil.NoSuchProcess:
+                continue
+        raise AssertionError(f"pid {pid} is under no launcher")
+
+    def hosting(self) -> int:
+        return next(i for i in range(len(self.procs)) if self.job_event(i, "job_started")[0]["hosting"])
+
+    # -- ending ---------------------------------------------------------------------------------------------------
+    def snapshot_tree(self) -> None:
+        for p in self.procs:
+            try:
+                self.tree += psutil.Process(p.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                pass
+
+    def finish(self, timeout: float = RUN_TIMEOUT_S) -> list[int]:
+        deadline = time.monotonic() + timeout
+        try:
+            return [p.wait(max(0.1, deadline - time.monotonic())) for p in self.procs]
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+        for p in self.procs:
+            p.wait(10)
+        reap_adopted(self.tree)
+
+
+def steps_env(**extra: str) -> dict:
+    return {"STEPS": "10", **extra}
+
+
+@pytest.mark.parametrize("backend", ["c10d", "static"])
+def test_every_rank_of_every_node_gets_torchruns_environment(tmp_path, backend):
+    port_flags = (lambda i: [f"--node-rank={i}"]) if backend == "static" else None
+    nodes = Nodes(tmp_path, 2, "--nnodes=2", "--max-restarts=3", f"--rdzv-backend={backend}", env=steps_env(),
+                  node_flags=port_flags)
+    codes = nodes.finish()
+    assert codes == [0, 0], nodes.stderr_tails()
+    ups = nodes.ups(0)
+    assert sorted(ups) == [0, 1, 2, 3]
+    masters = {(u["MASTER_ADDR"], u["MASTER_PORT"]) for u in ups.values()}
+    assert len(masters) == 1  # one world: global rank 0's store, the same address everywhere
+    for rank, u in ups.items():
+        group = rank // 2
+        assert (u["RANK"], u["ROLE_RANK"], u["LOCAL_RANK"]) == (str(rank), str(rank), str(rank % 2))
+        assert (u["WORLD_SIZE"], u["ROLE_WORLD_SIZE"], u["LOCAL_WORLD_SIZE"]) == ("4", "4", "2")
+        assert (u["GROUP_RANK"], u["GROUP_WORLD_SIZE"]) == (str(group), "2")
+        assert (u["TORCHELASTIC_RESTART_COUNT"], u["TORCHELASTIC_MAX_RESTARTS"]) == ("0", "3")
+        assert u["TORCHELASTIC_RUN_ID"] == "test" and u["TORCHELASTIC_USE_AGENT_STORE"] == "False"
+        assert u["TORCHELASTIC_ERROR_FILE"].endswith(f"attempt_0/{rank % 2}/error.json")
+    if backend == "static":  # --node-rank is GROUP_RANK
+        assert {i: nodes.job_event(i, "round_started")[0]["node"] for i in range(2)} == {0: 0, 1: 1}
+    for i in range(2):
+        assert "outcome                  done" in nodes.stdout(i)
+
+
+def test_a_rank_killed_on_one_node_restarts_every_node_with_one_count_and_they_resume(tmp_path):
+    """FAULTS row 54, on gloo: the killed rank's peers on the other node are inside a barrier with it."""
+    nodes = Nodes(tmp_path, 2, "--nnodes=2", "--max-restarts=1", "--fast", script="resume.py",
+                  env={"KILL_RANK": "3", "KILL_STEP": "2"})
+    codes = nodes.finish()
+    assert codes == [0, 0], nodes.stderr_tails()
+    for rank in range(4):
+        assert open(os.path.join(nodes.out, f"resumed.{rank}.0")).read() == "0"
+        assert int(open(os.path.join(nodes.out, f"resumed.{rank}.1")).read()) > 0  # from the snapshot
+        assert open(os.path.join(nodes.out, f"done.{rank}")).read() == "1"  # TORCHELASTIC_RESTART_COUNT, everywhere
+    for i in range(2):
+        (first, second) = nodes.job_event(i, "round_started")
+        assert (first["restart_count"], second["restart_count"]) == (0, 1)
+        (ended, done) = nodes.job_event(i, "round_ended")
+        assert (ended["end"], ended["restarts"], ended["verdict"]) == ("rank_failed", 1, "next_round")
+        assert "global ranks 2..3" in ended["detail"] and "SIGKILL" in ended["detail"]
+        assert done["end"] == "done"
+
+
+def test_a_spent_budget_fails_every_node_in_one_line_with_the_root_cause_where_it_failed(tmp_path):
+    nodes = Nodes(tmp_path, 2, "--nnodes=2", "--max-restarts=0", script="raises.py", env={"FAIL_RANK": "3"})
+    codes = nodes.finish()
+    assert codes == [1, 1], nodes.stderr_tails()
+    for i in range(2):
+        last = nodes.stderr(i).strip().splitlines()[-1]
+        assert last.startswith("error: node 1 (") and "the restart budget is spent" in last, last
+    failed = next(i for i in range(2) if "raises.py FAILED" in nodes.stderr(i))
+    root = nodes.stderr(failed).split("Root Cause (first observed failure):", 1)[1]
+    assert "rank      : 3 (local_rank: 1)" in root and "boom from a torchrun script" in root
+
+
+def test_a_lost_node_is_noticed_its_ranks_are_gone_and_the_others_go_on_with_min_max(tmp_path):
+    """FAULTS row 55: kill -9 of a node's launcher with --nnodes=1:2."""
+    nodes = Nodes(tmp_path, 2, "--nnodes=1:2", "--max-restarts=1", env=steps_env(STEPS="40"))
+    try:
+        ups = nodes.wait_ups(0, 4)
+        survivor = nodes.hosting()  # the store's host is another test's
+        victim = 1 - survivor
+        dead = [u["pid"] for u in ups.values() if nodes.launcher_of(u["pid"]) == victim]
+        group = int(next(u["GROUP_RANK"] for u in ups.values() if u["pid"] in dead))
+        nodes.procs[victim].kill()
+        assert gone_within(dead, 1.0) == []  # the launcher's ranks never outlive it
+        again = nodes.wait_ups(1, 2)
+        assert sorted(again) == [0, 1] and {u["WORLD_SIZE"] for u in again.values()} == {"2"}
+        assert all(nodes.launcher_of(u["pid"]) == survivor for u in again.values())
+        assert min(u["resumed_at"] for u in again.values()) > 0
+        assert nodes.procs[survivor].wait(RUN_TIMEOUT_S) == 0, nodes.stderr_tails()
+        (ended, _) = nodes.job_event(survivor, "round_ended")
+        assert ended["end"] == "node_lost" and ended["restarts"] == 1 and ended["nodes"] == [group]
+    finally:
+        nodes.close()
+
+
+def test_a_lost_node_without_room_fails_the_job_in_one_line_naming_it(tmp_path):
+    nodes = Nodes(tmp_path, 2, "--nnodes=2", "--max-restarts=3", env=steps_env(STEPS="600"))
+    try:
+        ups = nodes.wait_ups(0, 4)
+        survivor = nodes.hosting()
+        victim = 1 - survivor
+        group = next(u["GROUP_RANK"] for u in ups.values() if nodes.launcher_of(u["pid"]) == victim)
+        nodes.procs[victim].kill()
+        assert nodes.procs[survivor].wait(RUN_TIMEOUT_S) == 1
+        err = nodes.stderr(survivor).strip().splitlines()[-1]
+        assert err.startswith(f"error: lost node {group} (") and "1 node(s) left, --nnodes needs at least 2" in err, err
+        assert gone_within([u["pid"] for u in ups.values()], 1.0) == []
+    finally:
+        nodes.close()
+
+
+def test_the_store_hosts_launcher_killed_the_standby_takes_over(tmp_path):
+    """FAULTS row 56: kill -9 of the launcher that hosts the rendezvous store (its port then refuses)."""
+    nodes = Nodes(tmp_path, 2, "--nnodes=1:2", "--max-restarts=1", env=steps_env(STEPS="40"))
+    try:
+        nodes.wait_ups(0, 4)
+        host = nodes.hosting()
+        nodes.procs[host].kill()
+        survivor = 1 - host
+        again = nodes.wait_ups(1, 2)
+        assert all(nodes.launcher_of(u["pid"]) == survivor for u in again.values())
+        assert nodes.procs[survivor].wait(RUN_TIMEOUT_S) == 0, nodes.stderr_tails()
+        (failover,) = nodes.job_event(survivor, "store_failover")
+        assert failover["closed"] is True and failover["survivors"] == 1
+        assert failover["to"] == nodes.job_event(survivor, "job_started")[0]["standby"]
+    finally:
+        nodes.close()
+
+
+def test_a_frozen_store_host_among_three_nodes_the_other_two_go_on_and_it_stops_when_it_wakes(tmp_path):
+    """The store's host stops answering (SIGSTOP of its launcher: a frozen machine, as the others see it). The two
+    others are a majority: they go on through the standby. Woken, the old host finds itself alone, not a majority,
+    and stops instead of training apart."""
+    nodes = Nodes(tmp_path, 3, "--nnodes=1:3", "--max-restarts=2", env=steps_env(STEPS="50"))
+    try:
+        nodes.wait_ups(0, 6)
+        host = nodes.hosting()
+        os.kill(nodes.procs[host].pid, signal.SIGSTOP)
+        again = nodes.wait_ups(1, 4)
+        assert {nodes.launcher_of(u["pid"]) for u in again.values()} == set(range(3)) - {host}
+        os.kill(nodes.procs[host].pid, signal.SIGCONT)
+        assert nodes.procs[host].wait(RUN_TIMEOUT_S) == 1
+        last = nodes.stderr(host).strip().splitlines()[-1]
+        assert "1 of 3 nodes left here, not a majority" in last, last
+        for i in set(range(3)) - {host}:
+            assert nodes.procs[i].wait(RUN_TIMEOUT_S) == 0, nodes.stderr_tails()
+            (failover,) = nodes.job_event(i, "store_failover")
+            assert failover["closed"] is False and failover["survivors"] == 2
+    finally:
+        nodes.close()
+
+
+def test_a_bad_multi_node_flag_is_one_line_and_exit_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "supervisor.launch.cli", "--nnodes=2", "--rdzv-backend=c10d",
+                           "--rdzv-conf=join_timeout=soon", os.path.join(SCRIPTS, "steps.py")],
+                          cwd=str(tmp_path), env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "join_timeout=soon" in proc.stderr, proc.stderr
