@@ -89,7 +89,7 @@ class Job:
             self.events.emit("round_ended", round=rnd.index, end=end.kind.value, detail=end.detail,
                              nodes=list(end.nodes), restarts=end.restarts, verdict=step.verdict.value)
             if step.verdict is not Verdict.NEXT_ROUND:
-                return self._finish(step, end)
+                return self._finish(step, end, standing.survivors)
             self._count(end)
 
     def _next_round(self) -> Round:
@@ -103,7 +103,7 @@ class Job:
         if end.kind is End.NODE_LOST and rnd.me.group_rank in end.nodes:
             logger.warning(f"the other nodes lost {rnd.me.label()} (its keep-alive stopped): joining again")
             return end, Standing(n, n, True)
-        lost = len(end.nodes) if end.kind is End.NODE_LOST else 0
+        lost = len(end.nodes) if end.kind in (End.NODE_LOST, End.STOPPED) else 0
         return end, Standing(n - lost, n, True)  # the store answers here: it is on this side
 
     def _count(self, end: RoundEnd) -> None:
@@ -143,8 +143,8 @@ class Job:
                                "answered")
 
     # -- the end -------------------------------------------------------------------------------------------------
-    def _finish(self, step: Next, end: RoundEnd) -> int:
-        self._acknowledge()
+    def _finish(self, step: Next, end: RoundEnd, survivors: int) -> int:
+        self._acknowledge(survivors)
         code = EXIT_OK if step.verdict is Verdict.DONE else EXIT_FAILED
         self.events.emit("job_ended", verdict=step.verdict.value, why=step.why, restarts=end.restarts)
         if code == EXIT_OK:
@@ -157,8 +157,9 @@ class Job:
         print(f"error: {step.why}", file=sys.stderr, flush=True)
         return code
 
-    def _acknowledge(self) -> None:
-        """Every node reads the end before the store's host leaves with the store (torchrun's exit barrier)."""
+    def _acknowledge(self, survivors: int) -> None:
+        """Every node still there reads the end before the store's host leaves with the store (torchrun's exit
+        barrier), bounded: a node lost meanwhile is not waited for long."""
         rnd = self.round
         key = rnd.key("left")
         try:
@@ -166,7 +167,7 @@ class Job:
             if self.rdzv.hosting:
                 deadline = time.monotonic() + self.spec.timings.lost_after_s * EXIT_BARRIER_LOSTS
                 client = self.rdzv.job.client()
-                self._bounded(lambda: _wait_count(client, key, len(rnd.nodes), deadline), "the exit barrier",
+                self._bounded(lambda: _wait_count(client, key, survivors, deadline), "the exit barrier",
                               deadline=deadline + 1)
             self._bounded(self.rdzv.close, "closing the rendezvous", deadline=time.monotonic() + 5)
         except (Interrupted, Exception) as exc:  # noqa: BLE001 - the end stands; a lost store only skips the wait

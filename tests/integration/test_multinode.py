@@ -37,10 +37,12 @@ class Nodes:
     """``n`` rankvisor-run processes of one job; node i runs in tmp_path/node<i> (its run folder, its output)."""
 
     def __init__(self, tmp_path, n: int, *flags: str, script: str = "steps.py", env: dict | None = None,
-                 host: str = "127.0.0.1", wrap=None, node_flags=None) -> None:
+                 host: str = "127.0.0.1", wrap=None, node_flags=None, hold: bool = False) -> None:
         self.out = str(tmp_path)
+        if hold:  # steps.py keeps stepping while it exists: release() lets the ranks finish
+            open(os.path.join(self.out, "hold"), "w").close()
         self.port = free_port()
-        self.procs, self.tree = [], []
+        self.procs, self.tree, self.owner = [], [], {}
         for i in range(n):
             cwd = os.path.join(self.out, f"node{i}")
             os.makedirs(cwd)
@@ -70,6 +72,9 @@ class Nodes:
         raise AssertionError(f"{count} ranks of restart {restart} not up within {timeout} s: {sorted(got)}\n"
                              + self.stderr_tails())
 
+    def release(self) -> None:
+        os.remove(os.path.join(self.out, "hold"))
+
     def events(self, i: int) -> list[dict]:
         (path,) = glob.glob(os.path.join(self.out, f"node{i}", "outputs", "*", "*", "events.jsonl"))
         return [json.loads(line) for line in open(path)]
@@ -87,24 +92,24 @@ class Nodes:
         return "\n".join(f"--- node{i} stderr ---\n{self.stderr(i)[-1500:]}" for i in range(len(self.procs)))
 
     def launcher_of(self, pid: int) -> int:
-        for i, p in enumerate(self.procs):
-            try:
-                if pid in {c.pid for c in psutil.Process(p.pid).children(recursive=True)}:
-                    return i
-            except psutil.NoSuchProcess:
-                continue
-        raise AssertionError(f"pid {pid} is under no launcher")
+        """Which launcher's tree holds (or held, when the ranks were last seen up) ``pid``."""
+        self.snapshot_tree()
+        if pid not in self.owner:
+            raise AssertionError(f"pid {pid} is under no launcher")
+        return self.owner[pid]
 
     def hosting(self) -> int:
         return next(i for i in range(len(self.procs)) if self.job_event(i, "job_started")[0]["hosting"])
 
     # -- ending ---------------------------------------------------------------------------------------------------
     def snapshot_tree(self) -> None:
-        for p in self.procs:
+        for i, p in enumerate(self.procs):
             try:
-                self.tree += psutil.Process(p.pid).children(recursive=True)
+                below = psutil.Process(p.pid).children(recursive=True)
             except psutil.NoSuchProcess:
-                pass
+                continue
+            self.tree += below
+            self.owner.update((c.pid, i) for c in below)
 
     def finish(self, timeout: float = RUN_TIMEOUT_S) -> list[int]:
         deadline = time.monotonic() + timeout
@@ -184,7 +189,7 @@ def test_a_spent_budget_fails_every_node_in_one_line_with_the_root_cause_where_i
 
 def test_a_lost_node_is_noticed_its_ranks_are_gone_and_the_others_go_on_with_min_max(tmp_path):
     """FAULTS row 55: kill -9 of a node's launcher with --nnodes=1:2."""
-    nodes = Nodes(tmp_path, 2, "--nnodes=1:2", "--max-restarts=1", env=steps_env(STEPS="40"))
+    nodes = Nodes(tmp_path, 2, "--nnodes=1:2", "--max-restarts=1", env=steps_env(), hold=True)
     try:
         ups = nodes.wait_ups(0, 4)
         survivor = nodes.hosting()  # the store's host is another test's
@@ -197,6 +202,7 @@ def test_a_lost_node_is_noticed_its_ranks_are_gone_and_the_others_go_on_with_min
         assert sorted(again) == [0, 1] and {u["WORLD_SIZE"] for u in again.values()} == {"2"}
         assert all(nodes.launcher_of(u["pid"]) == survivor for u in again.values())
         assert min(u["resumed_at"] for u in again.values()) > 0
+        nodes.release()
         assert nodes.procs[survivor].wait(RUN_TIMEOUT_S) == 0, nodes.stderr_tails()
         (ended, _) = nodes.job_event(survivor, "round_ended")
         assert ended["end"] == "node_lost" and ended["restarts"] == 1 and ended["nodes"] == [group]
@@ -205,7 +211,7 @@ def test_a_lost_node_is_noticed_its_ranks_are_gone_and_the_others_go_on_with_min
 
 
 def test_a_lost_node_without_room_fails_the_job_in_one_line_naming_it(tmp_path):
-    nodes = Nodes(tmp_path, 2, "--nnodes=2", "--max-restarts=3", env=steps_env(STEPS="600"))
+    nodes = Nodes(tmp_path, 2, "--nnodes=2", "--max-restarts=3", env=steps_env(), hold=True)
     try:
         ups = nodes.wait_ups(0, 4)
         survivor = nodes.hosting()
@@ -222,7 +228,7 @@ def test_a_lost_node_without_room_fails_the_job_in_one_line_naming_it(tmp_path):
 
 def test_the_store_hosts_launcher_killed_the_standby_takes_over(tmp_path):
     """FAULTS row 56: kill -9 of the launcher that hosts the rendezvous store (its port then refuses)."""
-    nodes = Nodes(tmp_path, 2, "--nnodes=1:2", "--max-restarts=1", env=steps_env(STEPS="40"))
+    nodes = Nodes(tmp_path, 2, "--nnodes=1:2", "--max-restarts=1", env=steps_env(), hold=True)
     try:
         nodes.wait_ups(0, 4)
         host = nodes.hosting()
@@ -230,6 +236,7 @@ def test_the_store_hosts_launcher_killed_the_standby_takes_over(tmp_path):
         survivor = 1 - host
         again = nodes.wait_ups(1, 2)
         assert all(nodes.launcher_of(u["pid"]) == survivor for u in again.values())
+        nodes.release()
         assert nodes.procs[survivor].wait(RUN_TIMEOUT_S) == 0, nodes.stderr_tails()
         (failover,) = nodes.job_event(survivor, "store_failover")
         assert failover["closed"] is True and failover["survivors"] == 1
@@ -242,7 +249,7 @@ def test_a_frozen_store_host_among_three_nodes_the_other_two_go_on_and_it_stops_
     """The store's host stops answering (SIGSTOP of its launcher: a frozen machine, as the others see it). The two
     others are a majority: they go on through the standby. Woken, the old host finds itself alone, not a majority,
     and stops instead of training apart."""
-    nodes = Nodes(tmp_path, 3, "--nnodes=1:3", "--max-restarts=2", env=steps_env(STEPS="50"))
+    nodes = Nodes(tmp_path, 3, "--nnodes=1:3", "--max-restarts=2", env=steps_env(), hold=True)
     try:
         nodes.wait_ups(0, 6)
         host = nodes.hosting()
@@ -251,6 +258,7 @@ def test_a_frozen_store_host_among_three_nodes_the_other_two_go_on_and_it_stops_
         assert {nodes.launcher_of(u["pid"]) for u in again.values()} == set(range(3)) - {host}
         os.kill(nodes.procs[host].pid, signal.SIGCONT)
         assert nodes.procs[host].wait(RUN_TIMEOUT_S) == 1
+        nodes.release()
         last = nodes.stderr(host).strip().splitlines()[-1]
         assert "1 of 3 nodes left here, not a majority" in last, last
         for i in set(range(3)) - {host}:
@@ -259,6 +267,91 @@ def test_a_frozen_store_host_among_three_nodes_the_other_two_go_on_and_it_stops_
             assert failover["closed"] is False and failover["survivors"] == 2
     finally:
         nodes.close()
+
+
+class Network:
+    """A switch (a bridge in a network namespace of its own) and a namespace per node on 10.X.Y.0/24, joined by veth
+    pairs. Nothing changes in this host's own namespace; every namespace goes with the process that holds it."""
+
+    def __init__(self, n: int) -> None:
+        import random
+
+        self.subnet = f"10.{random.randrange(100, 250)}.{random.randrange(1, 250)}"
+        self.holders = [subprocess.Popen(["unshare", "-n", "sleep", "600"]) for _ in range(n + 1)]
+        self.switch, *self.nodes = [h.pid for h in self.holders]
+        for h in self.holders:
+            _until(lambda: os.readlink(f"/proc/{h.pid}/ns/net") != os.readlink("/proc/self/ns/net"))
+        self.ip(self.switch, "link add br0 type bridge")
+        self.ip(self.switch, "link set br0 up")
+        for i, pid in enumerate(self.nodes):
+            self.ip(self.switch, f"link add s{i} type veth peer name n{i}")
+            self.ip(self.switch, f"link set n{i} netns {pid}")
+            self.ip(self.switch, f"link set s{i} master br0")
+            self.ip(self.switch, f"link set s{i} up")
+            self.ip(pid, "link set lo up")
+            self.ip(pid, f"addr add {self.addr(i)}/24 dev n{i}")
+            self.ip(pid, f"link set n{i} up")
+
+    @staticmethod
+    def ip(pid: int, args: str) -> None:
+        subprocess.run(["nsenter", "-t", str(pid), "-n", "ip", *args.split()], check=True, timeout=30)
+
+    def addr(self, i: int) -> str:
+        return f"{self.subnet}.{i + 1}"
+
+    def wrap(self, i: int, cmd: list[str]) -> list[str]:
+        return ["nsenter", "-t", str(self.nodes[i]), "-n", *cmd]
+
+    def cut(self, i: int) -> None:
+        """Node i's cable out of the switch: its packets go nowhere, nobody is told (no reset, no refusal)."""
+        self.ip(self.switch, f"link set s{i} down")
+
+    def close(self) -> None:
+        for h in self.holders:
+            h.kill()
+            h.wait(10)
+
+
+def _until(check, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "not within the time"
+        time.sleep(0.01)
+
+
+def _netns_usable() -> bool:
+    if os.geteuid() != 0 or not all(shutil.which(t) for t in ("unshare", "nsenter", "ip")):
+        return False
+    return subprocess.run(["unshare", "-n", "true"], capture_output=True, timeout=30).returncode == 0
+
+
+@pytest.mark.skipif(not _netns_usable(), reason="needs root and unshare -n (a network namespace per node)")
+def test_a_cut_network_the_side_with_the_store_goes_on_the_other_stops_in_one_line(tmp_path):
+    """FAULTS row 55, a real cut: node 1's link goes down (packets dropped, no reset). Node 0 hosts the store: it
+    loses node 1 and goes on alone (--nnodes=1:2, half the round with the store on its side). Node 1 loses the store,
+    finds only itself at its standby, half without the store: it stops in one line rather than train apart."""
+    net = Network(2)
+    nodes = None
+    try:
+        nodes = Nodes(tmp_path, 2, "--nnodes=1:2", "--max-restarts=1", env=steps_env(), hold=True, host=net.addr(0),
+                      wrap=net.wrap, node_flags=lambda i: [f"--local-addr={net.addr(i)}",
+                                                           f"--rdzv-conf=is_host={str(i == 0).lower()}"])
+        ups = nodes.wait_ups(0, 4)
+        cut = [u["pid"] for u in ups.values() if nodes.launcher_of(u["pid"]) == 1]
+        net.cut(1)
+        assert nodes.procs[1].wait(RUN_TIMEOUT_S) == 1
+        last = nodes.stderr(1).strip().splitlines()[-1]
+        assert "stopped answering" in last and "1 of 2 nodes left here, not a majority" in last, last
+        assert gone_within(cut, 1.0) == []
+        again = nodes.wait_ups(1, 2)
+        assert {nodes.launcher_of(u["pid"]) for u in again.values()} == {0}
+        assert {u["MASTER_ADDR"] for u in again.values()} == {net.addr(0)}
+        nodes.release()
+        assert nodes.procs[0].wait(RUN_TIMEOUT_S) == 0, nodes.stderr_tails()
+    finally:
+        if nodes is not None:
+            nodes.close()
+        net.close()
 
 
 def test_a_bad_multi_node_flag_is_one_line_and_exit_2(tmp_path):
