@@ -33,4 +33,5 @@ def check_config(cfg) -> None:
     _require(cfg.parallel.dp == 1, "parallel.dp", "a script run is one torch.distributed world: dp must be 1")
     _require(s.node == NodePlace(), "launch.node", "is set by rankvisor-run --nnodes for each round, not by hand")
     _require(cfg.backend == "local", "backend",
-             "workload=script runs on the local backend (one node); multi-node scripts are not supported yet")
+             "workload=script runs on the local backend: past one machine, run rankvisor-run --nnodes on each "
+             "node (README: multi-node)")

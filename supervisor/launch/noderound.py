@@ -34,6 +34,7 @@ from supervisor.launch.rendezvous import Interrupted, Rendezvous, Round, bounded
 from worker.spec import NodePlace
 
 JOIN = "join"  # worker.script.ScriptWorker.join
+PEER_FIRST_S = 0.2  # a local rank failure is claimed this late: the node whose rank failed first names the end
 
 
 @dataclass
@@ -135,6 +136,9 @@ class NodeRound:
         return None
 
     def _local_failure(self, exc: BaseException) -> RoundEnd:
+        """A rank here failed. When a peer on another node died first, this rank's collective broke a moment after
+        it: the peer's node names the round's end if its claim lands within PEER_FIRST_S (compare_set keeps it)."""
+        time.sleep(PEER_FIRST_S)
         why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         who = self.round.me
         first = self.round.rank_offset

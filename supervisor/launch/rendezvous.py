@@ -135,14 +135,34 @@ class Rendezvous:
         self.rounds = 0
 
     def next_round(self) -> Round:
+        """The next round of the job (blocks until it forms); RendezvousFailed, one line, when it cannot."""
+        try:
+            return self._next_round()
+        except RendezvousFailed:
+            raise
+        except Exception as exc:  # noqa: BLE001 - torch's rendezvous and store errors, said in one line
+            raise RendezvousFailed(self._why(exc)) from None
+
+    def _why(self, exc: BaseException) -> str:
+        from torch.distributed.elastic.rendezvous.api import RendezvousClosedError, RendezvousTimeoutError
+
+        t = self.spec.timings
+        if isinstance(exc, RendezvousClosedError):
+            return (f"the job's rendezvous at {self.job.endpoint} is closed: the job has ended (it finished, failed, "
+                    "or a node was stopped)")
+        if isinstance(exc, RendezvousTimeoutError) or "timeout" in type(exc).__name__.lower():
+            return (f"no round formed within join_timeout={t.join_s} s: fewer than {self.spec.min_nodes} node(s) "
+                    f"came to {self.job.endpoint} (--nnodes={self.spec.min_nodes}:{self.spec.max_nodes})")
+        return f"the rendezvous at {self.job.endpoint} failed: {_first_line(exc)}"
+
+    def _next_round(self) -> Round:
         store, rank, world, master = self._join()
         me = NodeInfo(rank, self.key, f"{self.addr}:{os.getpid()}", self.addr, self.spec.nproc, self.standby,
                       self.hosting)
-        nodes = _exchange(store, me, world, self.spec.timings.join_s)
-        client = self.job.client()
-        count = int(client.compare_set("restarts", "", "0"))
+        nodes, round_id = _exchange(store, me, world, self.spec.timings.join_s)
+        count = int(self.job.client().compare_set("restarts", "", "0"))
         index, self.rounds = self.rounds, self.rounds + 1
-        return Round(index, _round_id(nodes, store), me, nodes, master[0], master[1], count)
+        return Round(index, round_id, me, nodes, master[0], master[1], count)
 
     def num_nodes_waiting(self) -> int:
         return 0
@@ -262,18 +282,15 @@ def take_over(old: Rendezvous, host: str, port: int, hosting: bool) -> Rendezvou
     return new
 
 
-def _exchange(store, me: NodeInfo, world: int, timeout_s: float) -> tuple[NodeInfo, ...]:
-    """Every node's description, by group rank (torch's store_util.synchronize)."""
+def _exchange(store, me: NodeInfo, world: int, timeout_s: float) -> tuple[tuple[NodeInfo, ...], str]:
+    """Every node's description, by group rank (torch's store_util.synchronize), and the round's id: group rank 0's
+    proposal (the same for every node of the round, new for every round)."""
     from torch.distributed.elastic.utils.store import synchronize
 
     data = json.dumps({**me.__dict__, "proposal": uuid.uuid4().hex[:12]}).encode()
     got = [json.loads(b) for b in synchronize(store, data, me.group_rank, world, "rankvisor/node/", timeout_s)]
-    return tuple(NodeInfo(**{k: v for k, v in d.items() if k != "proposal"}) for d in got)
-
-
-def _round_id(nodes: tuple[NodeInfo, ...], store) -> str:
-    """Group rank 0's proposal, the same for every node of the round (and new for every round)."""
-    return json.loads(store.get("rankvisor/node/0"))["proposal"]
+    nodes = tuple(NodeInfo(**{k: v for k, v in d.items() if k != "proposal"}) for d in got)
+    return nodes, got[0]["proposal"]
 
 
 def bounded(fn: Callable[[], Any], give_up: Callable[[], str | None], tick_s: float) -> Any:

@@ -43,16 +43,23 @@ class Nodes:
             open(os.path.join(self.out, "hold"), "w").close()
         self.port = free_port()
         self.procs, self.tree, self.owner = [], [], {}
-        for i in range(n):
-            cwd = os.path.join(self.out, f"node{i}")
-            os.makedirs(cwd)
-            cmd = [sys.executable, "-m", "supervisor.launch.cli", "--nproc-per-node=2", "--rdzv-backend=c10d",
-                   f"--rdzv-endpoint={host}:{self.port}", "--rdzv-id=test", *flags,
-                   *(node_flags(i) if node_flags else []), os.path.join(SCRIPTS, script)]
-            full = {**os.environ, "OUT_DIR": self.out, "PYTHONPATH": REPO, **(env or {})}
-            with open(os.path.join(cwd, "stdout"), "w") as o, open(os.path.join(cwd, "stderr"), "w") as e:
-                self.procs.append(subprocess.Popen(wrap(i, cmd) if wrap else cmd, cwd=cwd, env=full, stdout=o,
-                                                   stderr=e))
+        self.cmd = [sys.executable, "-m", "supervisor.launch.cli", "--nproc-per-node=2", "--rdzv-backend=c10d",
+                    f"--rdzv-endpoint={host}:{self.port}", "--rdzv-id=test", *flags]
+        self.script, self.wrap, self.node_flags = os.path.join(SCRIPTS, script), wrap, node_flags
+        self.env = {**os.environ, "OUT_DIR": self.out, "PYTHONPATH": REPO, **(env or {})}
+        for _ in range(n):
+            self.add()
+
+    def add(self) -> int:
+        """Start one more node (a late one, when the others run already); its index."""
+        i = len(self.procs)
+        cwd = os.path.join(self.out, f"node{i}")
+        os.makedirs(cwd)
+        cmd = [*self.cmd, *(self.node_flags(i) if self.node_flags else []), self.script]
+        with open(os.path.join(cwd, "stdout"), "w") as o, open(os.path.join(cwd, "stderr"), "w") as e:
+            self.procs.append(subprocess.Popen(self.wrap(i, cmd) if self.wrap else cmd, cwd=cwd, env=self.env,
+                                               stdout=o, stderr=e))
+        return i
 
     # -- what the nodes wrote -------------------------------------------------------------------------------------
     def ups(self, restart: int) -> dict[int, dict]:
@@ -61,10 +68,11 @@ class Nodes:
             got[int(os.path.basename(path).split(".")[1])] = json.load(open(path))
         return got
 
-    def wait_ups(self, restart: int, count: int, timeout: float = 60) -> dict[int, dict]:
+    def wait_ups(self, restart: int, count: int, timeout: float = 60, world: int | None = None) -> dict[int, dict]:
+        """``count`` ranks up with that restart count (in a world of ``world`` ranks, if given)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            got = self.ups(restart)
+            got = {r: u for r, u in self.ups(restart).items() if world is None or u["WORLD_SIZE"] == str(world)}
             if len(got) >= count:
                 self.snapshot_tree()
                 return got
@@ -76,11 +84,14 @@ class Nodes:
         os.remove(os.path.join(self.out, "hold"))
 
     def events(self, i: int) -> list[dict]:
-        (path,) = glob.glob(os.path.join(self.out, f"node{i}", "outputs", "*", "*", "events.jsonl"))
-        return [json.loads(line) for line in open(path)]
+        return [json.loads(line) for line in open(os.path.join(self.run_dir(i), "events.jsonl"))]
 
     def job_event(self, i: int, kind: str) -> list[dict]:
         return [e for e in self.events(i) if e["kind"] == kind]
+
+    def run_dir(self, i: int) -> str:
+        (path,) = glob.glob(os.path.join(self.out, f"node{i}", "outputs", "*", "*"))
+        return path
 
     def stderr(self, i: int) -> str:
         return open(os.path.join(self.out, f"node{i}", "stderr")).read()
@@ -265,6 +276,33 @@ def test_a_frozen_store_host_among_three_nodes_the_other_two_go_on_and_it_stops_
             assert nodes.procs[i].wait(RUN_TIMEOUT_S) == 0, nodes.stderr_tails()
             (failover,) = nodes.job_event(i, "store_failover")
             assert failover["closed"] is False and failover["survivors"] == 2
+    finally:
+        nodes.close()
+
+
+def test_a_late_node_joins_in_a_new_round_not_a_restart_and_a_stopped_node_stops_the_job(tmp_path):
+    """--nnodes=1:2: node 0 runs alone; node 1 comes, waits (torch's wait list), and the next round has both, with
+    the restart count unchanged (membership changes are not retries). Status from another shell shows the job.
+    SIGTERM to node 1 then stops the job on every node (torchrun's rule): 143 there, one line and 1 on node 0."""
+    nodes = Nodes(tmp_path, 1, "--nnodes=1:2", "--max-restarts=1", env=steps_env(), hold=True)
+    try:
+        nodes.wait_ups(0, 2, world=2)
+        nodes.add()
+        both = nodes.wait_ups(0, 4, world=4)
+        assert {u["TORCHELASTIC_RESTART_COUNT"] for u in both.values()} == {"0"}
+        assert {nodes.launcher_of(u["pid"]) for u in both.values()} == {0, 1}
+        (ended,) = nodes.job_event(0, "round_ended")
+        assert (ended["end"], ended["restarts"], ended["verdict"]) == ("nodes_joining", 0, "next_round")
+        status = subprocess.run([sys.executable, "-m", "supervisor", "status", nodes.run_dir(0), "--json"],
+                                env=nodes.env, capture_output=True, text=True, timeout=60)
+        job = json.loads(status.stdout)["job"]
+        assert (len(job["nodes"]), job["world_size"], job["restart_count"], job["max_restarts"]) == (2, 4, 0, 1)
+        nodes.procs[1].send_signal(signal.SIGTERM)
+        assert nodes.procs[1].wait(RUN_TIMEOUT_S) == 128 + signal.SIGTERM
+        assert nodes.procs[0].wait(RUN_TIMEOUT_S) == 1
+        last = nodes.stderr(0).strip().splitlines()[-1]
+        assert last.startswith("error: the job was stopped: node ") and "stopped by SIGTERM" in last, last
+        assert gone_within([u["pid"] for u in both.values()], 1.0) == []
     finally:
         nodes.close()
 

@@ -128,3 +128,15 @@ def test_one_node_is_unchanged():
     assert (env["RANK"], env["WORLD_SIZE"], env["GROUP_RANK"], env["GROUP_WORLD_SIZE"]) == ("1", "2", "0", "1")
     assert (env["TORCHELASTIC_RESTART_COUNT"], env["TORCHELASTIC_MAX_RESTARTS"], env["MASTER_PORT"]) == ("5", "9", "1")
     assert log_attempt(_rank_spec(NodePlace())) == 5
+
+
+@pytest.mark.parametrize("override, key, words", [
+    ("backend=ray", "backend", "rankvisor-run --nnodes"),  # scripts past one machine: the launcher, not Ray
+    ("launch.node.group_rank=1", "launch.node", "set by rankvisor-run --nnodes"),
+])
+def test_the_config_form_refuses_what_only_the_multi_node_launcher_sets(override, key, words):
+    from supervisor.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as info:
+        load_config(["workload=script", f"launch.script={__file__}", override])
+    assert info.value.key == key and words in str(info.value)
