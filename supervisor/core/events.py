@@ -12,6 +12,11 @@ Every event carries ``run`` (this run's id), ``time`` (unix seconds), ``iso`` (t
     stopped        ranks, reasons                                recycled  group
     forced_stop    pids (a second Ctrl-C: every worker SIGKILLed)
     callback_failed, timeout
+
+A multi-node job (rankvisor-run --nnodes, supervisor/launch/job.py) adds, per node: job_started (store, hosting,
+standby), round_started (round, nodes, world_size, rank_offset, restart_count, master), round_ended (end, detail,
+nodes, restarts: the job's count after it, verdict), node_lost (found lost while joining), store_failover (to,
+survivors), job_ended (verdict, why).
 """
 from __future__ import annotations
 

@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ns = parser().parse_args(args)
         if ns.fast:  # the forkserver's torch import (the fast way's long pole) overlaps loading the configuration
-            startmethod.prestart([])
+            startmethod.prestart(ns.config)  # a -c runtime.preload=[...] of the user's: no prestart, theirs is used
         cfg, job = load(ns)
     except UsageError as exc:
         startmethod.stop_helpers()

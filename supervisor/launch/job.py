@@ -24,12 +24,12 @@ from typing import Any
 
 from loguru import logger
 
-from supervisor.launch.budget import End, Next, RoundEnd, Standing, Verdict, decide
+from supervisor.launch.budget import End, Next, RoundEnd, Standing, Verdict, decide, ending
 from supervisor.launch.jobspec import JobSpec
-from supervisor.launch.keepalive import Pulse, StoreHealth
-from supervisor.launch.noderound import NodeRound, RoundResult, place
-from supervisor.launch.rendezvous import (Interrupted, JobStore, Rendezvous, RendezvousFailed, Round, bounded,
-                                          open_rendezvous, take_over)
+from supervisor.launch.keepalive import Pulse, RoundWatch, StoreHealth
+from supervisor.launch.noderound import NodeRound, RoundResult, lost_detail as _lost_detail, place
+from supervisor.launch.rendezvous import (JobStore, Overdue, Rendezvous, RendezvousFailed, Round,
+                                          Stopped, StoreLost, bounded, open_rendezvous, take_over)
 
 EXIT_OK, EXIT_FAILED = 0, 1
 FAILOVER_WAIT_LOSTS = 2  # how long survivors wait for each other at the standby, in lost_after units
@@ -46,6 +46,8 @@ class Job:
         self.pulse: Pulse | None = None
         self.round: Round | None = None
         self.rounds: list[tuple[Round, RoundResult]] = []
+        self.watch: RoundWatch | None = None  # the current round's, kept until the next round forms
+        self.noted_lost: tuple[int, ...] = ()  # nodes found lost while joining, already told
 
     # -- the loop ----------------------------------------------------------------------------------------------
     def run(self) -> int:
@@ -58,27 +60,22 @@ class Job:
                              nnodes=f"{self.spec.min_nodes}:{self.spec.max_nodes}", nproc=self.spec.nproc,
                              max_restarts=self.spec.max_restarts, launcher_pid=os.getpid())
             return self._rounds()
-        except Interrupted:
+        except Stopped:
             return self._leave_on_signal()
         except RendezvousFailed as exc:
             return self._fail(str(exc))
         finally:
+            self._close_watch()
             if self.pulse is not None:
                 self.pulse.stop()
             self.events.close()
 
     def _rounds(self) -> int:
         while True:
-            self.round = rnd = self._next_round()
-            self.events.emit("round_started", round=rnd.index, id=rnd.id, node=rnd.me.group_rank,
-                             nodes=[n.label() for n in rnd.nodes], world_size=rnd.world_size,
-                             rank_offset=rnd.rank_offset, restart_count=rnd.restart_count,
-                             master=f"{rnd.master_addr}:{rnd.master_port}")
-            logger.info(f"round {rnd.index}: {rnd.me.label()} is group rank {rnd.me.group_rank} of {len(rnd.nodes)}, "
-                        f"global ranks {rnd.rank_offset}..{rnd.rank_offset + rnd.me.nproc - 1} of {rnd.world_size}, "
-                        f"restart count {rnd.restart_count}")
+            self.round = rnd = self._join()
+            self._started(rnd)
             result = NodeRound(place(self.cfg, rnd, self.spec.max_restarts), rnd, self.rdzv, self.pulse,
-                               self.signals, self.events.run_id, self.status).run()
+                               self.signals, self.watch, self.events.run_id, self.status).run()
             self.rounds.append((rnd, result))
             if self.signals.stop.is_set():
                 return self._leave_on_signal()
@@ -92,8 +89,53 @@ class Job:
                 return self._finish(step, end, standing.survivors)
             self._count(end)
 
-    def _next_round(self) -> Round:
-        return self._bounded(self.rdzv.next_round, "joining the next round")
+    def _started(self, rnd: Round) -> None:
+        """The round formed: the last round's watch is done, this round's begins (it outlives the round, until the
+        next one forms: a node lost while the others join again is noticed through it)."""
+        self._close_watch()
+        self.watch = RoundWatch(self.rdzv.job, rnd, self.spec.timings.lost_after_s, self.rdzv.num_nodes_waiting)
+        self.events.emit("round_started", round=rnd.index, id=rnd.id, node=rnd.me.group_rank,
+                         nodes=[n.label() for n in rnd.nodes], world_size=rnd.world_size, rank_offset=rnd.rank_offset,
+                         restart_count=rnd.restart_count, master=f"{rnd.master_addr}:{rnd.master_port}")
+        logger.info(f"round {rnd.index}: {rnd.me.label()} is group rank {rnd.me.group_rank} of {len(rnd.nodes)}, "
+                    f"global ranks {rnd.rank_offset}..{rnd.rank_offset + rnd.me.nproc - 1} of {rnd.world_size}, "
+                    f"restart count {rnd.restart_count}")
+
+    def _join(self) -> Round:
+        """The next round. The store lost meanwhile: the standby takes over and the join starts again there. A node
+        of the last round lost meanwhile (its ranks' peers failed before its keep-alive could tell): the join goes
+        on only if the job can go on without it (budget.decide), else one line naming it."""
+        while True:
+            try:
+                return self._bounded(self.rdzv.next_round, "joining the next round", peers=True)
+            except StoreLost:
+                if self.round is None:
+                    raise RendezvousFailed(f"the rendezvous store at {self.rdzv.job.endpoint} was lost before the "
+                                           "first round") from None
+                end = ending(End.STORE_LOST, f"the rendezvous store at {self.rdzv.job.endpoint} was lost",
+                             self.round.restart_count)
+                step = decide(end, self._fail_over(self.round, self.pulse.health()), self.spec.min_nodes,
+                              self.spec.max_restarts)
+                if step.verdict is Verdict.FAIL:
+                    raise RendezvousFailed(step.why) from None
+
+    def _lost_peers(self) -> RendezvousFailed | None:
+        """The last round's nodes lost while joining again, when the job cannot go on without them."""
+        watch = self.watch
+        if watch is None or not watch.seen.lost:
+            return None
+        rnd, lost = watch.round, watch.seen.lost
+        end = ending(End.NODE_LOST, _lost_detail(rnd, lost, self.spec.timings.lost_after_s), rnd.restart_count,
+                     lost)
+        n = len(rnd.nodes)
+        step = decide(end, Standing(n - len(lost), n, True), self.spec.min_nodes, max_restarts=end.restarts)
+        if step.verdict is Verdict.FAIL:
+            return RendezvousFailed(step.why)
+        if lost != self.noted_lost:  # told once: the ranks' failure came first, the node's loss is why
+            self.noted_lost = lost
+            logger.warning(f"{end.detail}: the next round goes on without it")
+            self.events.emit("node_lost", round=rnd.index, nodes=list(lost), detail=end.detail)
+        return None
 
     def _after(self, rnd: Round, end: RoundEnd) -> tuple[RoundEnd, Standing]:
         """Where the job stands after ``end``: the survivors, and whether a tie may go on (budget.py)."""
@@ -107,11 +149,21 @@ class Job:
         return end, Standing(n - lost, n, True)  # the store answers here: it is on this side
 
     def _count(self, end: RoundEnd) -> None:
-        """The job's restart count after ``end``: every node writes the same value (a no-op after the first)."""
+        """The job's restart count after ``end``: every node writes the same value (a no-op after the first). A store
+        lost meanwhile is left to the next join (the standby is seeded with the count)."""
         before = self.round.restart_count
-        if end.restarts != before:
+        if end.restarts == before:
+            return
+        try:
             self._bounded(lambda: self.rdzv.job.client().compare_set("restarts", str(before), str(end.restarts)),
                           "counting the restart")
+        except StoreLost:
+            pass
+
+    def _close_watch(self) -> None:
+        if self.watch is not None:
+            self.watch.close()
+            self.watch = None
 
     # -- the store's host lost -----------------------------------------------------------------------------------
     def _fail_over(self, rnd: Round, health: StoreHealth) -> Standing:
@@ -132,6 +184,7 @@ class Job:
             except Exception as exc:  # noqa: BLE001 - that standby is gone too: try the next
                 logger.warning(f"standby store of {node.label()} at {node.standby}: {str(exc).splitlines()[0]}")
                 continue
+            self._close_watch()  # it reads the lost store
             self.pulse.repoint(job)
             self.rdzv = take_over(self.rdzv, host, int(port), hosting=node.key == rnd.me.key)
             self.events.emit("store_failover", lost=f"{self.spec.host}:{self.spec.port}", to=node.standby,
@@ -170,7 +223,7 @@ class Job:
                 self._bounded(lambda: _wait_count(client, key, survivors, deadline), "the exit barrier",
                               deadline=deadline + 1)
             self._bounded(self.rdzv.close, "closing the rendezvous", deadline=time.monotonic() + 5)
-        except (Interrupted, Exception) as exc:  # noqa: BLE001 - the end stands; a lost store only skips the wait
+        except Exception as exc:  # noqa: BLE001 - the end stands; a lost store only skips the wait
             logger.debug(f"end of the job: {str(exc).splitlines()[0]}")
 
     def _leave_on_signal(self) -> int:
@@ -179,7 +232,7 @@ class Job:
             try:  # torchrun's rule: a node stopped by a signal closes the rendezvous, the job ends everywhere
                 self._bounded(self.rdzv.close, "closing the rendezvous", deadline=time.monotonic() + 5,
                               mind_signals=False)
-            except (Interrupted, Exception):  # noqa: BLE001 - leaving anyway
+            except Exception:  # noqa: BLE001 - leaving anyway
                 pass
         return self.signals.code or EXIT_FAILED
 
@@ -229,16 +282,19 @@ class Job:
                  ("restarts (the job's)", f"{end.restarts} of --max-restarts={self.spec.max_restarts}")]
         return "script summary (multi-node)\n" + format_report([(k, str(v)) for k, v in items])
 
-    def _bounded(self, fn, what: str, deadline: float | None = None, mind_signals: bool = True):
-        """``fn()`` given up when a signal came, the store went silent, or ``deadline`` passed."""
-        def give_up() -> str | None:
+    def _bounded(self, fn, what: str, deadline: float | None = None, mind_signals: bool = True,
+                 peers: bool = False):
+        """``fn()`` given up when a signal came (Stopped), the store went silent or closed (StoreLost; not with a
+        ``deadline``: then Overdue once it passed), or (``peers``) the last round's nodes were lost so that the job
+        cannot go on (RendezvousFailed)."""
+        def give_up() -> Exception | None:
             if mind_signals and self.signals.stop.is_set():
-                return f"{what}: stopped by a signal"
-            if self.pulse is not None and deadline is None and self.pulse.lost() is not None:
-                return f"{what}: the store is lost"
-            if deadline is not None and time.monotonic() > deadline:
-                return f"{what}: no answer in time"
-            return None
+                return Stopped(f"{what}: stopped by a signal")
+            if deadline is not None:
+                return Overdue(f"{what}: no answer in time") if time.monotonic() > deadline else None
+            if self.pulse is not None and self.pulse.lost() is not None:
+                return StoreLost(f"{what}: the store is lost")
+            return self._lost_peers() if peers else None
         return bounded(fn, give_up, self.spec.timings.lost_after_s / 12)
 
 

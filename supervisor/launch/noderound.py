@@ -30,7 +30,7 @@ from loguru import logger
 
 from supervisor.launch.budget import End, RoundEnd, ending
 from supervisor.launch.keepalive import Pulse, RoundWatch, StoreHealth
-from supervisor.launch.rendezvous import Interrupted, Rendezvous, Round, bounded
+from supervisor.launch.rendezvous import Interrupted, Rendezvous, Round, StoreLost, bounded
 from worker.spec import NodePlace
 
 JOIN = "join"  # worker.script.ScriptWorker.join
@@ -54,19 +54,18 @@ def place(cfg, rnd: Round, max_restarts: int):
 
 
 class NodeRound:
-    def __init__(self, cfg, rnd: Round, rdzv: Rendezvous, pulse: Pulse, signals, run_id: str,
+    def __init__(self, cfg, rnd: Round, rdzv: Rendezvous, pulse: Pulse, signals, watch: RoundWatch, run_id: str,
                  job_status: Callable[[], dict]) -> None:
         self.cfg, self.round, self.rdzv, self.pulse, self.signals = cfg, rnd, rdzv, pulse, signals
-        self.run_id, self.job_status = run_id, job_status
+        self.watch, self.run_id, self.job_status = watch, run_id, job_status
         self.tick_s = pulse.tick_s
         self.client = None  # this thread's store connection (claims, the done count)
 
     def run(self) -> RoundResult:
         from supervisor import observe
         from supervisor.api import Supervisor
-        from supervisor.core.events import EventLog
-
         from supervisor.cli import command_start
+        from supervisor.core.events import EventLog
 
         # READY counts from the command's start in the first round (as for one node), from the round's after
         t0 = command_start() if self.round.index == 0 else time.monotonic()
@@ -74,11 +73,9 @@ class NodeRound:
         if not self.signals.attach(sup):
             return RoundResult(self._stopped())
         ui = observe.watch(sup, t0, job=self.job_status)
-        watch = RoundWatch(self.rdzv.job, self.round, self.pulse.lost_after_s, self._waiting)
         try:
-            result = self._supervise(sup, watch, t0, ui)
+            result = self._supervise(sup, self.watch, t0, ui)
         finally:
-            watch.close()
             sup.shutdown()  # the ranks stop now: none is left inside a collective whose peers are gone
             ui.release()
             self.signals.supervisor = None
@@ -105,8 +102,8 @@ class NodeRound:
             if joined is not None and joined.done():
                 if joined.exception() is not None:
                     return RoundResult(self._local_failure(joined.exception()), True, ready_s=ready_s)
-                if not marked:
-                    marked = self._store(lambda c: c.add(self.round.key("done"), 1)) is not None
+                if not marked and self._store(lambda c: c.add(self.round.key("done"), 1)) is not None:
+                    marked = True  # counted once; a store lost meanwhile is the pulse's to report
                     logger.info(f"every rank of {self.round.me.label()} exited 0; waiting for the other nodes")
             watch.seen.changed.wait(self.tick_s)
             watch.seen.changed.clear()
@@ -127,9 +124,8 @@ class NodeRound:
         if seen.done >= len(rnd.nodes):
             return self._claim(ending(End.DONE, "every node's ranks exited 0", rnd.restart_count))
         if seen.lost:
-            names = ", ".join(rnd.nodes[g].label() for g in seen.lost)
-            return self._claim(ending(End.NODE_LOST, f"lost {names}: no keep-alive for "
-                                                     f"{self.pulse.lost_after_s:g} s", rnd.restart_count, seen.lost))
+            return self._claim(ending(End.NODE_LOST, lost_detail(rnd, seen.lost, self.pulse.lost_after_s),
+                                      rnd.restart_count, seen.lost))
         if seen.waiting and len(rnd.nodes) < self.rdzv.spec.max_nodes:
             return self._claim(ending(End.NODES_JOINING, f"{seen.waiting} node(s) waiting to join",
                                       rnd.restart_count))
@@ -152,9 +148,6 @@ class NodeRound:
         return self._claim(ending(End.STOPPED, f"{self.round.me.label()} was stopped by {name}",
                                   self.round.restart_count, (self.round.me.group_rank,)))
 
-    def _waiting(self) -> int:
-        return self.rdzv.num_nodes_waiting()
-
     # -- the stop key ------------------------------------------------------------------------------------------
     def _claim(self, end: RoundEnd) -> RoundEnd:
         """Set the round's stop key unless a node did first; the end every node agrees on. Without a store (it went
@@ -169,7 +162,7 @@ class NodeRound:
             return op(self.client)
 
         def give_up():
-            return None if self.pulse.lost() is None else "the store is lost"
+            return None if self.pulse.lost() is None else StoreLost("the store is lost")
         try:
             return bounded(call, give_up, self.tick_s)
         except Interrupted:
@@ -179,6 +172,10 @@ class NodeRound:
             logger.debug(f"store call failed: {str(exc).splitlines()[0]}")
             self.client = None
             return None
+
+
+def lost_detail(rnd: Round, lost: tuple[int, ...], lost_after_s: float) -> str:
+    return f"lost {', '.join(rnd.nodes[g].label() for g in lost)}: no keep-alive for {lost_after_s:g} s"
 
 
 def _start(sup) -> concurrent.futures.Future:

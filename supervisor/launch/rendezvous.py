@@ -293,9 +293,10 @@ def _exchange(store, me: NodeInfo, world: int, timeout_s: float) -> tuple[tuple[
     return nodes, got[0]["proposal"]
 
 
-def bounded(fn: Callable[[], Any], give_up: Callable[[], str | None], tick_s: float) -> Any:
-    """``fn()`` on a thread of its own; returns its result, or raises what it raised, or StoreSilent as soon as
-    ``give_up()`` returns a reason (the thread is left to its blocked call: daemon, its objects kept)."""
+def bounded(fn: Callable[[], Any], give_up: Callable[[], BaseException | None], tick_s: float) -> Any:
+    """``fn()`` on a thread of its own; returns its result or raises what it raised, unless ``give_up()`` returns
+    an exception first (checked every tick), which is raised then (the thread is left to its blocked call: daemon,
+    its objects kept)."""
     done = threading.Event()
     box: dict[str, Any] = {}
 
@@ -310,15 +311,27 @@ def bounded(fn: Callable[[], Any], give_up: Callable[[], str | None], tick_s: fl
     threading.Thread(target=run, name="rankvisor-rdzv", daemon=True).start()
     while not done.wait(tick_s):
         why = give_up()
-        if why:
-            raise Interrupted(why)
+        if why is not None:
+            raise why
     if "error" in box:
         raise box["error"]
     return box["value"]
 
 
 class Interrupted(Exception):
-    """A bounded store call was given up on (the store went silent, or a stop was asked for)."""
+    """A bounded store call was given up on."""
+
+
+class StoreLost(Interrupted):
+    """... because the store went silent, or its port refused."""
+
+
+class Stopped(Interrupted):
+    """... because a signal asked this node to stop."""
+
+
+class Overdue(Interrupted):
+    """... because its own deadline passed."""
 
 
 def _first_line(exc: BaseException) -> str:
