@@ -201,7 +201,8 @@ def test_the_config_form_runs_the_same_script_workload(tmp_path):
 
 
 @pytest.mark.parametrize("args, key", [
-    (["--nnodes=2", "x.py"], "--nnodes=2"),
+    (["--nnodes=2:1", script("env_dump.py")], "--nnodes=2:1"),
+    (["--nnodes=2", "--rdzv-backend=c10d", "--rdzv-conf=join_timeout=soon", script("env_dump.py")], "join_timeout"),
     (["--nproc-per-node=zero", "x.py"], "--nproc-per-node"),
     (["no_such_script.py"], "launch.script"),
     (["--fast", "--no-python", "sh"], "launch.mode"),

@@ -58,6 +58,10 @@ COMMANDS: dict[str, str | Skip] = {
     "rankvisor-run --nproc-per-node=8 --fast train.py": Skip("your train.py: test_launch.py runs --fast"),
     "rankvisor-run --nproc-per-node=2 -c shutdown.grace_s=10 -c runtime.omp_num_threads=4 train.py": Skip(
         "your train.py: test_launch.py"),
+    "rankvisor-run --nnodes=2 --node-rank=$NODE --master-addr=host0 --nproc-per-node=8 train.py": Skip(
+        "several machines and your train.py: tests/integration/test_multinode.py runs N nodes on one host"),
+    "rankvisor-run --nnodes=1:4 --nproc-per-node=8 --max-restarts=3 --rdzv-backend=c10d --rdzv-endpoint=host0:29400 "
+    "train.py": Skip("several machines: test_multinode.py runs --nnodes=MIN:MAX with c10d on one host"),
     "python -m supervisor workload=script parallel.tp=4 launch.script=train.py 'launch.args=[--epochs,10]'": Skip(
         "your train.py: test_launch.py runs the config form"),
     "python -m supervisor backend=ray parallel.tp=2": Skip("starts a Ray instance: tests/integration/test_ray.py"),
