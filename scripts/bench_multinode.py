@@ -18,6 +18,7 @@ Both launchers get the same --rdzv-conf: keep_alive_interval=1, keep_alive_max_a
 
     python scripts/bench_multinode.py                        # N = 2, 3; one round; ~10 min on 2 shared CPUs
     python scripts/bench_multinode.py --nodes 2 --rounds 3 --launchers torchrun rankvisor-run
+    python scripts/bench_multinode.py --launchers "rankvisor-run --fast" "rankvisor-run --fast +dynamo"
 """
 from __future__ import annotations
 
@@ -96,6 +97,8 @@ def rank_main() -> None:
 
 # -- the launchers ------------------------------------------------------------------------------------------------
 LAUNCHERS = ("torchrun", "rankvisor-run", "rankvisor-run --fast")
+# --fast with DDP's own lazy import (torch._dynamo, seconds) done once in the forkserver, not in every restart
+DYNAMO = "rankvisor-run --fast +dynamo"
 
 
 def command(name: str, nnodes: str, node: int, port: int) -> list[str]:
@@ -105,7 +108,10 @@ def command(name: str, nnodes: str, node: int, port: int) -> list[str]:
     me = os.path.abspath(__file__)
     if name == "torchrun":
         return [sys.executable, "-m", "torch.distributed.run", *common, me]
-    return [sys.executable, "-m", "supervisor.launch.cli", *common, *(["--fast"] if "--fast" in name else []), me]
+    fast = ["--fast"] if "--fast" in name else []
+    if name == DYNAMO:
+        fast += ["-c", "runtime.preload=[torch,torch._dynamo]"]
+    return [sys.executable, "-m", "supervisor.launch.cli", *common, *fast, me]
 
 
 def _free_port() -> int:
@@ -258,7 +264,7 @@ def _args():
     p = argparse.ArgumentParser()
     p.add_argument("--nodes", type=int, nargs="+", default=[2, 3])
     p.add_argument("--rounds", type=int, default=1)
-    p.add_argument("--launchers", nargs="+", default=list(LAUNCHERS), choices=LAUNCHERS)
+    p.add_argument("--launchers", nargs="+", default=list(LAUNCHERS), choices=[*LAUNCHERS, DYNAMO])
     return p.parse_args()
 
 
