@@ -53,7 +53,8 @@ class Pulse:
         self._bad_since: float | None = None
         self.first = threading.Event()
         generation = self.generation = object()
-        threading.Thread(target=self._beat, args=(job, generation), name="rankvisor-pulse", daemon=True).start()
+        self.thread = threading.Thread(target=self._beat, args=(job, generation), name="rankvisor-pulse", daemon=True)
+        self.thread.start()
 
     def repoint(self, job: JobStore) -> bool:
         """Beat on another store (the standby that took over); True once the first beat landed there."""
