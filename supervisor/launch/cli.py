@@ -163,7 +163,6 @@ def main(argv: list[str] | None = None) -> int:
         return run(cfg, signals)
     finally:
         startmethod.stop_helpers()  # the forkserver and resource tracker go with the command, not seconds later
-        signals.exiting()  # a signal's exit code stays that signal's through the interpreter's shutdown
 
 
 def load(ns: argparse.Namespace):
@@ -197,7 +196,7 @@ def _run_one(cfg, signals) -> int:
 
 
 def run(cfg, signals) -> int:
-    code = _run_one(cfg, signals)
+    code = signals.exiting(_run_one(cfg, signals))  # a signal's exit code stays that signal's from here on
     if signals.signum and cfg.launch.torchrun_exit_codes:
         return 1  # torchrun: a SignalException ends the agent with exit code 1
     return code

@@ -289,7 +289,8 @@ STOPS = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129, signal.SIG
 @given(sig=st.sampled_from(sorted(STOPS)), delay=st.floats(0.0, 3.0), twice=st.booleans())
 def test_row43_signal_at_a_random_instant_of_start_up(tmp_path_factory, sig, delay, twice):
     """FAULTS 43: a stop at any instant of start-up -- config loading, forkserver preload, spawn, READY, the run --
-    ends the command with 128+N (the first signal's), at once, leaving nothing; a second signal forces it."""
+    ends the command with 128+N (the first signal's), at once, leaving nothing; a second signal forces it (a second
+    SIGINT 50 ms after a first is one Ctrl-C sent twice: graceful, tests/unit/test_signals.py)."""
     cwd = tmp_path_factory.mktemp("sig")
     proc, mark = command(cwd, *SERVE, "hydra.run.dir=run")
     time.sleep(delay)

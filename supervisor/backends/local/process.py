@@ -56,7 +56,8 @@ class TreeProcess:
         self.proc = ctx.Process(target=target, name=str(self.label),
                                 args=(*args, death_r, status_w, *extra_conns, tuple(w for _, w in pipes)))
         try:
-            with startmethod.without_main():  # the user's script must not run again in the worker
+            # the user's script must not run again in the worker; a group signal must not reach it while it starts
+            with startmethod.without_main(), startmethod.shielded(ctx.get_start_method()):
                 self.proc.start()
         except BaseException:
             for r, _ in pipes:
