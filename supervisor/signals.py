@@ -6,8 +6,8 @@
     |                         | in flight first, up to shutdown.drain_s)         | same one within 0.5 s is  |
     |                         |                                                  | the first, sent twice)    |
     | SIGQUIT                 | forced stop at once, exit 131                    |                           |
-    | SIGUSR1                 | every rank dumps its Python stacks into the log (faulthandler), the supervisor too; |
-    |                         | the run goes on                                                                     |
+    | SIGUSR1                 | every rank dumps its Python stacks into its rank log, the supervisor into           |
+    |                         | supervisor.log (faulthandler); one line on the console says where; the run goes on  |
     | SIGUSR2                 | rolling restart: the dp groups restart one by one, no call lost; the run goes on     |
 
 A signal the command inherits as ignored stays ignored, as in any Unix tool (``if (signal(SIGINT, SIG_IGN) !=
@@ -146,23 +146,40 @@ class SignalState:
         threading.Thread(target=self._dump_now, name="dump-stacks", daemon=True).start()
 
     def _dump_now(self) -> None:
+        """The stacks go into the logs (a hundred lines per process); the console gets one line saying where."""
         from loguru import logger
 
         sup = self.supervisor
         pids = sup.pids() if sup is not None else []
-        logger.warning(f"SIGUSR1: dumping the Python stacks of the supervisor and of {len(pids)} rank(s) {pids}")
-        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        run_dir = sup.cfg.logging.run_dir if sup is not None else ""
+        log = os.path.join(run_dir, "supervisor.log") if run_dir else ""
+        _dump_own_stacks(log, pids)
         for pid in pids:
             try:
-                os.kill(pid, DUMP_STACKS)  # each rank's faulthandler writes into its rank-prefixed output
+                os.kill(pid, DUMP_STACKS)  # each rank's faulthandler writes into its rank log (worker/output.py)
             except ProcessLookupError:
                 pass
+        where = f"in {log}" if log else "above"
+        rank_logs = os.path.join(run_dir, "ranks", "rank<N>.log")
+        ranks = f", of {len(pids)} rank(s) in {rank_logs}" if pids and run_dir else ""
+        logger.warning(f"SIGUSR1: Python stacks of the supervisor {where}{ranks}")
 
     def _rolling_restart(self, _signum: int, _frame: Any) -> None:
         sup = self.supervisor
         if sup is not None and self.signum is None:
             threading.Thread(target=sup.rolling_restart, kwargs={"wait": False}, name="rolling-restart",
                              daemon=True).start()  # the manager thread does it; progress is in the events
+
+
+def _dump_own_stacks(log: str, pids: list[int]) -> None:
+    """This process's stacks (faulthandler) into ``log``, under a header; onto stderr while there is no log yet."""
+    if not log:
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        return
+    with open(log, "a") as f:
+        f.write(f"SIGUSR1: the supervisor's Python stacks (pid {os.getpid()}); ranks' stacks: pids {pids}\n")
+        f.flush()
+        faulthandler.dump_traceback(file=f, all_threads=True)
 
 
 def _quiet_stderr(last_line: str) -> None:

@@ -90,7 +90,7 @@ def _request_stop(*_: Any) -> None:
 def entry(spec: WorkerSpec, bcast_handle: Any, death_conn: Any, status_conn: Any, close_fds: tuple = (),
           output_conns: tuple = ()) -> None:
     """multiprocessing target. Never returns normally before the worker is told to stop. ``output_conns``: the
-    (stdout, stderr) pipe ends the supervisor reads (worker/output.py); empty = inherit the parent's."""
+    (stdout, stderr, stacks) pipe ends the supervisor reads (worker/output.py); empty = inherit the parent's."""
     t0 = time.monotonic()
     if not dict(spec.env).get(NO_GC_FREEZE_ENV):
         # Everything inherited from the forkserver (torch, preloaded) goes to the permanent generation: our first
@@ -142,7 +142,8 @@ def _detach(close_fds: tuple) -> None:
         except OSError:
             pass
     session.leave_group()
-    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the supervisor dumps our stacks on a hang
+    # the supervisor asks for our stacks on a hang (and on its own SIGUSR1): into our log, not onto the console
+    faulthandler.register(signal.SIGUSR1, file=output.stacks(), all_threads=True)
 
 
 def _setup_environment(spec: WorkerSpec) -> None:

@@ -77,6 +77,34 @@ def test_output_lines_of_two_ranks_never_mix(tmp_path, capfd):
     assert log1[-2:] == ["an error", "last words without a newline"] and len(log1) == 53
 
 
+def test_output_keeps_a_rank_prefix_already_there_and_stacks_go_to_the_log_only(tmp_path, capfd):
+    """torch.distributed's excepthook and C++ logger write "[rank1]: ..." themselves: not "[rank1]: [rank1]: ...".
+    What comes on the stacks pipe (faulthandler on SIGUSR1) goes into the rank log, not onto the console."""
+    out = RankOutput(str(tmp_path))
+    pipes = [os.pipe() for _ in range(3)]
+    out.add(1, 1001, 0, *(Connection(r, writable=False) for r, _ in pipes))
+    os.write(pipes[1][1], b"[rank1]: Traceback (most recent call last):\n[rank1]:[W ProcessGroup] x\n[rank10]: y\n")
+    os.write(pipes[2][1], b"Current thread 0x01 (most recent call first):\n  File \"a.py\", line 1 in f\n")
+    for _, w in pipes:
+        os.close(w)
+    out.close(timeout_s=5)
+    lines = capfd.readouterr()
+    assert lines.err.splitlines() == ["[rank1]: Traceback (most recent call last):", "[rank1]:[W ProcessGroup] x",
+                                      "[rank1]: [rank10]: y"] and lines.out == ""
+    assert "most recent call first" in (tmp_path / "ranks" / "rank1.log").read_text()
+
+
+def test_without_a_run_folder_stacks_come_out_on_stderr(capfd):
+    out = RankOutput("")
+    pipes = [os.pipe() for _ in range(3)]
+    out.add(0, 1000, 0, *(Connection(r, writable=False) for r, _ in pipes))
+    os.write(pipes[2][1], b"Current thread 0x01 (most recent call first):\n")
+    for _, w in pipes:
+        os.close(w)
+    out.close(timeout_s=5)
+    assert capfd.readouterr().err == "[rank0]: Current thread 0x01 (most recent call first):\n"
+
+
 def hang_holding_the_gil(w):
     """Catastrophic regex backtracking: minutes in C with the GIL held, so the heartbeat thread cannot beat (a
     wedged rank), while faulthandler (a C signal handler) can still dump the stacks."""
@@ -116,6 +144,7 @@ def test_rank_output_prefixed_logged_and_hang_stacks_in_its_log(tmp_path, capfd)
     text = open(log1).read()
     assert "Most recent call first" in text or "most recent call first" in text, text[-2000:]
     assert "hang_holding_the_gil" in text and f"from 1 199 {long}" in text
+    assert "hang_holding_the_gil" not in err + out  # the stacks are in the log; the console says where (below)
     assert "attempt 1 started" in text  # the restarted rank appends to the same file, under a header
     hung = sup.events.of_kind("hung")[0]
     assert hung["rank"] == 1 and hung["stack_log"] == log1

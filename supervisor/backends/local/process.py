@@ -51,8 +51,8 @@ class TreeProcess:
         """Start ``target(*args, death_r, status_w, *extra_conns, close_fds?, output ends)`` (see the callers)."""
         death_r, self.death_w = ctx.Pipe(duplex=False)
         self.status_r, status_w = ctx.Pipe(duplex=False)
-        # stdout/stderr pipes for RankOutput (None: the child inherits ours, unprefixed)
-        pipes = [ctx.Pipe(duplex=False) for _ in range(2)] if output is not None else []
+        # stdout, stderr and stacks pipes for RankOutput (None: the child inherits ours, unprefixed)
+        pipes = [ctx.Pipe(duplex=False) for _ in range(3)] if output is not None else []
         self.proc = ctx.Process(target=target, name=str(self.label),
                                 args=(*args, death_r, status_w, *extra_conns, tuple(w for _, w in pipes)))
         try:
@@ -189,7 +189,7 @@ class TreeProcess:
                 pass
 
     def dump_stack(self) -> None:
-        """Ask the worker for its Python stacks (faulthandler on SIGUSR1, into its stderr)."""
+        """Ask the worker for its Python stacks (faulthandler on SIGUSR1, into its rank log: worker/output.py)."""
         p = self.psutil_process()
         if p is not None:
             try:
