@@ -307,8 +307,12 @@ def test_cli_status_metrics_probes_and_story_through_a_restart(tmp_path):
 
         res = cli.status(cli.run_dir, "--restart", "0")  # a graceful restart of group 0 from the shell
         assert res.returncode == 0, res.stderr
-        wait_until(lambda: any(e["kind"] == "recycled" for e in _events(cli.run_dir)), 30, "group 0 recycled")
+        wait_until(lambda: any(e["kind"] == "rolling_restart" for e in _events(cli.run_dir)), 30, "group 0 restarted")
         wait_until(lambda: cli.get("/readyz")[0] == 200, 30, "group 0 back")
+        m = cli.metrics()  # asked for, so a rolling restart: not a recycle (a worker over its budget)
+        assert m[("rankvisor_restarts_total", (("cause", "rolling_restart"), ("group", "0")))] == 1
+        assert not [k for k in m if k[0] == "rankvisor_restarts_total" and ("cause", "recycle") in k[1]]
+        assert not [e for e in _events(cli.run_dir) if e["kind"] == "recycled"]
         watch = subprocess.Popen([sys.executable, "-m", "supervisor", "status", "--watch", "0.2"], cwd=cli.dir,
                                  env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
@@ -347,7 +351,8 @@ def _probe_while(cli: ServeCli, act) -> list[tuple[int, int]]:
 def _check_story(run_dir: str, stderr: str) -> None:
     log = open(os.path.join(run_dir, "supervisor.log")).read()
     for needle in ("starting tp=2", "group 0 READY", "group 1 READY", "READY in", "exited with SIGKILL: killed",
-                   "restarting groups [1]", "group 0 recycled", "serve summary", "group 1 stopped",
+                   "restarting groups [1]", "group 0 restarted by a rolling restart", "serve summary",
+                   "group 1 stopped",
                    "exit 143: stopped by SIGTERM"):
         assert needle in log, f"{needle!r} not in supervisor.log:\n{log[-3000:]}"
     events = _events(run_dir)
