@@ -427,14 +427,14 @@ class Supervisor:
             raise ShutdownInProgress(f"{name}: the supervisor is not started (call start() first)")
         stopping = life.stop_requested.is_set() and not life.requests.carries(gi)  # a request in flight may finish
         if stopping or life.state in (SupervisorState.STOPPING, SupervisorState.STOPPED):
-            raise ShutdownInProgress(f"{name}: the supervisor is shutting down")
+            raise ShutdownInProgress(f"{name}: the supervisor {life.stop_words()}")
         gate = life.gates[gi]
         wait = self.cfg.restart.calls_during_restart == "wait"
         if not gate.enter(deadline, wait):
             if self.gave_up:
                 raise WorkerFailed(f"{name}: the supervisor gave up: {life.error}")
             if life.stop_requested.is_set():
-                raise ShutdownInProgress(f"{name}: the supervisor is shutting down")
+                raise ShutdownInProgress(f"{name}: the supervisor {life.stop_words()}")
             failure = getattr(life.groups.get(gi), "channel", None) and life.groups[gi].channel.failure
             if str(gate.closed_reason) == "failed" and failure is not None:
                 raise WorkerFailed(f"{name}: group {gi} failed and will not restart: {failure}", failure.ranks)

@@ -173,6 +173,10 @@ class Lifecycle:
         the monitor's exit (a reap each), plus the bookkeeping. Only an upper bound: waiters return when it is done."""
         return self.cfg.shutdown.grace_s + 3 * self.cfg.shutdown.reap_s + _TEARDOWN_SLACK_S
 
+    def stop_words(self) -> str:
+        """How a refused call says why: "is shutting down" while the stop is under way, "has shut down" after."""
+        return "has shut down" if self.finished.is_set() else "is shutting down"
+
     def request_shutdown(self, drain_s: float | None = None) -> None:
         """Stop everything. ``drain_s`` > 0: new calls are refused at once, calls in flight get up to that long to
         finish first (the first such request sets it); 0 cuts a drain in progress short; None asks nothing of it."""
