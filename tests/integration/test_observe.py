@@ -501,6 +501,11 @@ def test_exit_codes_of_ours_have_words():
     for code in (70, 71, 72, 73):
         assert EXIT_MEANINGS[code] and EXIT_MEANINGS[code] in ExitInfo(code).reason
     assert "grace" in ExitInfo(72).meaning and ExitInfo(-9).meaning.startswith("killed")
+    assert "shutdown()" in ExitInfo(1).reason
+    script = ExitInfo(1, script=True)  # rankvisor-run: the rank leaves with its script's own exit code
+    assert "the script failed" in script.reason and "shutdown()" not in script.reason + script.meaning
+    assert ExitInfo(3, script=True).reason == "exit code 3 (the script's own exit code)"
+    assert ExitInfo(0, script=True).meaning == "stopped cleanly" and "grace" in ExitInfo(72, script=True).meaning
     readme = open(os.path.join(REPO, "README.md")).read()
     for code in (70, 71, 72, 73):
         assert re.search(rf"^\| {code} \|", readme, re.M), f"exit code {code} missing from README's table"

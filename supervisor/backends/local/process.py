@@ -231,7 +231,7 @@ class WorkerProcess(TreeProcess):
         why = getattr(self, "killed_why", "") if code is not None and code < 0 else ""
         return ExitInfo(code, hung=self.hung, hung_why=getattr(self, "hung_why", ""),
                         detail=f"{ExitInfo(code).reason.split(' (')[0]} ({why})" if why else "",
-                        oom=self._oom_record(), cause=self.device_lost)
+                        oom=self._oom_record(), cause=self.device_lost, script=bool(self.spec.script.script))
 
     def note_memory_cgroup(self, witness: OomWitness | None) -> None:
         """Remember the OOM-kill counters of the memory cgroup the worker is in now (at spawn or promotion, again
