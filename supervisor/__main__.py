@@ -37,8 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
     startmethod.prestart(args)
     code = cli.main(args, signals, on_exit=startmethod.stop_helpers)
-    signals.exiting()
-    return code
+    return signals.exiting(code)
 
 
 def entry() -> None:

@@ -29,7 +29,7 @@ from supervisor.core.gate import Closed
 from supervisor.backends.base import Group as WorkerGroup
 from supervisor.core.states import GroupState
 from supervisor.backends import make_backend
-from supervisor.core.lifecycle import Lifecycle, Outcome, RollingRestart
+from supervisor.core.lifecycle import Lifecycle, Outcome, Planned, RollingRestart
 from supervisor.core.retry import LifecycleView, RetryingCall, RetryPolicy, RetryStats
 from supervisor.core.states import SupervisorState
 from supervisor.core.views import GroupView, PolicyWindow, group_view
@@ -225,11 +225,12 @@ class Supervisor:
         return float(drain)
 
     def restart_group(self, group: int) -> None:
-        """Restart dp group ``group`` between calls, losing none (the path a worker over max_rss / max_calls
-        takes); returns at once: ``wait_until_serving(group)`` once ``groups()[group].attempts`` has moved."""
+        """Restart dp group ``group`` between calls, losing none: a rolling restart of that one group (told and
+        counted as ``rolling_restart``); returns at once: ``wait_until_serving(group)`` once
+        ``groups()[group].attempts`` has moved."""
         if group not in self._life.live:
             raise ValueError(f"group: {group!r} is not a live group (live: {list(self._life.live)})")
-        self._life.request_recycle(group)
+        self._life.request_recycle(group, Planned.ROLLING)
 
     def rolling_restart(self, timeout: float | None = None, wait: bool = True) -> dict[int, float]:
         """Restart every dp group, one at a time, losing no call: each group's gate closes (calls go to the other
@@ -426,14 +427,14 @@ class Supervisor:
             raise ShutdownInProgress(f"{name}: the supervisor is not started (call start() first)")
         stopping = life.stop_requested.is_set() and not life.requests.carries(gi)  # a request in flight may finish
         if stopping or life.state in (SupervisorState.STOPPING, SupervisorState.STOPPED):
-            raise ShutdownInProgress(f"{name}: the supervisor is shutting down")
+            raise ShutdownInProgress(f"{name}: the supervisor {life.stop_words()}")
         gate = life.gates[gi]
         wait = self.cfg.restart.calls_during_restart == "wait"
         if not gate.enter(deadline, wait):
             if self.gave_up:
                 raise WorkerFailed(f"{name}: the supervisor gave up: {life.error}")
             if life.stop_requested.is_set():
-                raise ShutdownInProgress(f"{name}: the supervisor is shutting down")
+                raise ShutdownInProgress(f"{name}: the supervisor {life.stop_words()}")
             failure = getattr(life.groups.get(gi), "channel", None) and life.groups[gi].channel.failure
             if str(gate.closed_reason) == "failed" and failure is not None:
                 raise WorkerFailed(f"{name}: group {gi} failed and will not restart: {failure}", failure.ranks)

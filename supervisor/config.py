@@ -453,6 +453,7 @@ _RULES: tuple[tuple[str, Callable[[Any], str | None]], ...] = (
     ("shutdown.grace_s", _NON_NEG),
     ("shutdown.reap_s", _POSITIVE),
     ("shutdown.drain_s", _NON_NEG),
+    ("shutdown.signal_window_s", _NON_NEG),
     ("rpc.retry_attempts", _POSITIVE_INT),
     ("worker.heartbeat_interval_s", _number(MIN_HEARTBEAT_INTERVAL_S, strict=False)),
     ("worker.heartbeat_timeout_s", _POSITIVE),

@@ -87,7 +87,7 @@ def generate(sup: "Supervisor", prompts: list[list[int]], max_new_tokens: int,
 
 
 def run_llm(sup: "Supervisor", stop: threading.Event) -> "Report":
-    from supervisor.report import Report, percentile
+    from supervisor.report import Report, p50_p99
 
     from supervisor.ride import Ride
 
@@ -116,8 +116,7 @@ def run_llm(sup: "Supervisor", stop: threading.Event) -> "Report":
                                       f"{max(map(len, prompts))} tokens, after one warm-up run)")
     total = sum(itl)
     report.add("decode tokens/s", f"{len(prompts) * len(itl) / total:.1f} (batch {len(prompts)})" if total else "n/a")
-    report.add("inter-token latency p50 / p99",
-               f"{percentile(itl, .5) * 1e3:.2f} ms / {percentile(itl, .99) * 1e3:.2f} ms")
+    report.add("inter-token latency p50 / p99", p50_p99(itl, 2))
     if retried:
         report.add("requests continued on another group", f"{retried} (a group failed mid-request; events.jsonl: retry)")
     _check(report, llm, resolve_device(sup.cfg.device), info, prompts, replicas, stop)

@@ -21,3 +21,10 @@ def percentile(samples: list[float], q: float) -> float:
         return float("nan")
     s = sorted(samples)
     return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def p50_p99(seconds: list[float], digits: int) -> str:
+    """"1.234 ms / 5.678 ms"; "n/a (none measured)" when a stop came before the first sample (never "nan ms")."""
+    if not seconds:
+        return "n/a (none measured)"
+    return f"{percentile(seconds, .5) * 1e3:.{digits}f} ms / {percentile(seconds, .99) * 1e3:.{digits}f} ms"

@@ -133,6 +133,10 @@ class ShutdownSettings:
     # in flight get this long to finish before the stop above. Kept with grace_s + reap_s under Kubernetes' default
     # 30 s termination grace. An idle tree skips it; a second SIGTERM or Ctrl-C cuts it short.
     drain_s: float = 10.0
+    # The CLI's stop signals: the same signal again within this many seconds of the first is that first one
+    # delivered twice (``timeout`` signals the command and then its whole group; a kill of the group and of the
+    # pid), not a second request. A person's second Ctrl-C comes later and forces the stop. 0 = every one counts.
+    signal_window_s: float = 0.5
 
 
 @dataclass(frozen=True)

@@ -2,11 +2,12 @@
 
     | signal                  | first                                            | second (any of the three) |
     |-------------------------|--------------------------------------------------|---------------------------|
-    | SIGINT, SIGTERM, SIGHUP | graceful stop, exit 128+N (SIGTERM drains calls  | forced stop at once       |
-    |                         | in flight first, up to shutdown.drain_s)         |                           |
+    | SIGINT, SIGTERM, SIGHUP | graceful stop, exit 128+N (SIGTERM drains calls  | forced stop at once (the  |
+    |                         | in flight first, up to shutdown.drain_s)         | same one within 0.5 s is  |
+    |                         |                                                  | the first, sent twice)    |
     | SIGQUIT                 | forced stop at once, exit 131                    |                           |
-    | SIGUSR1                 | every rank dumps its Python stacks into the log (faulthandler), the supervisor too; |
-    |                         | the run goes on                                                                     |
+    | SIGUSR1                 | every rank dumps its Python stacks into its rank log, the supervisor into           |
+    |                         | supervisor.log (faulthandler); one line on the console says where; the run goes on  |
     | SIGUSR2                 | rolling restart: the dp groups restart one by one, no call lost; the run goes on     |
 
 A signal the command inherits as ignored stays ignored, as in any Unix tool (``if (signal(SIGINT, SIG_IGN) !=
@@ -14,6 +15,15 @@ SIG_IGN) ...``): SIGHUP under ``nohup`` (a run that should outlive the terminal)
 job of a non-interactive shell (``cmd &`` in a script). Python itself keeps such a SIGINT ignored; installing our
 handler over it would stop a nohup'ed tree at logout, and would lose a signal sent in the instant before the handler
 exists. Stop such a run with SIGTERM.
+
+A signal sent to the process group (a terminal's Ctrl-C, ``timeout``, ``kill -- -PGID``, systemd, Kubernetes) reads as
+one signal: every other process of the tree lives in a session of its own and is started with those signals held
+until it is there (worker/session.py), so the supervisor is the only one to act. One case still delivers a signal
+to us twice: ``timeout`` sends it to the command and then to its whole group, and a script may kill the pid and the
+group. The same signal again within ``shutdown.signal_window_s`` (0.5 s) of the first is taken as that first one,
+not as the second that forces the stop: a machine repeats itself within microseconds, a person pressing Ctrl-C again
+because the first seemed slow does so a second or more later. (Python's handlers cannot read the sender from the
+signal, so time is what tells the two apart.)
 
 "At any instant" is the point of this module: the handlers are installed before anything else happens (before the
 config loads and the forkserver starts), and a stop that arrives before the tree exists is remembered (``stop``) and
@@ -31,6 +41,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import Any
 
 GRACEFUL = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -39,6 +50,7 @@ INHERITED_IGNORE = (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)  # what nohup 
 DUMP_STACKS = signal.SIGUSR1  # also what the workers listen on (worker/main.py registers faulthandler for it)
 ROLLING_RESTART = signal.SIGUSR2
 FORCE_DEADLINE_S = 5.0  # a forced stop exits after this long even if its kills are stuck: the death pipes end the rest
+SAME_SIGNAL_WINDOW_S = 0.5  # the default of shutdown.signal_window_s, which applies once the configuration is loaded
 
 
 def exit_code(signum: int) -> int:
@@ -51,6 +63,8 @@ class SignalState:
     def __init__(self) -> None:
         self.stop = threading.Event()
         self.signum: int | None = None
+        self.first_at = 0.0  # time.monotonic() of the first stopping signal
+        self.window_s = SAME_SIGNAL_WINDOW_S
         self.supervisor: Any = None  # set by the CLI as soon as the Supervisor object exists (before it starts)
         self._forcing = False
         self.ignored: frozenset[int] = frozenset()  # signals inherited as ignored, left so (install)
@@ -65,17 +79,20 @@ class SignalState:
         signal.signal(DUMP_STACKS, self._dump_stacks)
         signal.signal(ROLLING_RESTART, self._rolling_restart)
 
-    def exiting(self) -> None:
-        """The command is about to exit. If a signal stopped it, that signal's code is final: a second stop signal
-        from now on is ignored. (The interpreter's shutdown puts Python's handlers back to the default action, so a
-        second Ctrl-C landing there would kill the process with -SIGINT instead of the first signal's 128+N.)"""
-        if self.signum is not None:
-            for sig in GRACEFUL:
+    def exiting(self, code: int) -> int:
+        """The command is about to exit with ``code``: the exit code is final from here, and a stop signal from now
+        on is ignored (the interpreter's shutdown puts Python's handlers back to the default action, so a Ctrl-C
+        landing there would kill the process with -SIGINT). A stop signal that came before, at whatever instant,
+        turns a 0 into 128+N (a failure keeps its own code). Returns the code to exit with."""
+        for sig in GRACEFUL:
+            if sig not in self.ignored:
                 signal.signal(sig, signal.SIG_IGN)
+        return self.code if self.signum is not None and code == 0 else code
 
     def attach(self, sup: Any) -> bool:
         """Hand the tree to the handlers; False if a stop came first (then do not start it). The check comes after
         the assignment, so a signal in between is seen one way or the other."""
+        self.window_s = sup.cfg.shutdown.signal_window_s
         self.supervisor = sup
         return not self.stop.is_set()
 
@@ -84,10 +101,14 @@ class SignalState:
         return exit_code(self.signum) if self.signum is not None else None
 
     def _graceful(self, signum: int, _frame: Any) -> None:
+        now = time.monotonic()
         if self.signum is not None:
-            self._force_exit()
+            if signum == self.signum and now - self.first_at < self.window_s:
+                return  # the first one, delivered twice (see the module's docstring)
+            self._force_exit()  # with the first signal's code
+            return
         drain = signum == signal.SIGTERM  # a first SIGTERM drains calls in flight; any later signal skips it
-        self.signum = signum
+        self.signum, self.first_at = signum, now
         self.stop.set()
         sup = self.supervisor
         if sup is not None:
@@ -125,23 +146,40 @@ class SignalState:
         threading.Thread(target=self._dump_now, name="dump-stacks", daemon=True).start()
 
     def _dump_now(self) -> None:
+        """The stacks go into the logs (a hundred lines per process); the console gets one line saying where."""
         from loguru import logger
 
         sup = self.supervisor
         pids = sup.pids() if sup is not None else []
-        logger.warning(f"SIGUSR1: dumping the Python stacks of the supervisor and of {len(pids)} rank(s) {pids}")
-        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        run_dir = sup.cfg.logging.run_dir if sup is not None else ""
+        log = os.path.join(run_dir, "supervisor.log") if run_dir else ""
+        _dump_own_stacks(log, pids)
         for pid in pids:
             try:
-                os.kill(pid, DUMP_STACKS)  # each rank's faulthandler writes into its rank-prefixed output
+                os.kill(pid, DUMP_STACKS)  # each rank's faulthandler writes into its rank log (worker/output.py)
             except ProcessLookupError:
                 pass
+        where = f"in {log}" if log else "above"
+        rank_logs = os.path.join(run_dir, "ranks", "rank<N>.log")
+        ranks = f", of {len(pids)} rank(s) in {rank_logs}" if pids and run_dir else ""
+        logger.warning(f"SIGUSR1: Python stacks of the supervisor {where}{ranks}")
 
     def _rolling_restart(self, _signum: int, _frame: Any) -> None:
         sup = self.supervisor
         if sup is not None and self.signum is None:
             threading.Thread(target=sup.rolling_restart, kwargs={"wait": False}, name="rolling-restart",
                              daemon=True).start()  # the manager thread does it; progress is in the events
+
+
+def _dump_own_stacks(log: str, pids: list[int]) -> None:
+    """This process's stacks (faulthandler) into ``log``, under a header; onto stderr while there is no log yet."""
+    if not log:
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        return
+    with open(log, "a") as f:
+        f.write(f"SIGUSR1: the supervisor's Python stacks (pid {os.getpid()}); ranks' stacks: pids {pids}\n")
+        f.flush()
+        faulthandler.dump_traceback(file=f, all_threads=True)
 
 
 def _quiet_stderr(last_line: str) -> None:

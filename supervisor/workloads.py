@@ -17,7 +17,7 @@ from supervisor.completions_serve import check as check_stdin, serve as serve_co
 from supervisor.errors import ShutdownInProgress
 from supervisor.llm_checks import runs_llm
 from supervisor.llm_workload import run_llm
-from supervisor.report import Report, percentile
+from supervisor.report import Report, p50_p99
 from supervisor.ride import Ride
 
 
@@ -35,7 +35,7 @@ def _timed(fn: Callable[[], Any], n: int, stop: threading.Event) -> list[float]:
 def _latency_lines(report: Report, lat: list[float], what: str) -> None:
     total = sum(lat)
     report.add(f"{what}/s", f"{len(lat) / total:.1f}" if total else "n/a")
-    report.add(f"{what} p50 / p99", f"{percentile(lat, .5) * 1e3:.3f} ms / {percentile(lat, .99) * 1e3:.3f} ms")
+    report.add(f"{what} p50 / p99", p50_p99(lat, 3))
 
 
 def run_tp_mlp(sup: Supervisor, stop: threading.Event) -> Report:
@@ -56,8 +56,7 @@ def run_tp_mlp(sup: Supervisor, stop: threading.Event) -> Report:
     lat = _timed(lambda: ride.execute_model(inputs[next(steps) % 8], timeout=60), w.steps, stop)
     _latency_lines(report, lat, "steps")
     rpc = _timed(lambda: ride.collective_rpc("check_health", timeout=30), min(200, max(20, w.steps)), stop)
-    report.add("rpc (check_health, all ranks) p50 / p99",
-               f"{percentile(rpc, .5) * 1e3:.3f} ms / {percentile(rpc, .99) * 1e3:.3f} ms")
+    report.add("rpc (check_health, all ranks) p50 / p99", p50_p99(rpc, 3))
     return report
 
 
@@ -166,8 +165,12 @@ def run(sup: Supervisor, stop: threading.Event) -> Report:
     except ShutdownInProgress:
         return Report(ok=True, lines=[("stopped", "by signal")])
     except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if stop.is_set():  # the stop cut a call short: that is the stop, not a failure of the workload
+            logger.debug(f"workload stopped by a signal mid-call: {first}")
+            return Report(ok=True, lines=[("stopped", f"by signal (mid-call: {first})")])
         logger.error(f"workload failed: {exc}")
-        return Report(ok=False, failure=str(exc).splitlines()[0])
+        return Report(ok=False, failure=first)
 
 
 def format_status(rows: list[dict[str, Any]]) -> str:

@@ -47,7 +47,10 @@ class _TensorPickler(pickle.Pickler):
 
     def reducer_override(self, obj: Any) -> Any:
         torch = sys.modules.get("torch")
-        if torch is not None and type(obj) is torch.Tensor and obj.device.type == "cpu" and not obj.requires_grad:
+        # Another thread may be importing torch this instant: in sys.modules without its Tensor yet (and then
+        # nothing here is a tensor). torch.Tensor raised AttributeError there, and the message was not sent.
+        tensor = getattr(torch, "Tensor", None)
+        if tensor is not None and type(obj) is tensor and obj.device.type == "cpu" and not obj.requires_grad:
             t = obj.detach().contiguous()
             raw = t.reshape(-1).view(torch.uint8)  # bytes of any dtype, numpy can hold them (bf16 too)
             return _rebuild_tensor, (pickle.PickleBuffer(raw.numpy()), str(t.dtype), tuple(t.shape))

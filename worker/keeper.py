@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker import lifeline, output, weights
+from worker import lifeline, output, session, weights
 from worker.protocol import EXIT_ORPHANED
 
 MAX_LOAD_THREADS = 8  # shards loaded at once (one per GPU); fastload reads with threads of its own besides
@@ -68,8 +68,9 @@ def entry(death_conn: Any, status_conn: Any, cmd_conn: Any, env: tuple, output_c
 
     if output_conns:
         output.attach(*output_conns)
-    os.setsid()
+    session.leave_group()  # own session; what the caller's group was sent while we started is not ours
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
+    session.release()
     watch = lifeline.DeathWatch(death_conn, 0.0, lambda: _leave(0 if watch.deliberate else EXIT_ORPHANED),
                                 EXIT_ORPHANED, 0)
     watch.start()

@@ -20,6 +20,7 @@ import time
 from worker.protocol import PROMOTE_PREFIX, STOP_PREFIX
 
 _PR_SET_PDEATHSIG = 1
+_SIG_DFL = 0
 _orphan_lock = threading.Lock()
 
 
@@ -52,6 +53,26 @@ def kill_descendants(timeout: float = 0.2) -> None:
     psutil.wait_procs(kids, timeout=timeout)
 
 
+def die_like(code: int) -> None:
+    """Leave with exit code ``code``, or by signal ``-code`` (so that the parent reads that signal, as it would
+    had the signal's default action ended us). Descendants go first. Safe from any thread: the default disposition
+    is restored with libc, as Python's signal.signal works only in the main thread."""
+    kill_descendants()
+    if code >= 0:
+        os._exit(code & 0xFF)
+    sig = -code
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.signal.restype = ctypes.c_void_p
+        libc.signal(sig, _SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
+        os.kill(os.getpid(), sig)
+        time.sleep(1.0)  # a signal whose default is not to terminate: fall through to the shell's convention
+    except (OSError, AttributeError):
+        pass
+    os._exit(128 + sig)
+
+
 def exit_now(code: int) -> None:
     """Leave at once, taking our descendants with us. Safe to call from any thread, any number of times."""
     with _orphan_lock:
@@ -59,10 +80,20 @@ def exit_now(code: int) -> None:
         os._exit(code)
 
 
+_watch: "DeathWatch | None" = None  # this worker process's (one per process), for told_to_stop()
+
+
+def told_to_stop() -> bool:
+    """Whether our supervisor has asked this worker to stop, or is gone (False before the death watch exists)."""
+    return _watch is not None and _watch.told()
+
+
 class DeathWatch(threading.Thread):
     """Waits for EOF on the death pipe; then stops the worker within ``grace`` seconds, whatever it is doing."""
 
     def __init__(self, conn, grace_s: float, on_eof, exit_code: int, overdue_code: int) -> None:
+        global _watch
+        _watch = self
         super().__init__(name="death-watch", daemon=True)
         self.conn = conn
         self.grace_s = grace_s
@@ -72,6 +103,14 @@ class DeathWatch(threading.Thread):
         self.fired = threading.Event()
         self.deliberate = False  # a "stop:" frame came before the EOF: asked to stop, not orphaned
         self.promotions: "queue.Queue[object]" = queue.Queue()  # a warm standby's promotion (worker/main.py)
+
+    def told(self) -> bool:
+        """Whether the supervisor asked us to stop (or is gone): its stop message or EOF is on the pipe, or was
+        read. The supervisor writes and closes before it signals anything, so a SIGTERM of its own finds this true."""
+        try:
+            return self.fired.is_set() or self.deliberate or self.conn.poll(0)  # EOF stays readable once closed
+        except (OSError, ValueError):  # closed: only after it fired
+            return True
 
     def run(self) -> None:
         grace, code = self.grace_s, self.exit_code  # the supervisor vanished: stop quickly

@@ -31,7 +31,7 @@ import time
 import traceback
 from typing import Any
 
-from worker import device_faults, lifeline, output
+from worker import device_faults, lifeline, output, session
 from worker.protocol import (EXIT_DEVICE_ERROR, EXIT_ORPHANED, EXIT_SHUTDOWN_RAISED, EXIT_STARTUP_FAILED,
                              EXIT_STOP_OVERDUE, STOP_METHOD, DeviceLost, PhaseReached, Promotion, Ready,
                              RemoteFailure, Reply, Request, StartupFailed, StartupPhase)
@@ -90,7 +90,7 @@ def _request_stop(*_: Any) -> None:
 def entry(spec: WorkerSpec, bcast_handle: Any, death_conn: Any, status_conn: Any, close_fds: tuple = (),
           output_conns: tuple = ()) -> None:
     """multiprocessing target. Never returns normally before the worker is told to stop. ``output_conns``: the
-    (stdout, stderr) pipe ends the supervisor reads (worker/output.py); empty = inherit the parent's."""
+    (stdout, stderr, stacks) pipe ends the supervisor reads (worker/output.py); empty = inherit the parent's."""
     t0 = time.monotonic()
     if not dict(spec.env).get(NO_GC_FREEZE_ENV):
         # Everything inherited from the forkserver (torch, preloaded) goes to the permanent generation: our first
@@ -108,6 +108,7 @@ def entry(spec: WorkerSpec, bcast_handle: Any, death_conn: Any, status_conn: Any
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
     try:
         signal.signal(signal.SIGTERM, _request_stop)  # from here on a SIGTERM is a graceful stop, at any point
+        session.release()  # the signals held since the supervisor started us (worker/session.py)
         watch.start()
         lifeline.arm_parent_death_signal(signal.SIGTERM)
         _setup_environment(spec)
@@ -118,7 +119,7 @@ def entry(spec: WorkerSpec, bcast_handle: Any, death_conn: Any, status_conn: Any
             spec, bcast_handle = promotion.spec, promotion.bcast_handle
         worker, bcast, reply = _start(spec, bcast_handle, report, worker)
     except GracefulStop:
-        os._exit(0)
+        _leave(0, outsider=not watch.told())
     except BaseException as exc:
         status.send(StartupFailed(spec.topology.rank, type(exc).__name__, str(exc), traceback.format_exc()))
         status_conn.close()
@@ -129,21 +130,20 @@ def entry(spec: WorkerSpec, bcast_handle: Any, death_conn: Any, status_conn: Any
         Heartbeat(status, spec.worker.heartbeat_interval_s).start()
     except GracefulStop:
         pass  # stopped the moment READY was out (a group stopped right after it started): _serve stops at once
-    _serve(spec, worker, bcast, reply, status)
+    _serve(spec, worker, bcast, reply, status, watch)
 
 
 def _detach(close_fds: tuple) -> None:
-    """Own session (so the supervisor can signal our whole tree, and a terminal's Ctrl-C does not reach us)."""
+    """Own session (so the supervisor can signal our whole tree, and a terminal's Ctrl-C does not reach us); what
+    was sent to the supervisor's process group before we left it is dropped (worker/session.py)."""
     for fd in close_fds:  # fork start method only: descriptors of the parent that must not stay open here
         try:
             os.close(fd)
         except OSError:
             pass
-    try:
-        os.setsid()
-    except OSError:
-        pass
-    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the supervisor dumps our stacks on a hang
+    session.leave_group()
+    # the supervisor asks for our stacks on a hang (and on its own SIGUSR1): into our log, not onto the console
+    faulthandler.register(signal.SIGUSR1, file=output.stacks(), all_threads=True)
 
 
 def _setup_environment(spec: WorkerSpec) -> None:
@@ -208,12 +208,13 @@ def load_class(path: str):
     return getattr(importlib.import_module(module), name)
 
 
-def _serve(spec: WorkerSpec, worker: Any, bcast: Any, reply: Any, status: StatusChannel) -> None:
+def _serve(spec: WorkerSpec, worker: Any, bcast: Any, reply: Any, status: StatusChannel,
+           watch: lifeline.DeathWatch) -> None:
     from loguru import logger
 
     from transport import QueueClosed, PeerDied
 
-    code = 0
+    code, by_signal = 0, False
     try:
         if _stopping.is_set():
             raise GracefulStop()  # SIGTERM arrived before we got here
@@ -230,7 +231,7 @@ def _serve(spec: WorkerSpec, worker: Any, bcast: Any, reply: Any, status: Status
             if not out[0] and out[1].fatal:
                 _leave_for_device(status, out[1])
     except GracefulStop:
-        pass
+        by_signal = True
     except (QueueClosed, PeerDied) as exc:
         logger.info(f"request queue ended ({exc}); stopping")
     _stopping.set()
@@ -241,8 +242,19 @@ def _serve(spec: WorkerSpec, worker: Any, bcast: Any, reply: Any, status: Status
     except BaseException as exc:  # a failing shutdown must not hide that we were asked to stop
         logger.warning(f"shutdown raised {type(exc).__name__}: {exc}")
         code = EXIT_SHUTDOWN_RAISED
-    bcast.close()
+    outsider = by_signal and not watch.told()
+    if not outsider:  # a reader's close ends the queue for every rank: what the group does is the supervisor's call
+        bcast.close()
     reply.close()
+    _leave(code, outsider)
+
+
+def _leave(code: int, outsider: bool) -> None:
+    """Exit after a stop. Asked by the supervisor (a STOP request, a stop message or EOF on the death pipe), a clean
+    stop is exit 0. A SIGTERM from anyone else (``kill PID``, systemd stopping every process of the unit) ends us
+    by SIGTERM, so that the supervisor reads the true cause rather than a clean stop it never asked for."""
+    if code == 0 and outsider:
+        lifeline.die_like(-signal.SIGTERM)
     lifeline.kill_descendants()
     os._exit(code)
 

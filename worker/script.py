@@ -24,7 +24,6 @@ ranks finish at different times, and only when every rank's script exited 0 is t
 from __future__ import annotations
 
 import atexit
-import ctypes
 import os
 import runpy
 import signal
@@ -41,7 +40,6 @@ from worker.rank_output import OutputPlan, start_pumps
 from worker.spec import WorkerSpec
 
 _PUMP_DRAIN_S = 0.5  # after the script exits, how long its last output may take to reach the console and files
-_SIG_DFL = 0
 ERROR_FILE = "error.json"
 
 
@@ -148,7 +146,9 @@ class _Subprocess:
 
     def _watch(self) -> None:
         code = self.proc.wait()
-        failed = code != 0 and not self.w.stopping.is_set()
+        # Not a failure when we are being stopped: the supervisor signals our descendants (the script) before us,
+        # and a rank mirroring that SIGTERM would report it as its own cause of death.
+        failed = code != 0 and not self.w.stopping.is_set() and not lifeline.told_to_stop()
         if failed:  # its leftover children may hold the output pipes open: they go first, so the pumps see EOF now
             _kill_group(self.proc.pid)  # orphaned, they are no longer below us, but still in the script's group
             lifeline.kill_descendants()
@@ -157,7 +157,7 @@ class _Subprocess:
         self.code = code
         self.ended.set()
         if failed:
-            die_like(code)
+            lifeline.die_like(code)  # the same code or signal: the supervisor reports the script's own exit
 
     def join(self) -> int:
         self.ended.wait()
@@ -253,25 +253,6 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-def die_like(code: int) -> None:
-    """Leave the way the script left: the same exit code, or the same signal (so the supervisor reports
-    "SIGKILL", as torchrun reports exitcode -9). Descendants go first. Safe from any thread: the default signal
-    disposition is restored with libc, as Python's signal.signal works only in the main thread."""
-    lifeline.kill_descendants()
-    if code >= 0:
-        os._exit(code & 0xFF)
-    sig = -code
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.signal.restype = ctypes.c_void_p
-        libc.signal(sig, _SIG_DFL)
-        os.kill(os.getpid(), sig)
-        time.sleep(1.0)  # a signal whose default is not to terminate: fall through to the shell's convention
-    except (OSError, AttributeError):
-        pass
-    os._exit(128 + sig)
 
 
 def _system_exit_code(code: Any) -> int:

@@ -9,7 +9,9 @@ Every event carries ``run`` (this run's id), ``time`` (unix seconds), ``iso`` (t
     exited         code, reason ("exit 72", "SIGKILL"), meaning (what that code or signal means, in words)
     hung           why (heartbeat or call deadline), stack_log (where its stacks were dumped)
     restarting     attempt, backoff_s, restarts, reason          gave_up   reason, restarts
-    stopped        ranks, reasons                                recycled  group
+    stopped        ranks, reasons
+    recycled       group: restarted between calls, a worker over worker.max_rss_mb / max_calls
+    rolling_restart  group: restarted between calls as asked (rolling_restart(), SIGUSR2, status --restart)
     forced_stop    pids (a second Ctrl-C: every worker SIGKILLed)
     callback_failed, timeout
 

@@ -16,7 +16,9 @@ _HINTS = {
     signal.SIGFPE: "floating-point exception",
 }
 OOM_KILLED = "killed by the kernel's OOM killer"
-_CODES = {code: words for code, words in EXIT_MEANINGS.items() if code != 0}  # our own codes, in words
+# A rank that runs a torchrun-style script (rankvisor-run, workload=script) leaves with the script's own exit code
+# (worker/script.py): 1 is the script failing, not shutdown() raising. Our protocol's other codes keep their words.
+_SCRIPT_FAILED = "the script failed: an uncaught exception or exit(1); see the rank's log"
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,7 @@ class ExitInfo:
     detail: str = ""  # what the backend knows beyond the code (e.g. Ray's actor-death cause)
     oom: str = ""  # a SIGKILL was the kernel's OOM killer's: the kernel's record that says so (local backend)
     cause: str = ""  # what the worker said of its end before it left (a fatal device error: the CUDA error)
+    script: bool = False  # the rank ran a torchrun-style script: a non-zero code is the script's own
 
     @property
     def signal(self) -> signal.Signals | None:
@@ -56,8 +59,16 @@ class ExitInfo:
             return f"{sig.name} ({hint})" if hint else sig.name
         if self.exitcode is None:
             return "still running"
-        hint = "; ".join(words for words in (_CODES.get(self.exitcode), self.cause) if words)
+        hint = "; ".join(words for words in (self._code_words() if self.exitcode else "", self.cause) if words)
         return f"exit code {self.exitcode}" + (f" ({hint})" if hint else "")
+
+    def _code_words(self) -> str:
+        """What our exit code means ("" for a code that is not ours)."""
+        if self.script and self.exitcode == 1:
+            return _SCRIPT_FAILED
+        if self.script and self.exitcode not in EXIT_MEANINGS:
+            return "the script's own exit code"
+        return EXIT_MEANINGS.get(self.exitcode, "")
 
     @property
     def meaning(self) -> str:
@@ -69,7 +80,7 @@ class ExitInfo:
         sig = self.signal
         if sig is not None:
             return _HINTS.get(sig, sig.name)
-        words = EXIT_MEANINGS.get(self.exitcode, "") if self.exitcode is not None else ""
+        words = self._code_words() if self.exitcode is not None else ""
         return f"{words} ({self.cause})" if self.cause else words
 
     @property

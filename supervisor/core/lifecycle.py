@@ -63,11 +63,20 @@ class Failure:
     exits: tuple[ChildExit, ...]
 
 
+class Planned(enum.Enum):
+    """Why a group restarts between calls, losing none. The value is the event it is told by (and, in the metrics,
+    a restart cause of its own: supervisor/observe/metrics.py)."""
+
+    RECYCLE = "recycled"  # a worker crossed worker.max_rss_mb / max_calls
+    ROLLING = "rolling_restart"  # asked for: rolling_restart() (SIGUSR2, status --restart all), restart_group(g)
+
+
 @dataclass(frozen=True)
 class Recycle:
-    """A worker crossed max_rss / max_calls: restart its group between calls."""
+    """Restart a group between calls: a worker crossed max_rss / max_calls, or a person asked (restart_group)."""
 
     group: int
+    why: Planned = Planned.RECYCLE
 
 
 @dataclass(frozen=True)
@@ -164,6 +173,10 @@ class Lifecycle:
         the monitor's exit (a reap each), plus the bookkeeping. Only an upper bound: waiters return when it is done."""
         return self.cfg.shutdown.grace_s + 3 * self.cfg.shutdown.reap_s + _TEARDOWN_SLACK_S
 
+    def stop_words(self) -> str:
+        """How a refused call says why: "is shutting down" while the stop is under way, "has shut down" after."""
+        return "has shut down" if self.finished.is_set() else "is shutting down"
+
     def request_shutdown(self, drain_s: float | None = None) -> None:
         """Stop everything. ``drain_s`` > 0: new calls are refused at once, calls in flight get up to that long to
         finish first (the first such request sets it); 0 cuts a drain in progress short; None asks nothing of it."""
@@ -180,8 +193,8 @@ class Lifecycle:
         for gate in self.gates:
             gate.wake_all()
 
-    def request_recycle(self, group: int) -> None:
-        self.inbox.put(Recycle(group))
+    def request_recycle(self, group: int, why: Planned = Planned.RECYCLE) -> None:
+        self.inbox.put(Recycle(group, why))
 
     def request_rolling_restart(self, msg: RollingRestart) -> None:
         self.inbox.put(msg)
@@ -221,7 +234,7 @@ class Lifecycle:
             if isinstance(msg, Failure):
                 self._handle_failure(list(msg.exits))
             elif isinstance(msg, Recycle) and self.state is SupervisorState.RUNNING:
-                self._recycle(msg.group)
+                self._recycle(msg.group, msg.why)
             elif isinstance(msg, RollingRestart):
                 self._rolling_restart(msg)
             if self.state is SupervisorState.GAVE_UP:
@@ -351,18 +364,18 @@ class Lifecycle:
         if i in self.live:
             self.live.remove(i)
 
-    def _recycle(self, i: int) -> None:
+    def _recycle(self, i: int, why: Planned) -> None:
         """A planned restart of group i (max_rss / max_calls, a rolling restart), losing no call and no request:
         admit no new request there and let those in flight finish, then close the gate, drain, settle, restart."""
         bound = self.cfg.worker.heartbeat_timeout_s * _RECYCLE_DRAIN_HEARTBEATS
         self.requests.close(i)
         try:
             self.requests.wait_idle([i], bound, cancel=self.stop_requested)
-            self._restart_between_calls(i, bound)
+            self._restart_between_calls(i, bound, why)
         finally:
             self.requests.reopen(i)
 
-    def _restart_between_calls(self, i: int, bound: float) -> None:
+    def _restart_between_calls(self, i: int, bound: float, why: Planned) -> None:
         gate = self.gates[i]
         gate.close(Closed.RECYCLING)
         gate.drain(timeout=bound)
@@ -370,7 +383,7 @@ class Lifecycle:
         if channel is not None:  # stopping closes the reply queues: collect the replies of calls in flight first
             channel.settle(timeout=bound)
         self._stop_group(i, graceful=True)
-        self.events.emit("recycled", group=i)
+        self.events.emit(why.value, group=i)  # told as what it is: a recycle, or a restart someone asked for
         self._converge([i], [])
 
     def _rolling_restart(self, msg: RollingRestart) -> None:
@@ -384,9 +397,8 @@ class Lifecycle:
                 if not self.gates[i].is_open:
                     continue
                 t0 = time.monotonic()
-                self._recycle(i)
+                self._recycle(i, Planned.ROLLING)
                 msg.seconds[i] = time.monotonic() - t0
-                self.events.emit("rolling_restart", group=i, seconds=round(msg.seconds[i], 4))
         finally:
             msg.done.set()
 

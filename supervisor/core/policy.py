@@ -60,6 +60,7 @@ Usage by the mechanism::
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -258,14 +259,14 @@ def _restart(spec: PolicySpec, children: Sequence[int], history: PolicyState, ne
     what = _describe(needy)
     if k > budget.intensity:
         return Decision(Action.GIVE_UP, restarts_in_window=k - 1, phase=phase,
-                        reason=f"{what}: {k} {_budget_name(phase)} restarts in {budget.period_s} s "
+                        reason=f"{what}: {k} {_budget_name(phase)} restarts {_within(budget)} "
                                f"would exceed intensity {budget.intensity}")
     targets = _targets(spec.strategy, children, [e.child for e in needy], removed)
     delay = spec.backoff(k if phase is Phase.STARTUP else k - 1)
     return Decision(Action.RESTART, restart=targets, remove=removed, delay_s=delay, restarts_in_window=k,
                     phase=phase,
                     reason=f"{what}: {spec.strategy.value} restarts {_plural(targets)} in {delay} s "
-                           f"({_budget_name(phase)} restart {k}/{budget.intensity} in {budget.period_s} s)")
+                           f"({_budget_name(phase)} restart {k}/{budget.intensity} {_within(budget)})")
 
 
 def _targets(strategy: Strategy, children: Sequence[int], needy: list[int],
@@ -282,6 +283,11 @@ def _targets(strategy: Strategy, children: Sequence[int], needy: list[int],
 def _phase(exits: list[ChildExit]) -> Phase:
     # A batch is a start-up failure only if all of it is: a run-time crash must not hide in the start-up budget.
     return Phase.STARTUP if all(e.phase is Phase.STARTUP for e in exits) else Phase.RUNTIME
+
+
+def _within(budget: Budget) -> str:
+    """"in 10.0 s"; "in all" for a budget without a window (period_s=inf: rankvisor-run's --max-restarts)."""
+    return f"in {budget.period_s} s" if math.isfinite(budget.period_s) else "in all"
 
 
 def _budget_name(phase: Phase) -> str:

@@ -226,5 +226,5 @@ class LifecycleView:
         if self._gave_up():
             return WorkerFailed(f"{name}: the supervisor gave up: {self._life.error}")
         if self._life.stop_requested.is_set():
-            return ShutdownInProgress(f"{name}: the supervisor is shutting down")
+            return ShutdownInProgress(f"{name}: the supervisor {self._life.stop_words()}")
         return None

@@ -92,10 +92,32 @@ def overrides(ns: argparse.Namespace, multi_node: bool = False) -> list[str]:
         out.append(f"shutdown.grace_s={ns.shutdown_timeout}")
     if ns.master_port is not None and not multi_node:
         out.append(f"+runtime.env.MASTER_PORT={ns.master_port}")
+    _refuse_clashes(out, ns.config)
     return out + list(ns.config)
 
 
-_FOREVER_S = 10 ** 9  # restart.period_s for a budget that never refills
+# Which of our flags sets a key (the first prefix that matches), to name it when a -c sets the same key.
+_FLAG_OF = (("parallel.tp", "--nproc-per-node"), ("restart", "--max-restarts"),
+            ("shutdown.grace_s", "--shutdown-timeout"), ("runtime.env.MASTER_PORT", "--master-port"),
+            ("runtime.preload", "the fresh mode (no --fast)"), ("launch", "the script's flags"))
+
+
+def _refuse_clashes(ours: list[str], configs: list[str]) -> None:
+    """A ``-c`` key that one of the flags sets too: one of the two would win silently, so neither does."""
+    set_by_flags = {_key(o): o for o in ours}
+    for item in configs:
+        theirs = set_by_flags.get(_key(item))
+        if theirs is not None:
+            flag = next((f for prefix, f in _FLAG_OF if _key(item).startswith(prefix)), "rankvisor-run")
+            raise UsageError(f"-c {item}: conflicts with {flag}, which sets {theirs.lstrip('+')}; "
+                             "give only one of them")
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+_FOREVER_S = float("inf")  # restart.period_s for a budget that never refills (said "in all", not in seconds)
 
 
 def _quote(value: str) -> str:
@@ -166,7 +188,6 @@ def main(argv: list[str] | None = None) -> int:
         code = run(cfg, signals, job)
     finally:
         startmethod.stop_helpers()  # the forkserver and resource tracker go with the command, not seconds later
-        signals.exiting()  # a signal's exit code stays that signal's through the interpreter's shutdown
     if job is not None:
         _exit_now(code)
     return code
@@ -226,9 +247,9 @@ def run(cfg, signals, job=None) -> int:
     if job is not None:
         from supervisor.launch.job import run_job
 
-        code = run_job(cfg, job, signals)
+        code = signals.exiting(run_job(cfg, job, signals))  # a signal's exit code stays that signal's
     else:
-        code = _run_one(cfg, signals)
+        code = signals.exiting(_run_one(cfg, signals))  # from here on
     if signals.signum and cfg.launch.torchrun_exit_codes:
         return 1  # torchrun: a SignalException ends the agent with exit code 1
     return code

@@ -6,7 +6,9 @@ Counted as they happen (events and calls)::
     rankvisor_restarts_total{group,cause}        cause: what ended the group's last incarnation — a signal name
                                                  (SIGKILL), "exit 3", "hung", "startup" (it never became READY),
                                                  "sibling" (restarted with a failed group: one_for_all,
-                                                 rest_for_one), "recycle" (max_rss / max_calls, or asked for)
+                                                 rest_for_one), "recycle" (a worker over max_rss / max_calls),
+                                                 "rolling_restart" (asked for: SIGUSR2, status --restart,
+                                                 rolling_restart(), restart_group())
     rankvisor_give_ups_total                     the policy's budget spent
     rankvisor_worker_exits_total{reason}         every worker exit, by ExitInfo.short
     rankvisor_rpc_latency_seconds{method}        histogram, send -> every expected reply
@@ -48,6 +50,7 @@ PREFIX = "rankvisor"
 LATENCY_BUCKETS = (50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 0.1, 0.25, 0.5, 1.0,
                    2.5, 5.0, 10.0, 30.0, 60.0)
 _MIB = 1 << 20
+_PLANNED = {"recycled": "recycle", "rolling_restart": "rolling_restart"}  # planned restarts' events -> their cause
 
 
 class Metrics:
@@ -81,8 +84,8 @@ class Metrics:
                     self._last_exit.setdefault(e["group"], e["reason"])
         elif kind == "restarting":
             self.restarts.labels(str(e["group"]), self._cause(e["group"])).inc()
-        elif kind == "recycled":
-            self.restarts.labels(str(e["group"]), "recycle").inc()
+        elif kind in _PLANNED:
+            self.restarts.labels(str(e["group"]), _PLANNED[kind]).inc()
         elif kind == "gave_up":
             self.give_ups.inc()
         elif kind == "group_ready":

@@ -34,7 +34,7 @@ PAGE = r"""<!doctype html>
 <script>
 const NS = "http://www.w3.org/2000/svg";
 const COLORS = {exited: "#c62828", hung: "#8e24aa", restarting: "#ef6c00", recycled: "#0277bd",
-                group_ready: "#2e7d32", gave_up: "#000", forced_stop: "#000"};
+                rolling_restart: "#00838f", group_ready: "#2e7d32", gave_up: "#000", forced_stop: "#000"};
 function el(tag, attrs, text) {
   const e = tag.startsWith("svg:") ? document.createElementNS(NS, tag.slice(4)) : document.createElement(tag);
   for (const [k, v] of Object.entries(attrs || {})) e.setAttribute(k, v);

@@ -5,7 +5,7 @@ import os
 import time
 from typing import Any
 
-RESTART_KINDS = ("exited", "hung", "restarting", "recycled", "gave_up", "group_ready", "forced_stop")
+RESTART_KINDS = ("exited", "hung", "restarting", "recycled", "rolling_restart", "gave_up", "group_ready", "forced_stop")
 HISTORY_EVENTS = 200  # restart-history events sent to the page
 LATENCY_BUCKET_S = 1.0  # the page's latency chart: one point (p50, p99) per second
 LATENCY_WINDOW_S = 300.0

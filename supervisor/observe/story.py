@@ -1,8 +1,9 @@
 """The run's story in supervisor.log: every event, in words, as it happens.
 
-INFO for what a person reading the terminal wants (a group READY, a group stopped, a recycle), WARNING for
-failures (a rank that died on its own, a forced stop), DEBUG for the detail (each rank's spawn, phases, READY, a
-clean exit). The file sink takes DEBUG, so the file has all of it; ``logging.level`` decides what the terminal gets.
+INFO for what a person reading the terminal wants (a group READY, a group stopped, a recycle, a rolling restart),
+WARNING for failures (a rank that died on its own, a forced stop), DEBUG for the detail (each rank's spawn, phases,
+READY, a clean exit). The file sink takes DEBUG, so the file has all of it; ``logging.level`` decides what the
+terminal gets.
 The lifecycle logs its own decisions (restarting, giving up, hangs); they are not repeated here.
 """
 from __future__ import annotations
@@ -49,9 +50,13 @@ def _recycled(e: dict) -> tuple[str, str]:
     return "INFO", f"group {e['group']} recycled (a worker crossed worker.max_rss_mb / max_calls)"
 
 
+def _rolling(e: dict) -> tuple[str, str]:
+    return "INFO", f"group {e['group']} restarted by a rolling restart (asked for: SIGUSR2, status --restart)"
+
+
 _WORDS: dict[str, Callable[[dict], tuple[str, str]]] = {
     "started": _started, "phase": _phase, "ready": _ready, "group_ready": _group_ready, "exited": _exited,
-    "stopped": _stopped, "forced_stop": _forced, "recycled": _recycled,
+    "stopped": _stopped, "forced_stop": _forced, "recycled": _recycled, "rolling_restart": _rolling,
 }
 
 

@@ -741,6 +741,8 @@ def test_call_during_shutdown_raises_clearly(method):
         for t in stoppers:
             t.join(20)
     assert not any(t.is_alive() for t in stoppers) and sup.state is SupervisorState.STOPPED
+    with pytest.raises(ShutdownInProgress, match="echo: the supervisor has shut down"):  # no longer "shutting down"
+        sup.collective_rpc("echo", args=(1,), timeout=10)
     sup.shutdown()
 
 

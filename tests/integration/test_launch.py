@@ -211,3 +211,11 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, key):
     code, out, err = Launch(tmp_path, *args).finish(timeout=60)
     assert code == 2
     assert err.count("\n") == 1 and key in err, err
+
+
+def test_a_config_key_a_flag_sets_too_is_one_line_and_exit_2(tmp_path):
+    """`-c parallel.tp=4` silently beat `--nproc-per-node=2`; now neither wins (tests/unit/test_launch_cli.py)."""
+    launch = Launch(tmp_path, "--nproc-per-node=2", "-c", "parallel.tp=4", script("env_dump.py"))
+    code, out, err = launch.finish()
+    assert (code, out) == (2, "") and err.splitlines() == [
+        "error: -c parallel.tp=4: conflicts with --nproc-per-node, which sets parallel.tp=2; give only one of them"]

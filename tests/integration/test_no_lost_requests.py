@@ -196,7 +196,7 @@ def test_drain_completes_calls_in_flight_and_refuses_new_ones():
             t0 = time.monotonic()
             sup.shutdown(drain=10.0)
             took = time.monotonic() - t0
-            with pytest.raises(ShutdownInProgress, match="shutting down"):
+            with pytest.raises(ShutdownInProgress, match="has shut down"):  # shutdown() has returned
                 sup.execute_model(0, timeout=5)
         assert len(load.answers) >= answered + 4  # the four steps in flight completed
         assert all(isinstance(e, ShutdownInProgress) for e in load.errors.values())

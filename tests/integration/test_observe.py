@@ -30,6 +30,7 @@ from supervisor.errors import ShutdownInProgress
 from supervisor.backends.local.output import RankOutput
 from supervisor.core.exits import ExitInfo
 from supervisor.observe.live import RUNTIME_ENV
+from supervisor.settings import ShutdownSettings
 from tests.integration.helpers import ECHO, REPO, config, fault_env, gone_within, reap_adopted
 
 ENV = {**os.environ, "PYTHONPATH": REPO}
@@ -76,6 +77,34 @@ def test_output_lines_of_two_ranks_never_mix(tmp_path, capfd):
     assert log1[-2:] == ["an error", "last words without a newline"] and len(log1) == 53
 
 
+def test_output_keeps_a_rank_prefix_already_there_and_stacks_go_to_the_log_only(tmp_path, capfd):
+    """torch.distributed's excepthook and C++ logger write "[rank1]: ..." themselves: not "[rank1]: [rank1]: ...".
+    What comes on the stacks pipe (faulthandler on SIGUSR1) goes into the rank log, not onto the console."""
+    out = RankOutput(str(tmp_path))
+    pipes = [os.pipe() for _ in range(3)]
+    out.add(1, 1001, 0, *(Connection(r, writable=False) for r, _ in pipes))
+    os.write(pipes[1][1], b"[rank1]: Traceback (most recent call last):\n[rank1]:[W ProcessGroup] x\n[rank10]: y\n")
+    os.write(pipes[2][1], b"Current thread 0x01 (most recent call first):\n  File \"a.py\", line 1 in f\n")
+    for _, w in pipes:
+        os.close(w)
+    out.close(timeout_s=5)
+    lines = capfd.readouterr()
+    assert lines.err.splitlines() == ["[rank1]: Traceback (most recent call last):", "[rank1]:[W ProcessGroup] x",
+                                      "[rank1]: [rank10]: y"] and lines.out == ""
+    assert "most recent call first" in (tmp_path / "ranks" / "rank1.log").read_text()
+
+
+def test_without_a_run_folder_stacks_come_out_on_stderr(capfd):
+    out = RankOutput("")
+    pipes = [os.pipe() for _ in range(3)]
+    out.add(0, 1000, 0, *(Connection(r, writable=False) for r, _ in pipes))
+    os.write(pipes[2][1], b"Current thread 0x01 (most recent call first):\n")
+    for _, w in pipes:
+        os.close(w)
+    out.close(timeout_s=5)
+    assert capfd.readouterr().err == "[rank0]: Current thread 0x01 (most recent call first):\n"
+
+
 def hang_holding_the_gil(w):
     """Catastrophic regex backtracking: minutes in C with the GIL held, so the heartbeat thread cannot beat (a
     wedged rank), while faulthandler (a C signal handler) can still dump the stacks."""
@@ -115,6 +144,7 @@ def test_rank_output_prefixed_logged_and_hang_stacks_in_its_log(tmp_path, capfd)
     text = open(log1).read()
     assert "Most recent call first" in text or "most recent call first" in text, text[-2000:]
     assert "hang_holding_the_gil" in text and f"from 1 199 {long}" in text
+    assert "hang_holding_the_gil" not in err + out  # the stacks are in the log; the console says where (below)
     assert "attempt 1 started" in text  # the restarted rank appends to the same file, under a header
     hung = sup.events.of_kind("hung")[0]
     assert hung["rank"] == 1 and hung["stack_log"] == log1
@@ -277,8 +307,12 @@ def test_cli_status_metrics_probes_and_story_through_a_restart(tmp_path):
 
         res = cli.status(cli.run_dir, "--restart", "0")  # a graceful restart of group 0 from the shell
         assert res.returncode == 0, res.stderr
-        wait_until(lambda: any(e["kind"] == "recycled" for e in _events(cli.run_dir)), 30, "group 0 recycled")
+        wait_until(lambda: any(e["kind"] == "rolling_restart" for e in _events(cli.run_dir)), 30, "group 0 restarted")
         wait_until(lambda: cli.get("/readyz")[0] == 200, 30, "group 0 back")
+        m = cli.metrics()  # asked for, so a rolling restart: not a recycle (a worker over its budget)
+        assert m[("rankvisor_restarts_total", (("cause", "rolling_restart"), ("group", "0")))] == 1
+        assert not [k for k in m if k[0] == "rankvisor_restarts_total" and ("cause", "recycle") in k[1]]
+        assert not [e for e in _events(cli.run_dir) if e["kind"] == "recycled"]
         watch = subprocess.Popen([sys.executable, "-m", "supervisor", "status", "--watch", "0.2"], cwd=cli.dir,
                                  env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
@@ -317,7 +351,8 @@ def _probe_while(cli: ServeCli, act) -> list[tuple[int, int]]:
 def _check_story(run_dir: str, stderr: str) -> None:
     log = open(os.path.join(run_dir, "supervisor.log")).read()
     for needle in ("starting tp=2", "group 0 READY", "group 1 READY", "READY in", "exited with SIGKILL: killed",
-                   "restarting groups [1]", "group 0 recycled", "serve summary", "group 1 stopped",
+                   "restarting groups [1]", "group 0 restarted by a rolling restart", "serve summary",
+                   "group 1 stopped",
                    "exit 143: stopped by SIGTERM"):
         assert needle in log, f"{needle!r} not in supervisor.log:\n{log[-3000:]}"
     events = _events(run_dir)
@@ -335,12 +370,14 @@ def _check_story(run_dir: str, stderr: str) -> None:
 
 
 def test_a_forced_stop_leaves_an_event_and_a_log_line(tmp_path):
-    """Ctrl-C, then Ctrl-C again while the graceful stop is still waiting on a slow shutdown()."""
+    """Ctrl-C, then Ctrl-C again while the graceful stop is still waiting on a slow shutdown(). Again means as a
+    person presses it: after shutdown.signal_window_s, within which the same signal is one signal sent twice."""
     cli = ServeCli(tmp_path, "parallel.tp=2", *fault_env("slow_stop", arg="30"), "shutdown.grace_s=60")
     try:
         pids = [w["pid"] for w in cli.status_json()["workers"]]
         cli.proc.send_signal(signal.SIGINT)
         wait_until(lambda: cli.status_json()["state"] == "stopping", 30, "the graceful stop to begin")
+        time.sleep(ShutdownSettings().signal_window_s)  # the first one was handled before "stopping": a person's pace
         cli.proc.send_signal(signal.SIGINT)  # while shutdown() takes its 30 s
         code = cli.proc.wait(30)
     finally:
@@ -464,6 +501,11 @@ def test_exit_codes_of_ours_have_words():
     for code in (70, 71, 72, 73):
         assert EXIT_MEANINGS[code] and EXIT_MEANINGS[code] in ExitInfo(code).reason
     assert "grace" in ExitInfo(72).meaning and ExitInfo(-9).meaning.startswith("killed")
+    assert "shutdown()" in ExitInfo(1).reason
+    script = ExitInfo(1, script=True)  # rankvisor-run: the rank leaves with its script's own exit code
+    assert "the script failed" in script.reason and "shutdown()" not in script.reason + script.meaning
+    assert ExitInfo(3, script=True).reason == "exit code 3 (the script's own exit code)"
+    assert ExitInfo(0, script=True).meaning == "stopped cleanly" and "grace" in ExitInfo(72, script=True).meaning
     readme = open(os.path.join(REPO, "README.md")).read()
     for code in (70, 71, 72, 73):
         assert re.search(rf"^\| {code} \|", readme, re.M), f"exit code {code} missing from README's table"

@@ -140,3 +140,16 @@ def test_torch_tensor_goes_out_of_band():
     out, _ = _roundtrip({"t": t, "empty": torch.empty(0, 5)})
     assert torch.equal(out["t"], t) and out["t"].dtype == torch.bfloat16
     assert out["empty"].shape == (0, 5)
+
+
+def test_a_message_sent_while_another_thread_imports_torch(monkeypatch):
+    """torch half imported (in sys.modules, no Tensor yet): the message still goes. The CLI's manager thread sends
+    the STOP request while the main thread imports torch for the workload; that send raised AttributeError."""
+    import sys
+    import types
+
+    from worker.protocol import STOP_METHOD, Request
+
+    monkeypatch.setitem(sys.modules, "torch", types.ModuleType("torch"))  # what a partial import looks like
+    stop = Request(0, STOP_METHOD, (), {}, -1)
+    assert _roundtrip(stop)[0] == stop

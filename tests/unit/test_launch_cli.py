@@ -23,6 +23,26 @@ def test_max_restarts_is_one_for_all_with_a_total_budget():
     assert "restart=one_for_all" not in cli.overrides(_ns())  # torchrun's default: no restarts
 
 
+def test_max_restarts_budget_has_no_time_window():
+    assert "restart.period_s=inf" in cli.overrides(_ns("--max-restarts=1"))
+
+
+@pytest.mark.parametrize("flags, config, named", [
+    (["--nproc-per-node=2"], "parallel.tp=4", "--nproc-per-node, which sets parallel.tp=2"),
+    ([], "parallel.tp=4", "--nproc-per-node, which sets parallel.tp=1"),
+    (["--max-restarts=3"], "restart.intensity=5", "--max-restarts, which sets restart.intensity=3"),
+    (["--shutdown-timeout=2"], "shutdown.grace_s=9", "--shutdown-timeout, which sets shutdown.grace_s=2.0"),
+])
+def test_a_config_key_that_a_flag_sets_too_is_refused_naming_both(flags, config, named):
+    with pytest.raises(cli.UsageError) as err:
+        cli.overrides(_ns(*flags, "-c", config))
+    assert str(err.value) == f"-c {config}: conflicts with {named}; give only one of them"
+
+
+def test_config_keys_no_flag_sets_pass():
+    assert "shutdown.grace_s=9" in cli.overrides(_ns("-c", "shutdown.grace_s=9"))  # the README's own example
+
+
 def test_flags_after_the_script_belong_to_the_script_and_torchrun_spellings_both_work():
     ns = _ns("--nproc_per_node=2", "--max_restarts=1", "--rdzv-id=abc", "-r", "3", "--tee=1",
              "--local-ranks-filter=0,1")

@@ -181,6 +181,13 @@ def test_give_up_message():
         "group 1 failed (SIGKILL): 2 run-time restarts in 10.0 s would exceed intensity 1")
 
 
+def test_a_budget_without_a_window_says_so_not_a_billion_seconds():
+    """rankvisor-run's --max-restarts is a budget for the whole run (period_s=inf)."""
+    sim = Sim(spec(intensity=1, period_s=math.inf))
+    assert sim.fail(1).reason.endswith("(run-time restart 1/1 in all)")
+    assert sim.fail(1, after=1e9).reason.endswith("2 run-time restarts in all would exceed intensity 1")
+
+
 def test_the_window_passing_resets_the_counter_and_the_backoff():
     sim = Sim(spec(intensity=3, period_s=10.0, backoff_initial_s=1.0, backoff_factor=2.0, backoff_max_s=60.0))
     burst = [sim.fail(0, after=1.0) for _ in range(3)]  # at 1, 2, 3 s

@@ -3,14 +3,21 @@
 ::
 
     rank N  fd 1 ─pipe─┐                        ┌─> our stdout / stderr: "[rankN]: line" (one write per batch)
-            fd 2 ─pipe─┼─> RankOutput thread ───┤
-    rank M  fd 1/2 ────┘   (epoll, whole lines) └─> RUN_DIR/ranks/rankN.log: the line as written, both streams
+            fd 2 ─pipe─┤                        │
+          stacks ─pipe─┼─> RankOutput thread ───┤
+    rank M  ...   ─────┘   (epoll, whole lines) └─> RUN_DIR/ranks/rankN.log: the line as written, every stream
 
 Why here and not in the worker (worker/output.py says more): a pipe per stream catches what bypasses Python
 (faulthandler's stack dumps, native libraries, a crash's last words), and cutting lines on our side means two ranks
 can never share a line. A rank's log file stays open across its restarts; each incarnation starts with a header
 line naming the pid and attempt. Lines longer than ``MAX_LINE_BYTES`` are cut so a rank that never writes a newline
 cannot grow our memory. The thread, its descriptors and the files exist only once a worker has been added.
+
+The stacks pipe carries what faulthandler writes when we ask a rank for its Python stacks (a hang, SIGUSR1): a
+hundred lines per rank, for the log only; the console gets one line saying where (supervisor/signals.py, the
+lifecycle's hang report). Without a run folder there is no log, and they come out on our stderr like the rest.
+A line that already starts with the rank's own ``[rankN]:`` (torch.distributed's excepthook and its C++ logger put
+it there) is not prefixed twice.
 """
 from __future__ import annotations
 
@@ -26,7 +33,7 @@ from supervisor.core.events import iso_time
 
 MAX_LINE_BYTES = 64 * 1024  # a longer line is written out in pieces of this size
 READ_BYTES = 64 * 1024  # one pipe's capacity: one read usually takes all that is there
-_STREAMS = ("stdout", "stderr")
+_STREAMS = ("stdout", "stderr", "stacks")
 
 
 def _label(rank: int | str, sep: str = "") -> str:
@@ -36,7 +43,7 @@ def _label(rank: int | str, sep: str = "") -> str:
 @dataclass
 class _Source:
     rank: int | str
-    stream: str  # "stdout" | "stderr"
+    stream: str  # "stdout" | "stderr" | "stacks"
     conn: Any  # the parent's read end (multiprocessing Connection); closed at EOF
     buf: bytes = field(default=b"")
 
@@ -63,12 +70,14 @@ class RankOutput:
         return os.path.join(self.log_dir, f"{_label(rank)}.log") if self.log_dir else ""
 
     # -- adding workers (any thread) -------------------------------------------------------------------------
-    def add(self, rank: int | str, pid: int, attempt: int | str, stdout_conn: Any, stderr_conn: Any) -> None:
+    def add(self, rank: int | str, pid: int, attempt: int | str, stdout_conn: Any, stderr_conn: Any,
+            stacks_conn: Any = None) -> None:
         """Take over the read ends of a new worker's pipes (they are closed here at EOF)."""
+        conns = (stdout_conn, stderr_conn, stacks_conn)
         with self._lock:
             self._start_locked()
             self._note_locked(rank, f"{_label(rank, ' ')} pid {pid} attempt {attempt} started")
-            self._new += [_Source(rank, s, c) for s, c in zip(_STREAMS, (stdout_conn, stderr_conn))]
+            self._new += [_Source(rank, s, c) for s, c in zip(_STREAMS, conns) if c is not None]
         self._poke()
 
     def note(self, rank: int | str, what: str) -> None:
@@ -155,8 +164,10 @@ class RankOutput:
             return
         with self._lock:
             self._write_log(src.rank, b"".join(line + b"\n" for line in lines))
+        if src.stream == "stacks" and self.log_dir:
+            return  # in the rank's log; the console is told where by whoever asked for them
         prefix = f"[{_label(src.rank)}]: "
-        text = "".join(prefix + line.decode("utf-8", "replace") + "\n" for line in lines)
+        text = "".join(_prefixed(prefix, line.decode("utf-8", "replace")) for line in lines)
         stream = sys.stdout if src.stream == "stdout" else sys.stderr  # looked up now: a live display swaps them
         try:
             stream.write(text)
@@ -203,3 +214,8 @@ class RankOutput:
         for f in self._logs.values():
             f.close()
         self._logs = {}
+
+
+def _prefixed(prefix: str, line: str) -> str:
+    """``[rankN]: line``; a line that already carries this rank's prefix keeps the one it has."""
+    return (line if line.startswith(prefix.rstrip()) else prefix + line) + "\n"

@@ -51,12 +51,13 @@ class TreeProcess:
         """Start ``target(*args, death_r, status_w, *extra_conns, close_fds?, output ends)`` (see the callers)."""
         death_r, self.death_w = ctx.Pipe(duplex=False)
         self.status_r, status_w = ctx.Pipe(duplex=False)
-        # stdout/stderr pipes for RankOutput (None: the child inherits ours, unprefixed)
-        pipes = [ctx.Pipe(duplex=False) for _ in range(2)] if output is not None else []
+        # stdout, stderr and stacks pipes for RankOutput (None: the child inherits ours, unprefixed)
+        pipes = [ctx.Pipe(duplex=False) for _ in range(3)] if output is not None else []
         self.proc = ctx.Process(target=target, name=str(self.label),
                                 args=(*args, death_r, status_w, *extra_conns, tuple(w for _, w in pipes)))
         try:
-            with startmethod.without_main():  # the user's script must not run again in the worker
+            # the user's script must not run again in the worker; a group signal must not reach it while it starts
+            with startmethod.without_main(), startmethod.shielded(ctx.get_start_method()):
                 self.proc.start()
         except BaseException:
             for r, _ in pipes:
@@ -188,7 +189,7 @@ class TreeProcess:
                 pass
 
     def dump_stack(self) -> None:
-        """Ask the worker for its Python stacks (faulthandler on SIGUSR1, into its stderr)."""
+        """Ask the worker for its Python stacks (faulthandler on SIGUSR1, into its rank log: worker/output.py)."""
         p = self.psutil_process()
         if p is not None:
             try:
@@ -230,7 +231,7 @@ class WorkerProcess(TreeProcess):
         why = getattr(self, "killed_why", "") if code is not None and code < 0 else ""
         return ExitInfo(code, hung=self.hung, hung_why=getattr(self, "hung_why", ""),
                         detail=f"{ExitInfo(code).reason.split(' (')[0]} ({why})" if why else "",
-                        oom=self._oom_record(), cause=self.device_lost)
+                        oom=self._oom_record(), cause=self.device_lost, script=bool(self.spec.script.script))
 
     def note_memory_cgroup(self, witness: OomWitness | None) -> None:
         """Remember the OOM-kill counters of the memory cgroup the worker is in now (at spawn or promotion, again

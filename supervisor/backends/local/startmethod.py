@@ -3,6 +3,9 @@
 forkserver with torch (and our worker modules) preloaded is the default: the server imports torch once, and each
 worker is a fork of it, so it starts in milliseconds instead of re-importing torch (seconds). fork is refused once
 CUDA is initialised in this process (a forked child cannot use it); spawn is always safe.
+
+Every process of the tree is started ``shielded``: with the signals a terminal or a service manager sends to the
+whole process group blocked, so that they reach only the supervisor (worker/session.py tells the whole story).
 """
 from __future__ import annotations
 
@@ -11,6 +14,8 @@ import multiprocessing as mp
 import sys
 import threading
 from multiprocessing import spawn
+
+from worker import session
 
 # Imported by the forkserver before it forks anything: the heavy part of a worker's start-up, done once.
 FIRST_PRELOAD = "supervisor._forkserver_path"  # our packages ahead of the current folder, before anything imports them
@@ -49,6 +54,20 @@ def without_main():
         _starting_worker.on = False
 
 
+@contextlib.contextmanager
+def shielded(method: str):
+    """Start processes of the tree in this block: they begin with the group signals blocked, and leave the caller's
+    group before they unblock them (worker/session.py). The resource tracker (spawn and forkserver use one) is
+    started first, alone: CPython's start of it unblocks SIGINT and SIGTERM in this thread on its way out."""
+    if method != "fork":
+        from multiprocessing import resource_tracker
+
+        with session.held():
+            resource_tracker.ensure_running()
+    with session.held():
+        yield
+
+
 def cuda_initialized() -> bool:
     torch = sys.modules.get("torch")
     return bool(torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized())
@@ -82,7 +101,8 @@ def prestart(args: list[str]) -> int | None:
     from multiprocessing import forkserver
 
     context("forkserver", ("torch",))
-    forkserver.ensure_running()
+    with shielded("forkserver"):
+        forkserver.ensure_running()
     return forkserver._forkserver._forkserver_pid
 
 
