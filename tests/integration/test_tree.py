@@ -9,7 +9,7 @@ import pytest
 
 from supervisor.api import Supervisor
 from supervisor.errors import RemoteError, StartupError, WorkerFailed
-from tests.integration.helpers import ECHO, TreeInChild, config, fault_env, gone_within
+from tests.integration.helpers import ECHO, FAULTY, TreeInChild, config, fault_env, gone_within, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 METHODS = ["forkserver", "spawn"]
@@ -165,6 +165,23 @@ def test_grandchildren_are_reaped_on_shutdown_and_after_the_worker_is_killed():
             time.sleep(0.05)
         second = [p for ps in sup.collective_rpc("children", timeout=10) for p in ps]
     assert gone_within(second, 1.0) == []
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn", "fork"])
+def test_fork_children_of_a_killed_rank_are_reaped(method):
+    """A worker method starts multiprocessing children of the fork context (one in a session of its own); kill -9
+    of that rank under one_for_all is noticed and the group restarted; after shutdown() the children are gone.
+    They used to outlive it all: a fork child lacked the tree marker, and under fork/spawn it also held the
+    multiprocessing sentinel of its dead worker open, so the death was never seen."""
+    sup = Supervisor(config(*FAULTY, "parallel.tp=2", "restart=one_for_all", method=method))
+    try:
+        kids = sup.collective_rpc("fork_children", timeout=10, unique_reply_rank=0)
+        first = sup.pids()
+        os.kill(first[0], signal.SIGKILL)
+        wait_for(lambda: sup.serving(0) and set(sup.pids()).isdisjoint(first), 30, "the group to serve again")
+    finally:
+        sup.shutdown()
+    assert gone_within(kids, 3.0) == []
 
 
 def test_double_shutdown_and_call_after_shutdown():

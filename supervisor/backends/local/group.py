@@ -113,7 +113,7 @@ class WorkerGroup:
     def _await_ready(self, deadline: float) -> list[Ready]:
         readies: dict[int, Ready] = {}
         by_conn = {w.status_r: w for w in self.workers}
-        by_sentinel = {w.sentinel: w for w in self.workers}
+        by_sentinel = {w.exit_fd: w for w in self.workers}
         while len(readies) < self.world:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
