@@ -147,6 +147,12 @@ def _not_llama(tmp_path: Path) -> str:
     return f"llm.checkpoint={tmp_path / 'gpt'}"
 
 
+def _no_weights(tmp_path: Path) -> str:
+    (tmp_path / "shape-only").mkdir()
+    (tmp_path / "shape-only" / "config.json").write_text(json.dumps(preset("tiny").to_hf_config("float32")))
+    return f"llm.checkpoint={tmp_path / 'shape-only'}"
+
+
 def _huge(tmp_path: Path) -> str:
     cfg = {**preset("tiny").to_hf_config("float32"), "hidden_size": 1 << 16, "intermediate_size": 1 << 18,
            "num_hidden_layers": 512}  # ~ 100 TB of weights: larger than any host
@@ -162,6 +168,7 @@ BAD_INPUTS = [
     pytest.param(lambda p: "parallel.pp=5", "parallel.pp: 4 layers cannot fill pp=5 stages", id="layers<pp"),
     pytest.param(_not_llama, "llm.checkpoint: model_type 'gpt2' is not Llama-family", id="not-llama"),
     pytest.param(_huge, "do not fit in", id="too-large"),
+    pytest.param(_no_weights, "llm.checkpoint: no *.safetensors in", id="no-safetensors"),  # failed in rank 0's load
 ]
 
 
@@ -172,6 +179,21 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, bad, says: str) -> Non
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], err
     assert not (tmp_path / "outputs").exists()  # refused before a run directory or a worker existed
+
+
+def test_max_seq_len_is_checked_against_the_text_prompts_real_length(tmp_path: Path) -> None:
+    """With llm.max_seq_len given, text prompts are tokenized by the check: its error quotes their length, and a
+    max_seq_len that holds them passes. It quoted the 256 tokens planned for unseen text (256 + 32 = 288) and
+    refused 36 for a 4-token prompt. A plain string is one prompt."""
+    from supervisor.errors import ConfigError
+
+    folder = tiny_checkpoint_with_tokenizer(tmp_path / "with-tokenizer", SEED)
+    text = ("workload=llm", "device=cpu", f"llm.checkpoint={folder}", "llm.prompt_text=w5 w9 w400 w3")
+    with pytest.raises(ConfigError) as refused:
+        config(*text, "llm.max_seq_len=10")
+    assert str(refused.value) == ("llm.max_seq_len: 10 is shorter than the longest prompt (4 tokens) plus "
+                                  "llm.max_new_tokens (32): 36")
+    assert config(*text, "llm.max_seq_len=36").llm.prompt_text == ("w5 w9 w400 w3",)
 
 
 @pytest.mark.timeout(180)
