@@ -109,7 +109,7 @@ def entry(spec: WorkerSpec, bcast_handle: Any, death_conn: Any, status_conn: Any
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
     try:
         signal.signal(signal.SIGTERM, _request_stop)  # from here on a SIGTERM is a graceful stop, at any point
-        os.register_at_fork(after_in_child=_plain_sigterm)
+        _plain_python_children()
         watch.start()
         lifeline.arm_parent_death_signal(signal.SIGTERM)
         _setup_environment(spec)
@@ -146,6 +146,18 @@ def _detach(close_fds: tuple) -> None:
     except OSError:
         pass
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # the supervisor dumps our stacks on a hang
+
+
+def _plain_python_children() -> None:
+    """Processes the user's code starts from a rank are made as under plain Python or torchrun. multiprocessing's
+    default start method is Python's own (fork on Linux before 3.14): a process started by a context keeps that
+    context as its default, so a rank defaulted to our forkserver (or spawn), and a DataLoader over a Dataset
+    defined in a function failed to pickle it. How the supervisor starts ranks (runtime.start_method) is apart.
+    And a process the rank forks gets the default SIGTERM back (_plain_sigterm)."""
+    import multiprocessing
+
+    multiprocessing.set_start_method(None, force=True)  # None: back to the platform's default
+    os.register_at_fork(after_in_child=_plain_sigterm)
 
 
 def _plain_sigterm() -> None:

@@ -192,3 +192,46 @@ def test_double_shutdown_and_call_after_shutdown():
     sup.shutdown()
     with pytest.raises(ShutdownInProgress):
         sup.collective_rpc("echo", args=(1,), timeout=5)
+
+
+def _plain_python_start_method() -> str:
+    import subprocess
+    import sys
+
+    code = "import multiprocessing as mp; print(mp.get_start_method())"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout.strip()
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn", "fork"])
+def test_a_ranks_default_start_method_is_plain_pythons(method):
+    """Inside a rank multiprocessing defaults to what plain Python (and a torchrun rank) has, whatever started
+    the rank; it used to be the supervisor's own start method (a child keeps its context as its default)."""
+    def default(worker):
+        import multiprocessing
+
+        return multiprocessing.get_start_method()
+
+    with Supervisor(config(*ECHO, method=method)) as sup:
+        assert sup.collective_rpc(default, timeout=10) == [_plain_python_start_method()]
+
+
+def test_a_dataloader_over_a_dataset_defined_in_a_function_runs_in_a_rank():
+    """The user-visible case: worker processes (num_workers=2) over a Dataset class defined locally, which only
+    the fork start method can hand over (it cannot be pickled). Under the forkserver default it failed."""
+    def load(worker):
+        import torch
+        from torch.utils.data import DataLoader, Dataset
+
+        class Squares(Dataset):
+            def __len__(self):
+                return 8
+
+            def __getitem__(self, i):
+                return torch.tensor(i * i)
+
+        return int(sum(batch.sum() for batch in DataLoader(Squares(), batch_size=2, num_workers=2)))
+
+    if _plain_python_start_method() != "fork":
+        pytest.skip("plain Python's default here is not fork: a local Dataset cannot be handed to loader workers")
+    with Supervisor(config(*ECHO)) as sup:
+        assert sup.collective_rpc(load, timeout=60) == [sum(i * i for i in range(8))]
