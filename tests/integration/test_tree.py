@@ -106,6 +106,28 @@ def test_startup_failure_names_rank_with_remote_traceback():
     assert "Traceback" in err.value.remote_traceback
 
 
+def test_startup_failure_is_named_when_its_frames_and_its_exit_are_seen_together(monkeypatch):
+    """The start-up loop sees a failing rank's frames (phases, then StartupFailed) and its exit in one wake-up: the
+    error is still the rank's own, with its traceback. (It read one frame, then took the exit: "exited during
+    start-up: exit code 71", now and then in the test above.) Here the loop is held until the rank is gone."""
+    import psutil
+
+    from supervisor.backends.local.group import WorkerGroup
+    from worker.protocol import StartupPhase
+
+    observe = WorkerGroup._observe
+
+    def held(self, phase, w, elapsed_s):
+        if phase is StartupPhase.SPAWNED and w.rank == 1:
+            psutil.Process(w.pid).wait(30)
+        observe(self, phase, w, elapsed_s)
+
+    monkeypatch.setattr(WorkerGroup, "_observe", held)
+    with pytest.raises(StartupError) as err:
+        Supervisor(config(*fault_env("raise_init", rank=1), "parallel.tp=2"))
+    assert "injected failure in init on rank 1" in str(err.value) and "Traceback" in err.value.remote_traceback
+
+
 @pytest.mark.parametrize("kind,reason", [("exit_init", "exit code 3"), ("segv_init", "SIGSEGV")])
 def test_startup_exit_or_segfault_reports_the_reason(kind, reason):
     cfg = config(*fault_env(kind, rank=0), "parallel.tp=2")
