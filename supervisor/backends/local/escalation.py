@@ -157,10 +157,22 @@ def stop(workers: Sequence[WorkerProcess], grace_s: float, reap_s: float, reaper
             w.request_stop(0.0)
     _signal_all(below, signal.SIGKILL)
     _signal_workers(order, signal.SIGKILL)
-    _wait(order, below, time.monotonic() + reap_s)
+    deadline = time.monotonic() + reap_s
+    _wait(order, below, deadline)
+    _until_exited(order, deadline)
     for w in order:
         w.close()
     reap_orphans(reaper, reap_s)
+
+
+def _until_exited(workers: Sequence[WorkerProcess], deadline: float) -> None:
+    """Until each worker has finished exiting (its exit descriptor readable), or the deadline. A status read from
+    a worker still being torn down (TreeProcess.note_exit) comes before the kernel hands its children to us: the
+    sweep after this would miss them, and a detached grandchild of a killed worker lived on."""
+    pending = [w.exit_fd for w in workers]
+    while pending and (remaining := deadline - time.monotonic()) > 0:
+        done = mp_wait(pending, timeout=remaining)
+        pending = [fd for fd in pending if fd not in done]
 
 
 def reap_orphans(reaper: Reaper, timeout: float = 0.5) -> list[int]:
