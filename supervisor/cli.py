@@ -15,11 +15,12 @@ by ``__main__`` before this module composes anything, so the two overlap.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from supervisor.signals import SignalState
 
@@ -141,7 +142,9 @@ def _create_hydra(path: Any) -> Any:
 
 
 def _command(hydra: Any, args: Any, parser: Any, name: str, signals: SignalState) -> int:
-    overrides = list(args.overrides)
+    from supervisor.config import lists_of_one
+
+    overrides = lists_of_one(args.overrides)  # as compose_node takes them: the preflight checks what Hydra runs
     if args.help:
         hydra.app_help(config_name=name, args_parser=parser, args=args)
     elif args.hydra_help:
@@ -183,7 +186,8 @@ def _run(hydra: Any, name: str, overrides: list[str], signals: SignalState) -> i
     if signals.stop.is_set():
         return signals.code  # type: ignore[return-value]
     mode = [] if any(o.startswith("hydra.mode=") for o in overrides) else ["hydra.mode=RUN"]
-    ret = hydra.run(config_name=name, task_function=_task(signals), overrides=[*overrides, *mode])
+    with _run_folder("hydra.run.dir"):
+        ret = hydra.run(config_name=name, task_function=_task(signals), overrides=[*overrides, *mode])
     return ret.return_value
 
 
@@ -194,9 +198,22 @@ def _multirun(hydra: Any, name: str, overrides: list[str], signals: SignalState)
     _preflight(name, expand_sweep([line for line in plain if not line.startswith("hydra.")]))
     if signals.stop.is_set():
         return signals.code  # type: ignore[return-value]
-    returns = hydra.multirun(config_name=name, task_function=_task(signals), overrides=[*plain, "hydra.mode=MULTIRUN"])
+    with _run_folder("hydra.sweep.dir"):
+        returns = hydra.multirun(config_name=name, task_function=_task(signals),
+                                 overrides=[*plain, "hydra.mode=MULTIRUN"])
     codes = [job.return_value for batch in returns for job in batch]
     return max(codes, default=EXIT_OK)
+
+
+@contextlib.contextmanager
+def _run_folder(key: str) -> Iterator[None]:
+    """Hydra makes the run folder, writes .hydra/ and opens its log there before the task starts: an OSError out of
+    it (the task wraps its own errors in _JobCrashed) is a folder that cannot be written, named in one line."""
+    try:
+        yield
+    except OSError as exc:
+        where = f" {exc.filename}" if exc.filename else ""
+        raise _Refused(f"{key}: cannot write the run folder{where}: {exc.strerror or exc}") from None
 
 
 def _preflight(name: str, jobs: list[list[str]]) -> None:

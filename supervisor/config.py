@@ -41,7 +41,7 @@ from typing import Any, Callable, Dict, Iterator, List, Sequence, get_args, get_
 from supervisor.errors import ConfigError  # the checks' error; importers of supervisor.config find it here too
 from supervisor.llm_checks import check_config as check_llm, runs_llm
 from supervisor.settings import Choice, Config
-from transport.layout import MAX_SLOTS, MIN_SLOT_BYTES
+from transport.layout import MAX_SLOTS, MESSAGE_LIMIT, MIN_SLOT_BYTES
 
 SLOT_ALIGN = 64  # transport/layout.py: slot payloads stay cache-line aligned (readers and writer never share a line)
 MAX_SLOT_BYTES = (1 << 32) - SLOT_ALIGN  # transport/layout.py: a slot's size is a u32
@@ -227,6 +227,22 @@ def hydra_session(config_dir: str | None = None, primary: str | None = None) -> 
         restore_gh_from_backup(backup)
 
 
+def lists_of_one(overrides: Sequence[str]) -> list[str]:
+    """One value where a list is expected is a list of one: ``llm.prompt_text=Hello`` -> ``llm.prompt_text=[Hello]``
+    (OmegaConf refuses a lone value for a list field: "str is not a ListConfig"). Lists, mappings, null, sweeps and
+    other keys are left as written. The CLI hands Hydra's run the same overrides as its preflight composed."""
+    return [_one_item_list(o) for o in _parse_overrides(list(overrides))]
+
+
+def _one_item_list(override: Any) -> str:
+    hint = _field_hint(override.key_or_group)
+    value = override.value() if not override.is_sweep_override() else None
+    if get_origin(hint) is not tuple or _is_pairs(hint) or value is None or isinstance(value, (list, dict)):
+        return override.input_line
+    key, _, raw = override.input_line.partition("=")
+    return f"{key}=[{raw}]"
+
+
 def _env_verbatim(override: str) -> str:
     """``+runtime.env.X=false`` -> ``+runtime.env.X='false'``: environment values reach the worker as written
     (Hydra would parse them into a bool or a float first, and 'false' would come back as 'False', 1e3 as
@@ -249,7 +265,7 @@ def compose_node(overrides: list[str], config_name: str = CONFIG_NAME) -> Any:
     from omegaconf.errors import OmegaConfBaseException
 
     keys = _check_overrides(overrides)
-    overrides = [_env_verbatim(o) for o in overrides]
+    overrides = [_env_verbatim(o) for o in lists_of_one(overrides)]
     try:
         return compose(config_name=config_name, overrides=overrides)
     except (HydraException, OmegaConfBaseException, ValueError) as exc:  # Hydra raises ValueError for some input
@@ -449,7 +465,7 @@ _RULES: tuple[tuple[str, Callable[[Any], str | None]], ...] = (
     ("transport.reply_slots", _at_most(_int_at_least(2), MAX_SLOTS, "the ring's slot index")),
     ("transport.spin_us", _at_most(_NON_NEG, MAX_SPIN_US, "longer spinning only burns a CPU")),
     ("transport.spin_poll", _one_of(SPIN_POLLS)),
-    ("transport.max_message_bytes", _POSITIVE_INT),
+    ("transport.max_message_bytes", _at_most(_POSITIVE_INT, MESSAGE_LIMIT - 1, "what a ring header can announce")),
     ("shutdown.grace_s", _NON_NEG),
     ("shutdown.reap_s", _POSITIVE),
     ("shutdown.drain_s", _NON_NEG),
@@ -527,6 +543,9 @@ def _check_relations(cfg: Config) -> None:
     for key in ("slot_bytes", "reply_slot_bytes"):
         size = getattr(tr, key)
         _require(size % SLOT_ALIGN == 0, f"transport.{key}", f"must be a multiple of {SLOT_ALIGN}, got {size}")
+    slot = max(tr.slot_bytes, tr.reply_slot_bytes)  # a message that fits one slot must never be refused
+    _require(tr.max_message_bytes >= slot, "transport.max_message_bytes",
+             f"must be at least a slot (transport.slot_bytes / reply_slot_bytes, {slot:,}), got {tr.max_message_bytes}")
     _require(rs.backoff_max_s >= rs.backoff_initial_s, "restart.backoff_max_s",
              f"must be >= restart.backoff_initial_s={rs.backoff_initial_s:g}, got {rs.backoff_max_s:g}")
     hb = cfg.worker

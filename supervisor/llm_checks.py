@@ -1,12 +1,14 @@
 """The Llama decoder's configuration check, run in the parent before anything is spawned (supervisor/config.py's
 ``validate`` calls it for workload=llm, and for workload=serve with worker=llm): the shape of the checkpoint or
-preset (Llama-family? heads, kv-heads and MLP columns divisible by tp? layers >= pp?), the prompts against the vocabulary and positions, and whether the weights plus
-the KV cache fit each device. Apart from the run (supervisor/llm_workload.py) so that checking a config never
-imports the API that runs one.
+preset (Llama-family? heads, kv-heads and MLP columns divisible by tp? layers >= pp?), the prompts against the
+vocabulary and positions, whether the weights plus the KV cache fit each device, and that the folder holds
+safetensors. Apart from the run (supervisor/llm_workload.py) so that checking a config never imports the API that
+runs one.
 """
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from supervisor.core.topology import resolve_device
@@ -40,6 +42,7 @@ def check_config(cfg: "Config", visible_gpus: int | None = None) -> None:
         raise ConfigError(exc.key, exc.problem) from None
     _check_prompts(llm, shape)
     _check_memory(cfg, shape)
+    _check_weights(llm)
 
 
 def _require(ok: bool, key: str, problem: str) -> None:
@@ -55,20 +58,46 @@ def _shape(llm: Any) -> LlamaShape:
     return read_shape(path)
 
 
+def _check_weights(llm: Any) -> None:
+    """config.json alone describes a shape (checked above); the ranks load safetensors."""
+    if llm.checkpoint:
+        _require(any(Path(os.path.expanduser(llm.checkpoint)).glob("*.safetensors")), "llm.checkpoint",
+                 f"no *.safetensors in {llm.checkpoint!r} (weights load from safetensors only)")
+
+
 def _check_prompts(llm: Any, shape: LlamaShape) -> None:
     bad = [t for t in llm.prompt_ids if not 0 <= t < shape.vocab_size]
     _require(not bad, "llm.prompt_ids", f"token id {bad[:1]} is outside the vocabulary (0..{shape.vocab_size - 1})")
-    if llm.prompt_text:
-        folder = os.path.expanduser(llm.checkpoint) if llm.checkpoint else ""
-        has = folder and any(os.path.isfile(os.path.join(folder, f)) for f in TOKENIZER_FILES)
-        _require(bool(has), "llm.prompt_text", "needs a tokenizer in llm.checkpoint's folder; give llm.prompt_ids")
-    from worker.llm.worker import planned_prompt_len
-
-    need = planned_prompt_len(llm) + llm.max_new_tokens
+    prompt = _longest_prompt(llm, shape)
+    need = prompt + llm.max_new_tokens
     _require(llm.max_seq_len == 0 or llm.max_seq_len >= need, "llm.max_seq_len",
-             f"{llm.max_seq_len} is shorter than the prompt plus llm.max_new_tokens ({need})")
+             f"{llm.max_seq_len} is shorter than the longest prompt ({prompt} tokens) plus llm.max_new_tokens "
+             f"({llm.max_new_tokens}): {need}")
     _require(need <= shape.max_position_embeddings, "llm.max_new_tokens",
              f"prompt + new tokens = {need} exceeds the model's {shape.max_position_embeddings} positions")
+
+
+def _longest_prompt(llm: Any, shape: LlamaShape) -> int:
+    """Tokens in the longest prompt. The worker plans TEXT_PROMPT_BOUND tokens for text it has not seen, but that is
+    not the prompt's length: a check that depends on it (an llm.max_seq_len given, or a generation long enough to
+    reach the model's positions) tokenizes the text, as the run will. Otherwise the tokenizer stays off the
+    start-up path (supervisor/completions.py loads it after READY)."""
+    from worker.llm.worker import planned_prompt_len
+
+    planned = planned_prompt_len(llm)
+    if not llm.prompt_text:
+        return planned
+    folder = os.path.expanduser(llm.checkpoint) if llm.checkpoint else ""
+    has = folder and any(os.path.isfile(os.path.join(folder, f)) for f in TOKENIZER_FILES)
+    _require(bool(has), "llm.prompt_text", "needs a tokenizer in llm.checkpoint's folder; give llm.prompt_ids")
+    if not llm.max_seq_len and planned + llm.max_new_tokens <= shape.max_position_embeddings:
+        return planned  # no check can fail on it
+    from supervisor.completions import load_tokenizer  # here: completions imports this module
+
+    tok = load_tokenizer(folder)
+    _require(tok is not None, "llm.prompt_text", "needs transformers to tokenize (pip install -e '.[llm]'); "
+                                                 "give llm.prompt_ids")
+    return max(len(tok(text)["input_ids"]) for text in llm.prompt_text)
 
 
 def _check_memory(cfg: "Config", shape: LlamaShape) -> None:

@@ -19,8 +19,8 @@ import os
 import random
 import subprocess
 import sys
-import tempfile
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 from supervisor.completions import Completer, load_tokenizer
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 REFERENCE_TIMEOUT_S = 900.0  # transformers: import, load the checkpoint, generate
 CONSOLE_ROWS = 8  # completions shown on the console; every row is in completions.jsonl
+STOP_POLL_S = 0.05  # a stop (SIGTERM) ends the reference run this fast
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -157,7 +158,10 @@ def _check(report: "Report", llm: Any, device: str, info: dict, prompts: list[li
         report.add(key, "skipped: transformers is not installed (pip install -e '.[llm]')")
         return
     n = len(replicas[0][0])
-    ref = run_reference(info["checkpoint"], prompts, n, info["dtype"], device)
+    ref = run_reference(info["checkpoint"], prompts, n, info["dtype"], device, stop)
+    if ref is None:
+        report.add(key, "skipped (stopped)")
+        return
     agree = min(agreement(rows, ref) for rows in replicas)
     groups = f", {len(replicas)} dp replicas" if len(replicas) > 1 else ""
     if agree == n:
@@ -182,17 +186,43 @@ def agreement(ours: list[list[int]], ref: list[list[int]]) -> int:
     return n
 
 
-def run_reference(checkpoint: str, prompts: list[list[int]], max_new_tokens: int, dtype: str,
-                  device: str) -> list[list[int]]:
-    """transformers' greedy tokens, from ``python -m worker.llm.reference`` in a process of its own."""
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump({"checkpoint": checkpoint, "prompts": prompts, "max_new_tokens": max_new_tokens,
-                   "dtype": dtype, "device": device}, f)
+def run_reference(checkpoint: str, prompts: list[list[int]], max_new_tokens: int, dtype: str, device: str,
+                  stop: threading.Event | None = None) -> list[list[int]] | None:
+    """transformers' greedy tokens, from ``python -m worker.llm.reference`` in a process of its own; None if
+    ``stop`` is set first (a SIGTERM): the process is then killed at once, not waited for. It dies with us even
+    by SIGKILL: it holds the read end of a death pipe whose only write end is ours, and arms PR_SET_PDEATHSIG
+    (like a worker). The request travels on its stdin: nothing is left on disk, whatever happens."""
+    request = json.dumps({"checkpoint": checkpoint, "prompts": prompts, "max_new_tokens": max_new_tokens,
+                          "dtype": dtype, "device": device})
+    death_r, death_w = os.pipe()
     try:
-        done = subprocess.run([sys.executable, "-m", "worker.llm.reference", f.name], cwd=REPO, capture_output=True,
-                              text=True, timeout=REFERENCE_TIMEOUT_S)
+        proc = subprocess.Popen([sys.executable, "-m", "worker.llm.reference", str(death_r)], cwd=REPO,
+                                pass_fds=(death_r,), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
     finally:
-        os.unlink(f.name)
-    if done.returncode != 0:
-        raise RuntimeError(f"transformers reference failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])["tokens"]
+        os.close(death_r)
+    try:
+        done = _communicate(proc, request, stop or threading.Event())
+    finally:
+        os.close(death_w)
+        proc.kill()  # nothing if it has exited; reaped here either way
+        proc.wait()
+    if done is None:
+        return None
+    if proc.returncode != 0:
+        raise RuntimeError(f"transformers reference failed: {(done[1].strip().splitlines() or ['?'])[-1]}")
+    return json.loads(done[0].strip().splitlines()[-1])["tokens"]
+
+
+def _communicate(proc: subprocess.Popen, request: str, stop: threading.Event) -> tuple[str, str] | None:
+    """(stdout, stderr) once ``proc`` has exited, or None as soon as ``stop`` is set."""
+    deadline = time.monotonic() + REFERENCE_TIMEOUT_S
+    send: str | None = request  # communicate() takes the input on its first call only
+    while not stop.is_set():
+        try:
+            return proc.communicate(send, timeout=max(0.0, min(STOP_POLL_S, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"transformers reference: no answer within {REFERENCE_TIMEOUT_S:.0f} s") from None
+        send = None
+    return None

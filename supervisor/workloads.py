@@ -6,6 +6,7 @@ Each returns a Report; the CLI prints it and derives the exit code.
 """
 from __future__ import annotations
 
+import importlib
 import threading
 import time
 from typing import Any, Callable
@@ -121,10 +122,7 @@ def check(cfg) -> str | None:
     if problem:
         return problem
     if w.driver:
-        module, _, fn = w.driver.partition(":")
-        if not module or not fn.isidentifier():
-            return f"workload.driver: expected 'module:function', got {w.driver!r}"
-        return None
+        return _check_driver(w.driver)
     need = _NEEDS.get(w.name)
     if need is None or cfg.worker.cls == need[0]:
         return None  # the workload's own worker: nothing to import (the parent stays torch-free until READY)
@@ -140,11 +138,22 @@ def check(cfg) -> str | None:
             "to keep your worker up, or workload.driver=module:function to drive it")
 
 
+def _check_driver(spec: str) -> str | None:
+    """The driver is imported now, as worker.cls is (run_driver imports it anyway): a typo fails before anything
+    starts, in one line."""
+    module, _, name = spec.partition(":")
+    if not module or not name.isidentifier():
+        return f"workload.driver: expected 'module:function', got {spec!r}"
+    try:
+        fn = getattr(importlib.import_module(module), name, None)
+    except Exception as exc:  # any error while importing user code means "cannot use this driver"
+        return f"workload.driver: cannot import {module!r}: {type(exc).__name__}: {exc}"
+    return None if callable(fn) else f"workload.driver: no function {name!r} in module {module!r}"
+
+
 def run_driver(sup: Supervisor, stop: threading.Event) -> Report:
     """``workload.driver=module:function``: the user's own driver, ``fn(sup, stop)``. It may return a Report, a
     mapping of lines for the summary, or anything else (shown as its result); raising fails the run."""
-    import importlib
-
     module, _, name = sup.cfg.workload.driver.partition(":")
     out = getattr(importlib.import_module(module), name)(sup, stop)
     if isinstance(out, Report):

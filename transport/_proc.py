@@ -13,7 +13,8 @@ import os
 import select
 
 
-def _stat_fields(pid: int) -> list[bytes] | None:
+def stat_fields(pid: int) -> list[bytes] | None:
+    """The fields of /proc/PID/stat after the command name (field 3 first), or None if the process is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
@@ -25,7 +26,7 @@ def _stat_fields(pid: int) -> list[bytes] | None:
 
 def start_time(pid: int | None = None) -> int:
     """Start time of ``pid`` (default: this process) in clock ticks after boot; 0 if unknown."""
-    fields = _stat_fields(os.getpid() if pid is None else pid)
+    fields = stat_fields(os.getpid() if pid is None else pid)
     try:
         return int(fields[19]) if fields else 0
     except (IndexError, ValueError):
@@ -34,7 +35,7 @@ def start_time(pid: int | None = None) -> int:
 
 def session(pid: int) -> int | None:
     """The session id of ``pid`` (field 6), readable even for a zombie; None if it is gone."""
-    fields = _stat_fields(pid)
+    fields = stat_fields(pid)
     try:
         return int(fields[3]) if fields else None
     except (IndexError, ValueError):
@@ -56,7 +57,7 @@ def alive(pid: int, start: int = 0) -> bool:
     """False if ``pid`` is gone, a zombie, or (when ``start`` is known) a different process that reuses the pid."""
     if pid <= 0:
         return True  # never recorded: nothing to say
-    fields = _stat_fields(pid)
+    fields = stat_fields(pid)
     if fields is None:
         if os.path.isdir("/proc/self"):
             return False

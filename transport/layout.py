@@ -136,6 +136,7 @@ VALID_KINDS = frozenset((0, FIRST, LAST, WHOLE, PICKLED))
 MAX_READERS = 1024
 MAX_SLOTS = 1 << 16
 MIN_SLOT_BYTES = 4096
+MESSAGE_LIMIT = 1 << 48  # max_message_bytes stays below it: a larger header is corrupt
 
 _GEOMETRY = struct.Struct("<8sIIII")  # magic, version, n_readers, n_slots, slot_bytes
 _U32 = struct.Struct("<I")
@@ -220,7 +221,7 @@ def read_geometry(buf, size: int) -> Header:
     (pid,) = _U32.unpack_from(buf, OFF_WRITER_PID)
     (max_message,) = _U64.unpack_from(buf, OFF_MAX_MESSAGE)
     (start,) = _U64.unpack_from(buf, OFF_WRITER_START)
-    if not 0 < max_message < (1 << 48):
+    if not 0 < max_message < MESSAGE_LIMIT:
         raise CorruptMessage(f"corrupt ring header: max_message_bytes {max_message}")
     return Header(layout, pid, start, max_message)
 

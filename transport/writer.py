@@ -68,8 +68,8 @@ class RingWriter(Ring):
         _fences: str = "auto",
     ) -> None:
         self._init_common(_fences)
-        if max_message_bytes <= 0 or max_message_bytes >= 1 << 48:
-            raise ValueError(f"max_message_bytes must be in 1..2**48, got {max_message_bytes}")
+        if not 0 < max_message_bytes < L.MESSAGE_LIMIT:
+            raise ValueError(f"max_message_bytes must be in 1..2**48-1, got {max_message_bytes}")
         self.layout = L.Layout(n_reader, max_chunks, max_chunk_bytes)
         self.layout.check()
         self._seg = shm.create(self.layout.size, named)

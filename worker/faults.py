@@ -13,6 +13,8 @@ Configured through the worker environment (``+runtime.env.RV_FAULT=...`` on the 
                        rank SIGKILLs itself on its N-th execute_model or echo call, a kill mid-run of a driver)
 
 Run-time faults (raise in a call, exit, a signal, a hang) need no class: send a callable through collective_rpc.
+Descendants on demand, through collective_rpc: ``spawn_grandchildren`` (subprocesses, one in its own session),
+``fork_children`` (multiprocessing children of the fork context, one in its own session).
 
 ``FaultyWorker`` is the torch-free echo worker with these faults (starts in ~0.2 s); ``FaultyTPWorker`` is the
 tensor-parallel MLP (torch.distributed, CUDA with device=cuda) with the same faults, for the rows where the
@@ -22,6 +24,7 @@ process group or GPU memory matters (a fault in init then strikes with the devic
 from __future__ import annotations
 
 import ctypes
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -88,6 +91,16 @@ class _Faults:
         self.grandchildren = [plain.pid, detached.pid]
         return self.grandchildren
 
+    def fork_children(self) -> list[int]:
+        """Two multiprocessing children of the fork context that sleep, the second in a session of its own: no
+        exec, so they carry only what the worker's memory holds (a DataLoader worker is made the same way)."""
+        ctx = multiprocessing.get_context("fork")
+        kids = [ctx.Process(target=_sleep_in_session, args=(own,)) for own in (False, True)]
+        for k in kids:
+            k.start()
+        self.grandchildren += [k.pid for k in kids]
+        return [k.pid for k in kids]
+
     def children(self) -> list[int]:
         return list(self.grandchildren)
 
@@ -128,6 +141,12 @@ class FaultyTPWorker(_Faults, TPMLPWorker):
 
 class FaultyLLMWorker(_Faults, LLMWorker):
     """The Llama decoder, misbehaving as configured."""
+
+
+def _sleep_in_session(own_session: bool) -> None:
+    if own_session:
+        os.setsid()
+    time.sleep(600)
 
 
 def _unreachable_rendezvous() -> None:

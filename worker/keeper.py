@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker import lifeline, output, session, weights
+from worker import lifeline, output, proc_environ, session, weights
 from worker.protocol import EXIT_ORPHANED
 
 MAX_LOAD_THREADS = 8  # shards loaded at once (one per GPU); fastload reads with threads of its own besides
@@ -69,14 +69,15 @@ def entry(death_conn: Any, status_conn: Any, cmd_conn: Any, env: tuple, output_c
     if output_conns:
         output.attach(*output_conns)
     session.leave_group()  # own session; what the caller's group was sent while we started is not ours
+    for key, value in env:
+        os.environ[key] = value
+    proc_environ.publish()  # the tree marker, for anything this process forks; before any thread starts
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
     session.release()
     watch = lifeline.DeathWatch(death_conn, 0.0, lambda: _leave(0 if watch.deliberate else EXIT_ORPHANED),
                                 EXIT_ORPHANED, 0)
     watch.start()
     lifeline.arm_parent_death_signal(signal.SIGKILL)  # nothing to stop gracefully: the memory goes with us
-    for key, value in env:
-        os.environ[key] = value
     if not weights.legacy_ipc():
         # VMM-backed memory: a rank's import holds its own reference, so the weights outlive this process
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = _with_expandable(os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""))

@@ -31,7 +31,7 @@ import time
 import traceback
 from typing import Any
 
-from worker import device_faults, lifeline, output, session
+from worker import device_faults, lifeline, output, proc_environ, session
 from worker.protocol import (EXIT_DEVICE_ERROR, EXIT_ORPHANED, EXIT_SHUTDOWN_RAISED, EXIT_STARTUP_FAILED,
                              EXIT_STOP_OVERDUE, STOP_METHOD, DeviceLost, PhaseReached, Promotion, Ready,
                              RemoteFailure, Reply, Request, StartupFailed, StartupPhase)
@@ -100,6 +100,7 @@ def entry(spec: WorkerSpec, bcast_handle: Any, death_conn: Any, status_conn: Any
     if output_conns:
         output.attach(*output_conns)
     _detach(close_fds)
+    _apply_environment(spec)  # before any thread starts (proc_environ.publish needs it so)
     status = StatusChannel(status_conn)
     main_ident = threading.get_ident()
     watch = lifeline.DeathWatch(death_conn, spec.worker.orphan_grace_s,
@@ -109,6 +110,7 @@ def entry(spec: WorkerSpec, bcast_handle: Any, death_conn: Any, status_conn: Any
     try:
         signal.signal(signal.SIGTERM, _request_stop)  # from here on a SIGTERM is a graceful stop, at any point
         session.release()  # the signals held since the supervisor started us (worker/session.py)
+        _plain_python_children()
         watch.start()
         lifeline.arm_parent_death_signal(signal.SIGTERM)
         _setup_environment(spec)
@@ -146,10 +148,37 @@ def _detach(close_fds: tuple) -> None:
     faulthandler.register(signal.SIGUSR1, file=output.stacks(), all_threads=True)
 
 
-def _setup_environment(spec: WorkerSpec) -> None:
-    """Environment before torch is imported (spawn) or re-applied where it was preloaded (forkserver)."""
+def _plain_python_children() -> None:
+    """Processes the user's code starts from a rank are made as under plain Python or torchrun. multiprocessing's
+    default start method is Python's own (fork on Linux before 3.14): a process started by a context keeps that
+    context as its default, so a rank defaulted to our forkserver (or spawn), and a DataLoader over a Dataset
+    defined in a function failed to pickle it. How the supervisor starts ranks (runtime.start_method) is apart.
+    And a process the rank forks gets the default SIGTERM back (_plain_sigterm)."""
+    import multiprocessing
+
+    multiprocessing.set_start_method(None, force=True)  # None: back to the platform's default
+    os.register_at_fork(after_in_child=_plain_sigterm)
+
+
+def _plain_sigterm() -> None:
+    """In a process the worker forks (a multiprocessing child, a DataLoader worker): SIGTERM ends it, as in a
+    child of plain Python. Our handler would raise GracefulStop there, a traceback from a process that is not us."""
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    except ValueError:  # not the main thread: Python sets no handlers there
+        pass
+
+
+def _apply_environment(spec: WorkerSpec) -> None:
+    """The spec's variables (the tree marker among them) into os.environ, and into what /proc shows of our
+    environment, so that every process we fork carries the marker too, not only those that exec."""
     for key, value in spec.env:
         os.environ[key] = value
+    proc_environ.publish()
+
+
+def _setup_environment(spec: WorkerSpec) -> None:
+    """Environment before torch is imported (spawn) or re-applied where it was preloaded (forkserver)."""
     threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
     torch = sys.modules.get("torch")
     if torch is not None:

@@ -54,6 +54,13 @@ def gone_within(pids, timeout: float) -> list[int]:
         time.sleep(0.01)
 
 
+def wait_for(pred, timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
 def reap_adopted(procs, timeout: float = 10.0) -> None:
     """Wait for a child interpreter's helpers (its forkserver, slow to exit with torch loaded) to go, reaping the
     ones this process adopted: once it has run a supervisor it is a child subreaper, so when that child dies its

@@ -66,6 +66,7 @@ FLAGS = [  # argv, what stdout must contain
     (["--cfg", "hydra"], ["run:", "sweep:", "subdir: ${hydra.job.num}"]),
     (["--cfg", "all", "--resolve", "+runtime.env.X=${oc.env:RV_CLI_UNSET,fallback}"], ["X: fallback", "hydra:"]),
     (["--cfg", "job", "parallel.tp=4", "restart=one_for_all"], ["tp: 4", "strategy: one_for_all"]),
+    (["--cfg", "job", "llm.prompt_text=Hello"], ["prompt_text:\n  - Hello"]),  # one prompt, what Hydra composes
     (["--cfg", "hydra", "hydra/job_logging=default", "hydra.run.dir=/tmp/x"], ["logging.FileHandler", "dir: /tmp/x"]),
     (["--info", "searchpath"], [config.DEFAULT_CONFIG_DIR]),
     (["--info", "defaults"], ["restart/never", "workload/tp_mlp"]),
@@ -118,6 +119,12 @@ BAD = [  # argv, the key or flag the one line must name -- each former escape of
     (["+runtime.env.CUDA_VISIBLE_DEVICES=0,1"], "runtime.env.CUDA_VISIBLE_DEVICES"),
     (["-m", "parallel.tp=1,0"], "parallel.tp"),  # every job of a sweep is checked before the first starts
     (["-m", "restart=never,bogus"], "restart"),
+    # round 3: these started the workers (exit 1) or were a traceback
+    (["transport.max_message_bytes=100"], "transport.max_message_bytes"),
+    (["worker=echo", "workload.driver=no_such_module_xyz:drive"], "workload.driver: cannot import"),
+    (["worker=echo", "workload.driver=supervisor.workloads:no_such_driver"], "workload.driver: no function"),
+    (["hydra.run.dir=/proc/rankvisor-x"], "hydra.run.dir: cannot write the run folder /proc/rankvisor-x"),
+    (["-m", "hydra.sweep.dir=/proc/rankvisor-x", "parallel.tp=1,2"], "hydra.sweep.dir"),
 ]
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -17,7 +19,8 @@ pytest.importorskip("transformers")
 
 from supervisor.api import Supervisor  # noqa: E402
 from supervisor.llm_workload import generate, make_prompts  # noqa: E402
-from tests.integration.helpers import REPO, config, reap_adopted, tiny_checkpoint_with_tokenizer  # noqa: E402
+from tests.integration.helpers import (REPO, config, gone_within, reap_adopted,  # noqa: E402
+                                     tiny_checkpoint_with_tokenizer, wait_for)
 from worker.llm.checkpoint import preset_dir  # noqa: E402
 from worker.llm.reference import hf_generate, load_hf  # noqa: E402
 from worker.llm.shape import preset  # noqa: E402
@@ -60,8 +63,6 @@ def test_the_cli_drivers_generation_survives_a_rank_killed_mid_request(cache_dir
     """workload=llm's own driver (llm_workload.generate) goes through serving.Generator: a rank of group 0
     SIGKILLed at the third decode step, the request continues on group 1 with the same tokens; with retries off,
     the same kill fails the request."""
-    import signal
-
     from supervisor import serving
     from supervisor.errors import RemoteError, WorkerFailed
 
@@ -100,26 +101,43 @@ class Cli:
     """``python -m supervisor ...`` in a child; its descendants are remembered, so the ones this process adopts
     when the CLI exits (its forkserver, slow to go with torch loaded) are reaped and never count as leaks."""
 
-    def __init__(self, cwd: Path, *overrides: str) -> None:
-        env = {**os.environ, "PYTHONPATH": REPO}
+    def __init__(self, cwd: Path, *overrides: str, env: dict[str, str] | None = None) -> None:
+        env = {**os.environ, "PYTHONPATH": REPO, **(env or {})}
         self.proc = subprocess.Popen([sys.executable, "-m", "supervisor", "logging.level=WARNING", *overrides],
                                      cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.seen: dict[int, psutil.Process] = {}
+
+    def _look(self) -> None:
+        try:
+            self.seen.update((p.pid, p) for p in psutil.Process(self.proc.pid).children(recursive=True))
+        except psutil.Error:
+            pass
+
+    def wait_for_child(self, command: str, timeout: float = CLI_TIMEOUT_S) -> psutil.Process:
+        """The first descendant whose command line holds ``command``, once it runs."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            self._look()
+            for p in self.seen.values():
+                try:
+                    if command in " ".join(p.cmdline()):
+                        return p
+                except psutil.Error:
+                    pass
+            time.sleep(0.05)
+        raise AssertionError(f"no {command!r} below the CLI: {self.proc.communicate(timeout=10)}")
 
     def run(self, timeout: float = CLI_TIMEOUT_S) -> tuple[int, str, str]:
-        seen: dict[int, psutil.Process] = {}
         deadline = time.monotonic() + timeout
         try:
             while self.proc.poll() is None and time.monotonic() < deadline:
-                try:
-                    seen.update((p.pid, p) for p in psutil.Process(self.proc.pid).children(recursive=True))
-                except psutil.Error:
-                    pass
+                self._look()
                 time.sleep(0.1)
             if self.proc.poll() is None:
                 self.proc.kill()
             out, err = self.proc.communicate(timeout=10)
         finally:
-            reap_adopted(seen.values())
+            reap_adopted(self.seen.values())
         return self.proc.returncode, out, err
 
 
@@ -127,6 +145,12 @@ def _not_llama(tmp_path: Path) -> str:
     (tmp_path / "gpt").mkdir()
     (tmp_path / "gpt" / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
     return f"llm.checkpoint={tmp_path / 'gpt'}"
+
+
+def _no_weights(tmp_path: Path) -> str:
+    (tmp_path / "shape-only").mkdir()
+    (tmp_path / "shape-only" / "config.json").write_text(json.dumps(preset("tiny").to_hf_config("float32")))
+    return f"llm.checkpoint={tmp_path / 'shape-only'}"
 
 
 def _huge(tmp_path: Path) -> str:
@@ -144,6 +168,7 @@ BAD_INPUTS = [
     pytest.param(lambda p: "parallel.pp=5", "parallel.pp: 4 layers cannot fill pp=5 stages", id="layers<pp"),
     pytest.param(_not_llama, "llm.checkpoint: model_type 'gpt2' is not Llama-family", id="not-llama"),
     pytest.param(_huge, "do not fit in", id="too-large"),
+    pytest.param(_no_weights, "llm.checkpoint: no *.safetensors in", id="no-safetensors"),  # failed in rank 0's load
 ]
 
 
@@ -154,6 +179,21 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, bad, says: str) -> Non
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], err
     assert not (tmp_path / "outputs").exists()  # refused before a run directory or a worker existed
+
+
+def test_max_seq_len_is_checked_against_the_text_prompts_real_length(tmp_path: Path) -> None:
+    """With llm.max_seq_len given, text prompts are tokenized by the check: its error quotes their length, and a
+    max_seq_len that holds them passes. It quoted the 256 tokens planned for unseen text (256 + 32 = 288) and
+    refused 36 for a 4-token prompt. A plain string is one prompt."""
+    from supervisor.errors import ConfigError
+
+    folder = tiny_checkpoint_with_tokenizer(tmp_path / "with-tokenizer", SEED)
+    text = ("workload=llm", "device=cpu", f"llm.checkpoint={folder}", "llm.prompt_text=w5 w9 w400 w3")
+    with pytest.raises(ConfigError) as refused:
+        config(*text, "llm.max_seq_len=10")
+    assert str(refused.value) == ("llm.max_seq_len: 10 is shorter than the longest prompt (4 tokens) plus "
+                                  "llm.max_new_tokens (32): 36")
+    assert config(*text, "llm.max_seq_len=36").llm.prompt_text == ("w5 w9 w400 w3",)
 
 
 @pytest.mark.timeout(180)
@@ -213,3 +253,51 @@ def test_cli_rides_through_a_restart_its_policy_allows(cache_dir: str, tmp_path:
     assert code == 0, err[-3000:]
     assert any(ln.split() == ["restarts", "1;", "calls", "sent", "again:", "1"] for ln in out.splitlines()), out
     assert "PASS: greedy tokens identical" in out, out
+
+
+REFERENCE = "worker.llm.reference"  # the transformers check's process
+
+
+@pytest.mark.timeout(180)
+def test_sigterm_stops_the_transformers_check_at_once(tmp_path: Path, cache_dir: str) -> None:
+    """The check runs in a process of its own; a SIGTERM to the supervisor then kills it rather than waiting for
+    it to finish. (Frozen with SIGSTOP, it could never finish by itself: before, the command waited for it.)"""
+    cli = Cli(tmp_path, *_overrides(cache_dir))
+    ref = cli.wait_for_child(REFERENCE)
+    try:
+        ref.suspend()
+        cli.proc.send_signal(signal.SIGTERM)
+        code, out, err = cli.run()
+        assert code == 128 + signal.SIGTERM, err[-3000:]
+        assert re.search(r"check vs transformers +skipped \(stopped\)", out), out
+        assert not ref.is_running()  # killed and reaped by the supervisor
+    finally:
+        _kill(ref)
+
+
+@pytest.mark.timeout(180)
+def test_the_transformers_check_dies_with_a_sigkilled_supervisor_and_leaves_no_file(tmp_path: Path,
+                                                                                  cache_dir: str) -> None:
+    """kill -9 of the supervisor while the check runs: the check goes too (PR_SET_PDEATHSIG reaches it even
+    frozen, so it cannot finish and exit by itself) and no request file is left in the temporary folder."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    cli = Cli(tmp_path, *_overrides(cache_dir), env={"TMPDIR": str(tmp)})
+    ref = cli.wait_for_child(REFERENCE)
+    try:
+        wait_for(lambda: ref.num_threads() > 1, 30, "its death watch (started once PR_SET_PDEATHSIG is armed)")
+        ref.suspend()
+        cli.proc.kill()
+        cli.run()
+        assert gone_within([ref.pid], 10.0) == []
+        assert list(tmp.glob("*.json")) == []
+    finally:
+        _kill(ref)
+        reap_adopted([ref])
+
+
+def _kill(p: psutil.Process) -> None:
+    try:
+        p.kill()
+    except psutil.Error:
+        pass

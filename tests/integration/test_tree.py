@@ -9,7 +9,7 @@ import pytest
 
 from supervisor.api import Supervisor
 from supervisor.errors import RemoteError, StartupError, WorkerFailed
-from tests.integration.helpers import ECHO, TreeInChild, config, fault_env, gone_within
+from tests.integration.helpers import ECHO, FAULTY, TreeInChild, config, fault_env, gone_within, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 METHODS = ["forkserver", "spawn"]
@@ -106,6 +106,28 @@ def test_startup_failure_names_rank_with_remote_traceback():
     assert "Traceback" in err.value.remote_traceback
 
 
+def test_startup_failure_is_named_when_its_frames_and_its_exit_are_seen_together(monkeypatch):
+    """The start-up loop sees a failing rank's frames (phases, then StartupFailed) and its exit in one wake-up: the
+    error is still the rank's own, with its traceback. (It read one frame, then took the exit: "exited during
+    start-up: exit code 71", now and then in the test above.) Here the loop is held until the rank is gone."""
+    import psutil
+
+    from supervisor.backends.local.group import WorkerGroup
+    from worker.protocol import StartupPhase
+
+    observe = WorkerGroup._observe
+
+    def held(self, phase, w, elapsed_s):
+        if phase is StartupPhase.SPAWNED and w.rank == 1:
+            psutil.Process(w.pid).wait(30)
+        observe(self, phase, w, elapsed_s)
+
+    monkeypatch.setattr(WorkerGroup, "_observe", held)
+    with pytest.raises(StartupError) as err:
+        Supervisor(config(*fault_env("raise_init", rank=1), "parallel.tp=2"))
+    assert "injected failure in init on rank 1" in str(err.value) and "Traceback" in err.value.remote_traceback
+
+
 @pytest.mark.parametrize("kind,reason", [("exit_init", "exit code 3"), ("segv_init", "SIGSEGV")])
 def test_startup_exit_or_segfault_reports_the_reason(kind, reason):
     cfg = config(*fault_env(kind, rank=0), "parallel.tp=2")
@@ -167,6 +189,23 @@ def test_grandchildren_are_reaped_on_shutdown_and_after_the_worker_is_killed():
     assert gone_within(second, 1.0) == []
 
 
+@pytest.mark.parametrize("method", ["forkserver", "spawn", "fork"])
+def test_fork_children_of_a_killed_rank_are_reaped(method):
+    """A worker method starts multiprocessing children of the fork context (one in a session of its own); kill -9
+    of that rank under one_for_all is noticed and the group restarted; after shutdown() the children are gone.
+    They used to outlive it all: a fork child lacked the tree marker, and under fork/spawn it also held the
+    multiprocessing sentinel of its dead worker open, so the death was never seen."""
+    sup = Supervisor(config(*FAULTY, "parallel.tp=2", "restart=one_for_all", method=method))
+    try:
+        kids = sup.collective_rpc("fork_children", timeout=10, unique_reply_rank=0)
+        first = sup.pids()
+        os.kill(first[0], signal.SIGKILL)
+        wait_for(lambda: sup.serving(0) and set(sup.pids()).isdisjoint(first), 30, "the group to serve again")
+    finally:
+        sup.shutdown()
+    assert gone_within(kids, 3.0) == []
+
+
 def test_double_shutdown_and_call_after_shutdown():
     from supervisor.errors import ShutdownInProgress
 
@@ -175,3 +214,46 @@ def test_double_shutdown_and_call_after_shutdown():
     sup.shutdown()
     with pytest.raises(ShutdownInProgress):
         sup.collective_rpc("echo", args=(1,), timeout=5)
+
+
+def _plain_python_start_method() -> str:
+    import subprocess
+    import sys
+
+    code = "import multiprocessing as mp; print(mp.get_start_method())"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout.strip()
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn", "fork"])
+def test_a_ranks_default_start_method_is_plain_pythons(method):
+    """Inside a rank multiprocessing defaults to what plain Python (and a torchrun rank) has, whatever started
+    the rank; it used to be the supervisor's own start method (a child keeps its context as its default)."""
+    def default(worker):
+        import multiprocessing
+
+        return multiprocessing.get_start_method()
+
+    with Supervisor(config(*ECHO, method=method)) as sup:
+        assert sup.collective_rpc(default, timeout=10) == [_plain_python_start_method()]
+
+
+def test_a_dataloader_over_a_dataset_defined_in_a_function_runs_in_a_rank():
+    """The user-visible case: worker processes (num_workers=2) over a Dataset class defined locally, which only
+    the fork start method can hand over (it cannot be pickled). Under the forkserver default it failed."""
+    def load(worker):
+        import torch
+        from torch.utils.data import DataLoader, Dataset
+
+        class Squares(Dataset):
+            def __len__(self):
+                return 8
+
+            def __getitem__(self, i):
+                return torch.tensor(i * i)
+
+        return int(sum(batch.sum() for batch in DataLoader(Squares(), batch_size=2, num_workers=2)))
+
+    if _plain_python_start_method() != "fork":
+        pytest.skip("plain Python's default here is not fork: a local Dataset cannot be handed to loader workers")
+    with Supervisor(config(*ECHO)) as sup:
+        assert sup.collective_rpc(load, timeout=60) == [sum(i * i for i in range(8))]

@@ -63,6 +63,11 @@ def test_result_is_frozen():
         (["+runtime.env.B=2", "+runtime.env.A=1"], lambda c: c.runtime.env, (("A", "1"), ("B", "2"))),
         (["runtime.preload=[]"], lambda c: c.runtime.preload, ()),
         (["runtime.preload=[torch,numpy]"], lambda c: c.runtime.preload, ("torch", "numpy")),
+        # one value where a list is expected is a list of one (OmegaConf refused it: "str is not a ListConfig")
+        (["runtime.preload=numpy"], lambda c: c.runtime.preload, ("numpy",)),
+        (["llm.prompt_text=Hello"], lambda c: c.llm.prompt_text, ("Hello",)),
+        (["llm.prompt_text='Hello, world'"], lambda c: c.llm.prompt_text, ("Hello, world",)),
+        (["llm.prompt_ids=5"], lambda c: c.llm.prompt_ids, (5,)),
         (["runtime.start_method=forkserver"], lambda c: c.runtime.start_method, "forkserver"),
         (["runtime.startup_timeout_s=5"], lambda c: c.runtime.startup_timeout_s, 5.0),
         (["logging.level=debug"], lambda c: c.logging.level, "DEBUG"),
@@ -185,7 +190,6 @@ def error_for_dir(overrides: list[str], config_dir: Path) -> ConfigError:
         (["workload.hidden=100", "parallel.tp=8"], "workload.hidden"),
         (["device=gpu"], "device"),
         (["runtime.start_method=thread"], "runtime.start_method"),
-        (["runtime.preload=torch"], "runtime.preload"),
         (["+runtime.env.A-B=1"], "runtime.env.A-B"),
         (["runtime.env.FOO=bar"], "runtime.env.FOO"),
         (["runtime.startup_timeout_s=0"], "runtime.startup_timeout_s"),
@@ -232,6 +236,9 @@ def error_for_dir(overrides: list[str], config_dir: Path) -> ConfigError:
         (["ray.placement_strategy=CLOSE"], "ray.placement_strategy"),
         (["transport.reply_slots=70000"], "transport.reply_slots"),
         (["transport.reply_slot_bytes=4100"], "transport.reply_slot_bytes"),
+        # round 3: these started the workers and failed with exit 1
+        (["transport.max_message_bytes=100"], "transport.max_message_bytes"),
+        (["transport.max_message_bytes=281474976710656"], "transport.max_message_bytes"),
     ],
 )
 def test_bad_input_names_the_key(overrides, key):

@@ -1,12 +1,15 @@
 """The check: transformers' own ``LlamaForCausalLM.generate`` (greedy) on the same checkpoint folder.
 
-``python -m worker.llm.reference REQUEST.json`` runs it in a process of its own and prints one JSON line
-``{"tokens": [[...], ...], "seconds": s}``: the supervisor never imports transformers or initialises CUDA itself.
+``python -m worker.llm.reference DEATH_FD`` runs it in a process of its own: it reads the request (one JSON document)
+on stdin and prints one JSON line ``{"tokens": [[...], ...], "seconds": s}``: the supervisor never imports transformers
+or initialises CUDA itself. DEATH_FD is the read end of the supervisor's death pipe: this process leaves when the
+supervisor does, even by SIGKILL (EOF there, and PR_SET_PDEATHSIG), as a worker does (worker/lifeline.py).
 Prompts of different lengths are left-padded with an attention mask, as transformers expects for generation.
 """
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from typing import Any
@@ -39,9 +42,21 @@ def hf_generate(model: Any, prompts: list[list[int]], max_new_tokens: int) -> li
     return out[:, t:].tolist()
 
 
+def die_with_parent(death_fd: int) -> None:
+    """EOF on the death pipe ends this process (and anything it started) at once; PR_SET_PDEATHSIG too."""
+    from multiprocessing.connection import Connection
+
+    from worker import lifeline
+    from worker.protocol import EXIT_ORPHANED
+
+    lifeline.arm_parent_death_signal(signal.SIGKILL)  # first: a second thread running tells it is armed (tests)
+    death = Connection(death_fd, writable=False)
+    lifeline.DeathWatch(death, 0.0, lambda: None, EXIT_ORPHANED, EXIT_ORPHANED).start()
+
+
 def main(argv: list[str]) -> int:
-    with open(argv[0], encoding="utf-8") as f:
-        req = json.load(f)
+    die_with_parent(int(argv[0]))  # before the imports of torch and transformers: they take seconds
+    req = json.load(sys.stdin)
     model = load_hf(req["checkpoint"], req.get("dtype", "float32"), req.get("device", "cpu"))
     t0 = time.perf_counter()
     tokens = hf_generate(model, req["prompts"], req["max_new_tokens"])

@@ -91,6 +91,9 @@ class LocalBackend:
     def close(self) -> None:
         self.reserve.close()  # the standbys, then the keeper: the last of the tree to go
         settle_lingering(self.cfg.shutdown.reap_s)  # workers whose end was read before their teardown finished
+        # A last sweep, every process of the tree now gone: descendants handed to us after their group's stop swept
+        # (a worker killed as the stop began is still being torn down when its status is read) go now too.
+        escalation.reap_orphans(self.reaper, self.cfg.shutdown.reap_s)
         self.output.close()  # the workers are gone: what their pipes still hold is written out first
         self.oom.close()
 

@@ -64,9 +64,18 @@ class Reaper:
         the user's own, a live worker handled through its handle)."""
         if p.pid in self._live_workers:
             return None
+        kin = _proc.session(p.pid) in self._sessions or self.was_descendant(p)
         if p.status() == psutil.STATUS_ZOMBIE:
-            return "zombie" if _proc.session(p.pid) in self._sessions or self.was_descendant(p) else None
-        return "live" if p.environ().get(TREE_ENV) == self.marker else None
+            return "zombie" if kin else None
+        return "live" if kin or self._carries_marker(p) else None
+
+    def _carries_marker(self, p: psutil.Process) -> bool:
+        """Our marker in what /proc shows of its environment: inherited through exec (the worker's os.environ)
+        and through fork (the worker publishes its environment there, worker/proc_environ.py)."""
+        try:
+            return p.environ().get(TREE_ENV) == self.marker
+        except psutil.AccessDenied:  # another user's process: not ours
+            return False
 
 
 def _remember(registry: dict, key: int, value) -> None:
@@ -106,8 +115,8 @@ def _signal_workers(workers: Iterable[WorkerProcess], sig: int) -> None:
 
 def _wait(workers: Sequence[WorkerProcess], others: list[psutil.Process], deadline: float) -> list[psutil.Process]:
     """Wait until every worker and every other process is gone, or the deadline. Workers are waited for through
-    their multiprocessing sentinels (so multiprocessing, not psutil, reaps them and keeps their exit status);
-    returns the other processes still alive."""
+    their exit descriptors and reaped by multiprocessing (is_alive), which keeps their exit status; returns the
+    other processes still alive."""
     while True:
         alive = [w for w in workers if w.is_alive()]
         others = [p for p in others if _running(p)]
@@ -115,7 +124,7 @@ def _wait(workers: Sequence[WorkerProcess], others: list[psutil.Process], deadli
         if (not alive and not others) or remaining <= 0:
             return others
         if alive:
-            mp_wait([w.sentinel for w in alive], timeout=min(remaining, 0.02))
+            mp_wait([w.exit_fd for w in alive], timeout=min(remaining, 0.02))
         else:
             time.sleep(min(remaining, 0.01))
 
@@ -148,10 +157,22 @@ def stop(workers: Sequence[WorkerProcess], grace_s: float, reap_s: float, reaper
             w.request_stop(0.0)
     _signal_all(below, signal.SIGKILL)
     _signal_workers(order, signal.SIGKILL)
-    _wait(order, below, time.monotonic() + reap_s)
+    deadline = time.monotonic() + reap_s
+    _wait(order, below, deadline)
+    _until_exited(order, deadline)
     for w in order:
         w.close()
     reap_orphans(reaper, reap_s)
+
+
+def _until_exited(workers: Sequence[WorkerProcess], deadline: float) -> None:
+    """Until each worker has finished exiting (its exit descriptor readable), or the deadline. A status read from
+    a worker still being torn down (TreeProcess.note_exit) comes before the kernel hands its children to us: the
+    sweep after this would miss them, and a detached grandchild of a killed worker lived on."""
+    pending = [w.exit_fd for w in workers]
+    while pending and (remaining := deadline - time.monotonic()) > 0:
+        done = mp_wait(pending, timeout=remaining)
+        pending = [fd for fd in pending if fd not in done]
 
 
 def reap_orphans(reaper: Reaper, timeout: float = 0.5) -> list[int]:

@@ -113,7 +113,7 @@ class WorkerGroup:
     def _await_ready(self, deadline: float) -> list[Ready]:
         readies: dict[int, Ready] = {}
         by_conn = {w.status_r: w for w in self.workers}
-        by_sentinel = {w.sentinel: w for w in self.workers}
+        by_sentinel = {w.exit_fd: w for w in self.workers}
         while len(readies) < self.world:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -127,8 +127,11 @@ class WorkerGroup:
                     if w.rank in readies:
                         del by_conn[obj]
                 elif by_sentinel[obj].rank not in readies:
+                    w = by_sentinel[obj]
+                    while not w.status_r.closed and w.status_r.poll(0):  # its last words first: a StartupFailed
+                        self._take_status(w, readies)  # says why (one wake-up may hold several frames and the exit)
                     # the sentinel can fire before the exit status is there: _exited confirms it first
-                    raise self._exited(by_sentinel[obj])
+                    raise self._exited(w)
         return [readies[r] for r in range(self.world)]
 
     def _attach_reply(self, rank: int, ready: Ready) -> MessageQueue:

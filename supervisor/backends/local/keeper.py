@@ -71,7 +71,7 @@ class KeeperProcess(TreeProcess):
                                   "(runtime.startup_timeout_s)")
             if abort is not None and abort.is_set():
                 raise KeeperError("start-up aborted: the supervisor is shutting down")
-            ready = mp_wait([self.status_r, self.sentinel], timeout=min(remaining, _ABORT_POLL_S))
+            ready = mp_wait([self.status_r, self.exit_fd], timeout=min(remaining, _ABORT_POLL_S))
             if self.status_r in ready:
                 try:
                     answer = pickle.loads(self.status_r.recv_bytes())

@@ -82,7 +82,7 @@ class Monitor(threading.Thread):
             eof = set(self._status_eof)
         waitables: dict[object, tuple[str, WorkerProcess]] = {}
         for w in watched:
-            waitables[w.pidfd if w.pidfd is not None else w.sentinel] = ("exit", w)
+            waitables[w.exit_fd] = ("exit", w)
             if w not in eof and not w.status_r.closed:
                 waitables[w.status_r] = ("status", w)
         ready = mp_wait([*waitables, self._wake_r], timeout=self._next_deadline(watched))

@@ -86,6 +86,13 @@ class TreeProcess:
         _OPEN.add(self)
 
     @property
+    def exit_fd(self):
+        """What to wait on for the process's exit: its pidfd, else multiprocessing's sentinel. Under fork and spawn
+        the sentinel is a pipe that every process it forks holds too (inherited): a worker killed while such a
+        child lives would never be seen to die through it."""
+        return self.pidfd if self.pidfd is not None else self.sentinel
+
+    @property
     def parent_fds(self) -> tuple[int, ...]:
         return tuple(c.fileno() for c in (self.death_w, self.status_r) if not c.closed)
 

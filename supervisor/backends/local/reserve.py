@@ -206,10 +206,10 @@ class Reserve:
             standbys = list(self.standbys.values())
         waitables: dict[Any, tuple[str, Any]] = {}
         if keeper is not None:
-            waitables[keeper.sentinel] = ("keeper", keeper)
+            waitables[keeper.exit_fd] = ("keeper", keeper)
         for sb in standbys:
             for w in sb.workers:
-                waitables[w.sentinel] = ("died", sb)
+                waitables[w.exit_fd] = ("died", sb)
                 if not w.status_r.closed:
                     waitables[w.status_r] = ("status", (sb, w))
         ready = mp_wait([*waitables, self._wake_r], timeout=self._next_timeout(standbys))
