@@ -82,7 +82,7 @@ def exit_status(pid: int, start: int = 0) -> int | None:
     the process down (its memory, then its descriptors: a CUDA context's teardown can take tens of ms), and keeps
     both readable until the parent reaps it. So a process's end can be read here as soon as it is certain, without
     waiting for the teardown and for a forkserver to pass the status on."""
-    fields = _stat_fields(pid)
+    fields = stat_fields(pid)
     try:
         if fields is None or (start and int(fields[19]) != start):
             return None

@@ -117,3 +117,32 @@ def test_ipc_leftovers_are_the_exporters_own_names(tmp_path):
                                                                   "torch_774_667816789_0"]
     weights.remove_ipc_leftovers(774, str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["cuda.shm.0.3061.1", "rvq-774-aa", "torch_7745_1_0", "torch_77_4_0"]
+
+
+@pytest.mark.parametrize(("how", "want"), [("exit", 3), ("kill", -9)])
+def test_exit_status_is_read_from_the_kernel_before_the_reap(how, want):
+    """transport/_proc.exit_status: what the monitor acts on as soon as a worker has begun to exit (its zombie here,
+    not yet reaped); None while it runs and once it is reaped."""
+    import signal
+    import time
+
+    from transport import _proc
+
+    pid = os.fork()
+    if pid == 0:  # the child: exit 3, or wait to be killed
+        if how == "exit":
+            os._exit(3)
+        time.sleep(60)
+        os._exit(0)
+    try:
+        if how == "kill":
+            assert _proc.exit_status(pid, _proc.start_time(pid)) is None  # running
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while (status := _proc.exit_status(pid)) is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert status is not None and _proc.wait_code(status) == want
+        assert _proc.exit_status(pid, start=1) is None  # another process's start time: not this one
+    finally:
+        os.waitpid(pid, 0)
+    assert _proc.exit_status(pid) is None  # reaped: gone
