@@ -188,6 +188,21 @@ def test_startup_crash_names_rank_and_stops_siblings(fault, says, method):
     assert len(started) == 2 and gone_within(started, 2.0) == []  # the healthy sibling was stopped too
 
 
+def test_startup_crash_traceback_wins_when_the_exit_is_seen_first(monkeypatch):
+    """Row 1's race, ordered: the supervisor sees rank 1's exit (code 71) before its StartupFailed message. Here it
+    is made to, every time: the start-up wait is shown the process sentinels only, never the status pipes."""
+    from supervisor.backends.local import group as group_module
+
+    real_wait = group_module.mp_wait
+    monkeypatch.setattr(group_module, "mp_wait",
+                        lambda objs, timeout=None: real_wait([o for o in objs if isinstance(o, int)], timeout))
+    with pytest.raises(StartupError) as err:
+        Supervisor(config(*fault_env("raise_init", rank=1), "parallel.tp=2"))
+    assert "rank 1 (Worker_TP1) failed during start-up: RuntimeError: injected failure in init on rank 1" \
+        in str(err.value)
+    assert err.value.rank == 1 and "Traceback" in err.value.remote_traceback
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_spawn_of_kth_process_fails_stops_the_started_ones(monkeypatch, method):
     from supervisor.backends.local import group as group_module

@@ -153,11 +153,32 @@ class WorkerGroup:
 
     def _exited(self, w: WorkerProcess, exc: BaseException | None = None) -> StartupError:
         """Rank ``w`` is gone (or going) during start-up: reap it (bounded) and name how it ended; if it is somehow
-        still alive, name ``exc``, the symptom we saw."""
+        still alive, name ``exc``, the symptom we saw. A rank that raised sent its error before it exited, but its
+        exit can be seen first (the sentinel and the status pipe are ready together, in no fixed order): the error,
+        with its remote traceback, is what it says, read from the pipe; the exit code 71 only repeats it."""
         w.reap(1.0)
+        failed = self._last_words(w)
+        if failed is not None:
+            return failed
         why = f"{type(exc).__name__}: {exc}" if exc is not None and w.is_alive() else w.exit_info().reason
         return StartupError(f"rank {self._g(w.rank)} ({w.spec.topology.name}) exited during start-up: {why}",
                             self._g(w.rank))
+
+    def _last_words(self, w: WorkerProcess) -> StartupError | None:
+        """The StartupError a StartupFailed still unread in ``w``'s status pipe makes; None if there is none. Reads
+        only what is there (a process that exited wrote all it will), never waiting for more."""
+        try:
+            while w.status_r.poll(0):
+                msg = w.read_status()
+                if isinstance(msg, StartupFailed):
+                    return self._startup_failed(w, msg)
+        except (EOFError, OSError):
+            pass
+        return None
+
+    def _startup_failed(self, w: WorkerProcess, msg: StartupFailed) -> StartupError:
+        return StartupError(f"rank {self._g(w.rank)} ({w.spec.topology.name}) failed during start-up: "
+                            f"{msg.exc_type}: {msg.message}", self._g(w.rank), msg.traceback)
 
     def _take_status(self, w: WorkerProcess, readies: dict[int, Ready]) -> None:
         try:
@@ -165,8 +186,7 @@ class WorkerGroup:
         except (EOFError, OSError):
             raise self._exited(w) from None  # the process is exiting: report its exit reason
         if isinstance(msg, StartupFailed):
-            raise StartupError(f"rank {self._g(w.rank)} ({w.spec.topology.name}) failed during start-up: "
-                               f"{msg.exc_type}: {msg.message}", self._g(w.rank), msg.traceback)
+            raise self._startup_failed(w, msg)
         if isinstance(msg, Ready):
             readies[w.rank] = msg
             self._observe(StartupPhase.READY, w, msg.startup_s)
