@@ -48,12 +48,17 @@ def _shm() -> set[str]:
 def _held_by_others(names: set[str]) -> set[str]:
     """The entries among ``names`` that a live process outside this test's tree has mapped: another test run's
     (the machine is shared, e.g. benchmarks creating sem.mp-* or rvq-* entries), not ours to account for. An
-    entry that nobody maps, or that one of our own processes maps, is still reported."""
+    entry that nobody maps, or that one of our own processes maps, is still reported.
+
+    Mappings are matched by file (device and inode), not by path: glibc builds a named semaphore under a temporary
+    name, maps it, then links it to its real name, so a process's maps show /dev/shm/sem.XXXXXX (deleted) for
+    another's sem.mp-*; and an entry unlinked and re-created under the same name is another file."""
+    files = _files(names)
     try:
         ours = {os.getpid(), *(p.pid for p in psutil.Process().children(recursive=True))}
     except psutil.Error:
         return set()
-    held: set[str] = set()
+    held = set(names) - set(files.values())  # gone since the listing: nothing was left behind
     for pid in psutil.pids():
         if pid in ours:
             continue
@@ -62,8 +67,32 @@ def _held_by_others(names: set[str]) -> set[str]:
                 maps = f.read()
         except OSError:
             continue
-        held |= {n for n in names if f"{SHM_DIR}/{n}" in maps}
+        held |= {files[key] for key in map(_mapped_file, maps.splitlines()) if key in files}
     return held
+
+
+def _files(names: set[str]) -> dict[tuple[int, int], str]:
+    """(device, inode) -> name, for the entries among ``names`` that still exist."""
+    out = {}
+    for name in names:
+        try:
+            st = os.stat(os.path.join(SHM_DIR, name))
+        except OSError:
+            continue
+        out[(st.st_dev, st.st_ino)] = name
+    return out
+
+
+def _mapped_file(line: str) -> tuple[int, int] | None:
+    """(device, inode) of a /proc/PID/maps line that maps a file under /dev/shm; None for any other line."""
+    fields = line.split(maxsplit=5)
+    if len(fields) < 6 or not fields[5].startswith(SHM_DIR + "/"):
+        return None
+    major, _, minor = fields[3].partition(":")
+    try:
+        return os.makedev(int(major, 16), int(minor, 16)), int(fields[4])
+    except ValueError:
+        return None
 
 
 def _fds() -> set[int]:

@@ -8,6 +8,10 @@ status pipe's end of file comes while the process is still being torn down (its 
 is announced), when its exit status can already be read (``WorkerProcess.note_exit``). A status frame is a
 heartbeat; a worker whose last heartbeat is older than the timeout is declared hung: its Python stacks are dumped
 (faulthandler, SIGUSR1), it is killed, and its death is then reported like any other.
+
+Each exit has one owner. A worker the manager unwatched (its group is being stopped or recycled) is the stopper's
+to account for, even if its exit lands in a wait that began before the unwatch: the monitor claims a worker
+(checks that it is still watched and unwatches it, in one step under the lock) before it reports it.
 """
 from __future__ import annotations
 
@@ -121,6 +125,7 @@ class Monitor(threading.Thread):
         return max(0.0, min(live) + self.heartbeat_timeout_s - time.monotonic()) + 0.001
 
     def _report_exits(self, exited: list[WorkerProcess], watched) -> None:
+        exited = self._claim(exited)
         if not exited:
             return
         exited = list(dict.fromkeys(exited))  # its pidfd and its status pipe may both have said so
@@ -131,13 +136,24 @@ class Monitor(threading.Thread):
         for w in exited:
             group = watched[w]
             by_group.setdefault(id(group), (group, []))[1].append(w)
-        self.unwatch(exited)
         for group, workers in by_group.values():
             self.on_exit(group, workers)
+
+    def _claim(self, exited: list[WorkerProcess]) -> list[WorkerProcess]:
+        """Unwatch and return those of ``exited`` still watched. The step waited on a snapshot: a worker unwatched
+        meanwhile belongs to whoever unwatched it (a group being stopped or recycled, whose stop made it exit), and
+        reporting its exit would be a failure that never happened. Check and unwatch are one step under the lock,
+        so each exit has one owner: the monitor or the stopper."""
+        with self._lock:
+            mine = [w for w in exited if self._watched.pop(w, None) is not None]
+            self._status_eof.difference_update(mine)
+        return mine
 
     def _check_heartbeats(self, watched) -> None:
         now = time.monotonic()
         late = [w for w in watched if not w.hung and now - w.last_beat > self.heartbeat_timeout_s and w.is_alive()]
+        with self._lock:  # as for exits: a worker unwatched since the snapshot is no longer ours to judge
+            late = [w for w in late if w in self._watched]
         if not late:
             return
         for w in late:
