@@ -36,3 +36,26 @@ def test_a_user_style_test_of_a_worker_with_the_kit(rankvisor_leak_check, rankvi
     child = spawn_grandchild(sup, rank=3, detach=True)
     sup.shutdown()  # rank 2 only stops at the SIGKILL; the detached grandchild goes with its worker's tree
     assert gone_within([child], 5.0) == []
+
+
+def test_the_leak_check_knows_a_semaphore_another_process_holds(tmp_path):
+    """A named semaphore (sem.mp-*, multiprocessing's) that another process holds is that process's, not a leak:
+    the machine is shared, and another run's semaphores come and go in /dev/shm. glibc maps it under a temporary
+    name, so only its inode tells whose it is. Here this process holds one, and a child runs the check."""
+    import multiprocessing
+    import os
+    import subprocess
+    import sys
+
+    from supervisor.testing.leaks import SHM_DIR
+    from tests.integration.helpers import REPO
+
+    lock = multiprocessing.get_context("spawn").Lock()
+    name = "sem." + lock._semlock.name.lstrip("/")  # glibc's file for the POSIX name /mp-...
+    assert os.path.exists(os.path.join(SHM_DIR, name))
+    check = f"from supervisor.testing.leaks import _held_by_others; print(sorted(_held_by_others({{{name!r}}})))"
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": REPO})
+    del lock
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [f"[{name!r}]"]
