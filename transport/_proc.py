@@ -97,6 +97,19 @@ def wait_code(status: int) -> int:
     return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
 
+def leaving(pid: int, start: int = 0) -> bool:
+    """True if ``pid`` is gone, a zombie, or already on its way out: the kernel marks a process exiting (its flags,
+    field 9 of /proc/PID/stat) before it closes its descriptors, so a peer that sees its socket reset (and answers
+    with that error) can never find the process still looking alive here."""
+    if not alive(pid, start):
+        return True
+    fields = _stat_fields(pid)
+    try:
+        return bool(fields) and bool(int(fields[6]) & PF_EXITING)
+    except (IndexError, ValueError):
+        return False
+
+
 def _kill0(pid: int) -> bool:
     try:
         os.kill(pid, 0)

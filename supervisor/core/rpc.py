@@ -44,13 +44,16 @@ from typing import Any, Callable, Sequence
 
 from loguru import logger
 
-from supervisor.errors import CallTimeout, DeviceFailed, RemoteError, RpcTimeout, WorkerFailed
+from supervisor.errors import CallTimeout, DeviceFailed, RemoteError, RpcTimeout, SupervisorError, WorkerFailed
 from transport import MessageQueue, PeerDied, QueueClosed, QueueTimeout
 from worker.protocol import RemoteFailure, Reply, Request
 
 _READER_LINGER_S = 1.0  # a serving loop's next non-blocking call usually comes sooner: keep the reader that long
 _FOLLOWER_RECHECK_S = 0.05  # a follower past its deadline while the drainer handles it: look again this often
 _CLOSE_JOIN_S = 1.0  # close(): how long to wait for the reply reader to leave the rings before unmapping them
+# A rank's error while a peer of its group lies dead: how long to wait for the death's verdict (the monitor's, which
+# comes within milliseconds unless the machine is very busy) before the error is given as it is.
+_VERDICT_WAIT_S = 5.0
 
 
 class PendingCall:
@@ -216,11 +219,13 @@ class CallFuture(concurrent.futures.Future):
 
 class RpcChannel:
     def __init__(self, bcast: MessageQueue, replies: Sequence[MessageQueue], rank_offset: int = 0,
-                 on_deadline: Callable[[tuple[int, ...], str], None] | None = None) -> None:
+                 on_deadline: Callable[[tuple[int, ...], str], None] | None = None,
+                 peer_leaving: Callable[[], bool] | None = None) -> None:
         self.bcast = bcast
         self.replies = list(replies)
         self.rank_offset = rank_offset  # global rank of this group's rank 0
         self.on_deadline = on_deadline  # (global ranks, why): the lifecycle declares them hung
+        self.peer_leaving = peer_leaving  # is a rank of the group exiting or gone? (None: the backend cannot tell)
         self._ids = itertools.count(1)
         self._send_lock = threading.Lock()
         self._cond = threading.Condition()
@@ -387,8 +392,8 @@ class RpcChannel:
             reply = self.replies[r].dequeue(timeout=None if bound is None else max(0.0, bound - time.monotonic()))
         except QueueTimeout:
             return self._expire_due()
-        except (QueueClosed, PeerDied):
-            if self.failure is None:
+        except (QueueClosed, PeerDied):  # the ring's writer is gone or leaving: how it ended is the monitor's word
+            if self._await_failure() is None:
                 rank = r + self.rank_offset
                 self.failure = WorkerFailed(f"rank {rank}: reply queue closed during {call.method_name}", (rank,))
             return self._sweep()
@@ -405,13 +410,37 @@ class RpcChannel:
             return self._device_lost(target, reply.value)
         if len(target.results) < len(target.expected):
             return []
+        error = self._remote_error(target)
+        if error is not None and self.peer_leaving is not None and self.peer_leaving():
+            error = self._verdict(error)
         with self._cond:
             if self._pending.pop(reply.call_id, None) is None:
                 return []  # decided meanwhile (abandoned, failed, past its deadline)
-            error = self._remote_error(target)
             target.outcome = (False, error) if error is not None else \
                 (True, [target.results[x].value for x in target.expected])
             return [target]
+
+    def _verdict(self, symptom: RemoteError) -> SupervisorError:
+        """A rank raised while a peer of its group is exiting: the error is the death's symptom (gloo's "Connection
+        reset by peer" in the survivor of a SIGKILL), and the survivor's answer can come before the monitor has
+        confirmed the death. The call fails with the death, worded by the monitor (which rank, how it ended), once
+        it is. The rank's own error is kept as the cause."""
+        failure = self._await_failure()
+        if failure is None:
+            return symptom
+        death = WorkerFailed(str(failure), failure.ranks, failure.restarting)
+        death.__cause__ = symptom
+        return death
+
+    def _await_failure(self) -> WorkerFailed | None:
+        """As the drainer, once a rank is known to be leaving: the failure the monitor sets when it has confirmed
+        how the rank ended (``fail``), or the group's stop (``close``). Bounded by the drainer's bound and
+        _VERDICT_WAIT_S; None if neither came."""
+        with self._cond:
+            bound = self._drain_bound
+            wait_s = _VERDICT_WAIT_S if bound is None else min(_VERDICT_WAIT_S, max(0.0, bound - time.monotonic()))
+            self._cond.wait_for(lambda: self.failure is not None, wait_s)
+            return self.failure
 
     def _remote_error(self, call: PendingCall) -> RemoteError | None:
         for r in call.expected:

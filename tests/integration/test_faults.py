@@ -62,7 +62,7 @@ import psutil
 import pytest
 
 from supervisor.api import Supervisor
-from supervisor.errors import RpcTimeout, ShutdownInProgress, StartupError, WorkerFailed
+from supervisor.errors import RemoteError, RpcTimeout, ShutdownInProgress, StartupError, WorkerFailed
 from supervisor.core.events import EventLog
 from supervisor.core.states import SupervisorState
 from supervisor.core.views import PolicyWindow
@@ -460,6 +460,61 @@ def test_sigkill_mid_call_fails_every_pending_call(method):
         assert time.monotonic() - t < 5  # failed at once, not at a deadline
         wait_recovered(sup, ready, 2)
         assert sup.collective_rpc("echo", args=(4,), timeout=10) == [4, 4]
+
+
+def _killed_in_a_collective(rank: int):
+    """A collective_rpc callable: ``rank`` is SIGKILLed on entry; the others all_reduce with it over gloo and
+    get the collective's own error ("Connection reset by peer", "Connection closed by peer")."""
+    def fn(w):
+        import torch
+        import torch.distributed as dist
+
+        if w.rank == rank:
+            os.kill(os.getpid(), signal.SIGKILL)
+        t = torch.ones(1)
+        dist.all_reduce(t)
+        return float(t)
+    return fn
+
+
+@pytest.fixture
+def late_monitor(monkeypatch):
+    """The monitor reports every exit 1 s late: whatever else tells of a death (a survivor's error, the transport's
+    own liveness check) comes first. The error a caller gets must still be the monitor's: which rank, how it ended."""
+    from supervisor.backends.local import monitor as monitor_module
+
+    real = monitor_module.Monitor._report_exits
+
+    def late(self, exited, watched):
+        if exited:
+            time.sleep(1.0)
+        real(self, exited, watched)
+
+    monkeypatch.setattr(monitor_module.Monitor, "_report_exits", late)
+
+
+def test_a_rank_killed_in_a_collective_is_named_not_the_survivors_error(late_monitor):
+    """restart=never, gloo: rank 1 dies inside a call while rank 0, the rank that answers, is in an all_reduce
+    with it. Rank 0 answers with gloo's error ("Connection reset by peer") before the death is confirmed; the
+    caller is told that rank 1 died, and how, with rank 0's error as the cause."""
+    with Supervisor(config("parallel.tp=2", "workload.hidden=64")) as sup:
+        victim = sup.pids()[1]
+        with pytest.raises(WorkerFailed, match=rf"rank 1 .*pid {victim}.* SIGKILL") as err:
+            sup.collective_rpc(_killed_in_a_collective(1), unique_reply_rank=0, timeout=60)
+        assert err.value.ranks == (1,)
+        assert isinstance(err.value.__cause__, RemoteError) and err.value.__cause__.rank == 0
+        assert sup.wait(20) and sup.gave_up
+
+
+def test_a_rank_that_dies_in_a_call_is_named_with_its_exit_not_its_closed_queue(late_monitor):
+    """The reply ring of a dead rank reports its writer gone (the transport checks 4 times a second) before the
+    monitor has confirmed the death: the call still fails with the monitor's words, the rank, pid and signal."""
+    with Supervisor(config(*ECHO, "parallel.tp=2")) as sup:
+        victim = sup.pids()[1]
+        with pytest.raises(WorkerFailed, match=rf"rank 1 .*pid {victim}.* SIGSEGV") as err:
+            sup.collective_rpc(crash_rank("segv", 1), timeout=30)
+        assert err.value.ranks == (1,)
+        assert sup.wait(20) and sup.gave_up
 
 
 class _ExitWhenUnpickled:

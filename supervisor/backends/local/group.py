@@ -77,7 +77,7 @@ class WorkerGroup:
                 q.close()
             self._teardown(graceful=False)
             raise
-        self.channel = RpcChannel(bcast, replies, self.rank_offset)
+        self.channel = RpcChannel(bcast, replies, self.rank_offset, peer_leaving=self._a_rank_leaving)
         for w in self.workers:
             w.transition(WorkerState.READY)
         self.ready_at = time.monotonic()
@@ -207,6 +207,9 @@ class WorkerGroup:
         where = f"; their stacks are in {', '.join(logs)}" if any(logs) else ""
         raise StartupError(f"ranks {late} did not become READY within the start-up timeout "
                            f"(runtime.startup_timeout_s); they were killed{where}", late[0] if late else None)
+
+    def _a_rank_leaving(self) -> bool:
+        return any(w.leaving() for w in self.workers)
 
     def _g(self, rank: int) -> int:
         return rank + self.rank_offset

@@ -129,6 +129,12 @@ class TreeProcess:
     def is_alive(self) -> bool:
         return self.exitcode is None
 
+    def leaving(self) -> bool:
+        """Exiting, a zombie or gone, read from /proc without reaping it: safe from any thread (the monitor reaps
+        the process and reports how it ended)."""
+        return self._exitcode is not None or self._early_exitcode is not None or self._closed \
+            or _proc.leaving(self.pid, self.start_ticks)
+
     def read_status(self):
         """One frame from the status pipe: None for a heartbeat, else the unpickled message. EOFError at EOF."""
         data = self.status_r.recv_bytes()
