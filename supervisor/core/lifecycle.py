@@ -355,8 +355,15 @@ class Lifecycle:
             return
         self.monitor.unwatch(group.workers)
         group.stop(graceful=graceful)
-        self.events.emit("stopped", group=i, ranks=[group.rank_offset + w.rank for w in group.workers],
-                         reasons=[w.exit_info().short for w in group.workers])
+        self._emit_stopped(group)
+
+    def _emit_stopped(self, group: WorkerGroup) -> None:
+        """How each rank of a stopped group ended. The ranks the monitor had not reported are here only: one that
+        ended by itself just before the stop (a code the stop does not give) is a failure too (launch/rootcause)."""
+        infos = [w.exit_info() for w in group.workers]
+        self.events.emit("stopped", group=group.index, ranks=[group.rank_offset + w.rank for w in group.workers],
+                         reasons=[i.short for i in infos], pids=[w.pid for w in group.workers],
+                         codes=[i.exitcode for i in infos])
 
     def _drop_group(self, i: int) -> None:
         self._stop_group(i, graceful=True)
@@ -536,8 +543,7 @@ class Lifecycle:
         self.backend.stop_workers(workers, self.cfg.shutdown.grace_s, self.cfg.shutdown.reap_s)
         for g in groups:
             g.finish_stop()
-            self.events.emit("stopped", group=g.index, ranks=[g.rank_offset + w.rank for w in g.workers],
-                             reasons=[w.exit_info().short for w in g.workers])
+            self._emit_stopped(g)
         self.monitor.stop()
         self.backend.close()
         if self._tmp:

@@ -2,7 +2,8 @@
 
 The same text torch.distributed.elastic prints (ChildFailedError.format_msg), built here without importing torch
 (the supervisor stays light): for each rank that failed in the last attempt, its exit code or signal, and the
-traceback its error file holds; the first failure is the root cause.
+traceback its error file holds; the first failure in time is the root cause, whichever death the supervisor
+happened to see first.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import socket
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+from worker.protocol import EXIT_STOP_OVERDUE
 from worker.script import ERROR_FILE, rank_dir
 
 _NA = "<N/A>"
@@ -41,24 +43,76 @@ class RankFailure:
         return _NO_TRACEBACK
 
 
+# How a stop ends a rank: a graceful exit, our SIGTERM or SIGKILL, or leaving by itself when the grace ran out. A
+# stopped rank with any other code had ended by itself just before the stop: a failure of its own.
+_STOP_CODES = (0, -signal.SIGTERM, -signal.SIGKILL, EXIT_STOP_OVERDUE)
+
+
+@dataclass(frozen=True)
+class _End:
+    """How one rank process ended, as the supervisor's events tell."""
+
+    rank: int
+    pid: int
+    code: int
+    time: float  # unix seconds: when the exit was seen
+    by_itself: bool  # not by the supervisor's stop
+
+
 def failures(events: list[dict], log_dir: str, attempt: int | None = None, rank_offset: int = 0) -> list[RankFailure]:
-    """Failed ranks of the last attempt, first failure first. ``events`` are the supervisor's (started/exited).
-    A multi-node round names its log folder (``attempt``) and the global rank of its local rank 0 (``rank_offset``)."""
-    attempt_of = {e["pid"]: e.get("attempt", 0) for e in events if e["kind"] == "started"}
-    exits = [e for e in events if e["kind"] == "exited" and e.get("code") not in (0, None)]
-    if not exits:
+    """Every rank of the last attempt that failed by itself, the first failure first. Failed: an exit the monitor
+    reported with a non-zero code, a rank found ended by itself when its group was stopped, or a rank whose script
+    wrote its error file (``@record``: it raised) however its process ended afterwards (the supervisor may have
+    stopped it while it was still leaving, if a peer's death was seen first). When: the error file's time where
+    there is one (when the exception was raised, as torchrun orders by its error files), else when the exit was
+    seen. ``events`` are the supervisor's (started, exited, stopped). A multi-node round names its log folder
+    (``attempt``) and the global rank of its local rank 0 (``rank_offset``)."""
+    started = {e["pid"]: e for e in events if e["kind"] == "started"}
+    found = []
+    for end in _ends(events):
+        tried = started.get(end.pid, {}).get("attempt", 0)
+        folder = rank_dir(log_dir, tried if attempt is None else attempt, end.rank) if log_dir else ""
+        failure = _failure(end, started.get(end.pid, {}), folder, rank_offset)
+        if failure is not None:
+            found.append((tried, failure))
+    if not found:
         return []
-    last = max(attempt_of.get(e["pid"], 0) for e in exits)
-    out = []
-    for e in sorted(exits, key=lambda e: e["time"]):
-        tried = attempt_of.get(e["pid"], 0)
-        if tried != last:
+    last = max(tried for tried, _ in found)
+    return sorted((f for tried, f in found if tried == last), key=lambda f: f.time)
+
+
+def _ends(events: list[dict]) -> list[_End]:
+    """One end per rank process: the monitor's report (``exited``), else what its group's stop found."""
+    ends = {e["pid"]: _End(e["rank"], e["pid"], e["code"], e["time"], e["code"] != 0)
+            for e in events if e["kind"] == "exited" and e.get("code") is not None}
+    for e in events:
+        if e["kind"] != "stopped":
             continue
-        folder = rank_dir(log_dir, tried if attempt is None else attempt, e["rank"])
-        path = os.path.join(folder, ERROR_FILE) if log_dir else ""
-        out.append(RankFailure(rank_offset + e["rank"], e["code"], e["pid"], e["time"],
-                               path if os.path.isfile(path) else "", e["rank"] if rank_offset else None))
-    return out
+        for rank, pid, code in zip(e["ranks"], e.get("pids", ()), e.get("codes", ())):
+            if pid not in ends and code is not None:
+                ends[pid] = _End(rank, pid, code, e["time"], code not in _STOP_CODES)
+    return list(ends.values())
+
+
+def _failure(end: _End, started: dict, folder: str, rank_offset: int) -> RankFailure | None:
+    """``end`` as a failure, or None if the supervisor's stop ended a rank that had not failed. ``folder``: the
+    rank's log folder ("" without one). An error file older than the rank's start is a previous run's (a reused
+    --log-dir), not this rank's."""
+    path = os.path.join(folder, ERROR_FILE) if folder else ""
+    raised_at = _mtime(path) if path else None
+    if raised_at is not None and raised_at < started.get("time", 0.0):
+        raised_at = None
+    if raised_at is None and not end.by_itself:
+        return None
+    return RankFailure(rank_offset + end.rank, end.code, end.pid, raised_at or end.time,
+                       path if raised_at is not None else "", end.rank if rank_offset else None)
+
+
+def _mtime(path: str) -> float | None:
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return None
 
 
 def format_failures(name: str, found: list[RankFailure]) -> str:

@@ -146,6 +146,22 @@ def test_a_script_that_raises_reports_the_root_cause_like_torchrun(tmp_path, mod
     assert "exitcode  : 1" in root and "boom from a torchrun script" in root  # read from @record's error file
 
 
+@pytest.mark.parametrize("mode", ["fresh", "fast"])
+def test_every_failed_rank_is_listed_and_the_first_failure_in_time_is_the_root_cause(tmp_path, mode):
+    """Rank 1 raises first (its error file says when) but is slow to leave; rank 0 then aborts, and its death is
+    the one the supervisor sees first (launch_scripts/raise_then_abort.py fixes that order). Both are listed; the
+    root cause is rank 1, by its error file's time, not the first death seen."""
+    flags = ["--fast"] if mode == "fast" else []
+    launch = Launch(tmp_path, "--nproc-per-node=2", *flags, script("raise_then_abort.py"))
+    code, _, err = launch.finish()
+    assert code == 1
+    assert "group 0 failed (rank 0 (Worker_TP0" in err  # the death seen first: rank 0's abort
+    others, root = err.split("Failures:", 1)[1].split("Root Cause (first observed failure):", 1)
+    assert "rank      : 1 (local_rank: 1)" in root and "boom from a torchrun script" in root
+    assert f"error_file: {launch.rank_file(0, 1, 'error.json')}" in root
+    assert "rank      : 0 (local_rank: 0)" in others and "(SIGABRT)" in others
+
+
 def test_killing_the_launcher_takes_every_rank_and_its_dataloader_workers(tmp_path):
     launch = Launch(tmp_path, "--nproc-per-node=2", script("loaders.py"))
     try:

@@ -69,6 +69,7 @@ def test_root_cause_reads_the_record_error_file_and_names_the_first_failure(tmp_
     with open(path, "w") as f:
         json.dump({"message": {"message": "ValueError: x", "extraInfo": {"py_callstack": "Traceback...\nValueError: x",
                                                                           "timestamp": "0"}}}, f)
+    os.utime(path, (1.5, 1.5))  # raised at 1.5: before rank 2's exit, seen at 3.0
     events = [{"kind": "started", "pid": 10, "attempt": 0}, {"kind": "started", "pid": 11, "attempt": 1},
               {"kind": "started", "pid": 12, "attempt": 1},
               {"kind": "exited", "pid": 10, "rank": 3, "code": -9, "time": 1.0},  # an earlier attempt: not listed
@@ -82,3 +83,33 @@ def test_root_cause_reads_the_record_error_file_and_names_the_first_failure(tmp_
     assert "Traceback...\n  ValueError: x" in root
     assert "Signal 9 (SIGKILL) received by PID 12" in text.split("Root Cause")[0]
     assert RankFailure(0, 2, 5, 0.0, "").message().startswith("To enable traceback")
+
+
+def _error_file(log_dir, attempt: int, rank: int, raised_at: float) -> str:
+    os.makedirs(rank_dir(str(log_dir), attempt, rank), exist_ok=True)
+    path = rank_dir(str(log_dir), attempt, rank) + "/error.json"
+    with open(path, "w") as f:
+        json.dump({"message": {"message": "ValueError: boom", "extraInfo": {"py_callstack": "ValueError: boom"}}}, f)
+    os.utime(path, (raised_at, raised_at))
+    return path
+
+
+def test_every_rank_that_failed_by_itself_is_listed_first_failure_first(tmp_path):
+    """The monitor saw rank 0's abort first and the group's stop found the rest: rank 1 raised earlier (its error
+    file says when) and was killed by the stop while it was leaving; rank 2 had exited 1 by itself just before
+    the stop; rank 3 was running and was killed by the stop: no failure of its own."""
+    raised = _error_file(tmp_path, 0, 1, raised_at=100.0)
+    events = [*({"kind": "started", "pid": 10 + r, "attempt": 0, "time": 50.0} for r in range(4)),
+              {"kind": "exited", "pid": 10, "rank": 0, "code": -6, "time": 101.0},
+              {"kind": "stopped", "time": 101.2, "ranks": [0, 1, 2, 3], "pids": [10, 11, 12, 13],
+               "codes": [-6, -9, 1, -9], "reasons": ["SIGABRT", "SIGKILL", "exit 1", "SIGKILL"]}]
+    found = failures(events, str(tmp_path))
+    assert [(f.rank, f.exitcode, f.time) for f in found] == [(1, -9, 100.0), (0, -6, 101.0), (2, 1, 101.2)]
+    assert found[0].error_file == raised
+
+
+def test_an_error_file_older_than_the_rank_is_a_previous_runs(tmp_path):
+    _error_file(tmp_path, 0, 1, raised_at=10.0)  # a reused --log-dir: written by a run before this one
+    events = [{"kind": "started", "pid": 11, "attempt": 0, "time": 50.0},
+              {"kind": "stopped", "time": 60.0, "ranks": [1], "pids": [11], "codes": [-9], "reasons": ["SIGKILL"]}]
+    assert failures(events, str(tmp_path)) == []
