@@ -28,6 +28,9 @@ RpcTimeout naming them. ``fail()`` (a worker died) cancels the rings; every wait
 completes every pending call with the failure. A reply marked ``fatal`` (the rank's device is unusable: it exits
 right after sending it) does the same at once, before the monitor has seen the exit: every call on the group, and
 every later send, fails with one DeviceFailed naming the rank and the cause.
+What a death looks like before the monitor has confirmed it (a survivor's error from a collective the dead rank
+left, a reply ring whose writer is gone) is not given to callers as such: once the group says another rank is
+leaving, the drainer waits (bounded) for ``fail()``, so a caller always hears which rank died and how.
 
 One limit, from the transport: a dequeue that times out part-way through a multi-slot reply drops that reply. A
 drainer only times out at a caller's timeout or a call deadline, so this needs a large reply to be mid-flight at
