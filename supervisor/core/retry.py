@@ -185,14 +185,19 @@ def wait_for(view: ServingView, name: str, claim: Callable[[], int | None], poss
 
 def group_failure(exc: RemoteError, view: ServingView, group: int, incarnation: Any) -> WorkerFailed | None:
     """The WorkerFailed that ``exc`` really was, if ``group``'s incarnation goes down within PEER_DEATH_GRACE_S
-    (a rank raised because a peer died under it); None if the group keeps serving (the method itself raised)."""
+    (a rank raised because a peer died under it); None if the group keeps serving (the method itself raised). It
+    names the rank that died, as the group's channel was failed with, when that is known; else ``exc``'s rank."""
     deadline = time.monotonic() + PEER_DEATH_GRACE_S
     while view.serving(group) and view.incarnation(group) is incarnation:
         if time.monotonic() >= deadline:
             return None
         time.sleep(_SERVING_POLL_S)
-    first = str(exc).splitlines()[0]
-    failed = WorkerFailed(f"{first} -- and group {group} failed (a peer died under the call)", (exc.rank,), True)
+    death = getattr(getattr(incarnation, "channel", None), "failure", None)
+    if isinstance(death, WorkerFailed):
+        failed = WorkerFailed(str(death), death.ranks, True)
+    else:
+        first = str(exc).splitlines()[0]
+        failed = WorkerFailed(f"{first} -- and group {group} failed (a peer died under the call)", (exc.rank,), True)
     failed.__cause__ = exc
     return failed
 

@@ -141,3 +141,21 @@ def test_a_remote_error_is_retried_only_if_its_group_goes_down(monkeypatch):
     calls = Calls(tree, peer_died)
     assert calls.call(0, movable=True).result(None) == ["answer"]
     assert [g for g, _ in calls.sent] == [0, 1]
+
+
+def test_a_remote_error_that_was_a_peers_death_names_the_rank_that_died(monkeypatch):
+    """Rank 0's collective broke because rank 1 died: once its group is down, the call's error is the group's
+    failure, naming rank 1 (as the channel was failed with), with rank 0's error as the cause."""
+    monkeypatch.setattr(retry, "PEER_DEATH_GRACE_S", 0.5)
+    tree = FakeTree(1)
+    tree.inc[0] = type("Group", (), {"channel": type("Channel", (), {"failure": None})()})()
+    symptom = RemoteError(0, "RuntimeError", "Connection reset by peer", "tb")
+
+    def peer_died(g, n):
+        tree.inc[0].channel.failure = WorkerFailed("rank 1 (Worker_TP1, pid 7) SIGKILL", (1,))
+        tree.open[0] = False
+        return symptom
+
+    with pytest.raises(WorkerFailed, match="rank 1 .* SIGKILL") as err:
+        Calls(tree, peer_died).call(0, movable=False, attempts=1).result(None)
+    assert err.value.ranks == (1,) and err.value.__cause__ is symptom
