@@ -223,12 +223,12 @@ class CallFuture(concurrent.futures.Future):
 class RpcChannel:
     def __init__(self, bcast: MessageQueue, replies: Sequence[MessageQueue], rank_offset: int = 0,
                  on_deadline: Callable[[tuple[int, ...], str], None] | None = None,
-                 peer_leaving: Callable[[], bool] | None = None) -> None:
+                 peer_leaving: Callable[[int], bool] | None = None) -> None:
         self.bcast = bcast
         self.replies = list(replies)
         self.rank_offset = rank_offset  # global rank of this group's rank 0
         self.on_deadline = on_deadline  # (global ranks, why): the lifecycle declares them hung
-        self.peer_leaving = peer_leaving  # is a rank of the group exiting or gone? (None: the backend cannot tell)
+        self.peer_leaving = peer_leaving  # (rank) is another rank of the group exiting or gone? None: unknown
         self._ids = itertools.count(1)
         self._send_lock = threading.Lock()
         self._cond = threading.Condition()
@@ -414,7 +414,7 @@ class RpcChannel:
         if len(target.results) < len(target.expected):
             return []
         error = self._remote_error(target)
-        if error is not None and self.peer_leaving is not None and self.peer_leaving():
+        if error is not None and self.peer_leaving is not None and self.peer_leaving(error.rank - self.rank_offset):
             error = self._verdict(error)
         with self._cond:
             if self._pending.pop(reply.call_id, None) is None:
@@ -427,7 +427,8 @@ class RpcChannel:
         """A rank raised while a peer of its group is exiting: the error is the death's symptom (gloo's "Connection
         reset by peer" in the survivor of a SIGKILL), and the survivor's answer can come before the monitor has
         confirmed the death. The call fails with the death, worded by the monitor (which rank, how it ended), once
-        it is. The rank's own error is kept as the cause."""
+        it is. The rank's own error is kept as the cause. (A rank that raised and then leaves itself, as after a
+        sticky device error, is not its own peer: its error is the answer.)"""
         failure = self._await_failure()
         if failure is None:
             return symptom

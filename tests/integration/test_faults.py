@@ -483,14 +483,15 @@ def late_monitor(monkeypatch):
     own liveness check) comes first. The error a caller gets must still be the monitor's: which rank, how it ended."""
     from supervisor.backends.local import monitor as monitor_module
 
-    real = monitor_module.Monitor._report_exits
+    real, delay = monitor_module.Monitor._report_exits, {"s": 1.0}  # a test may ask for longer
 
     def late(self, exited, watched):
         if exited:
-            time.sleep(1.0)
+            time.sleep(delay["s"])
         real(self, exited, watched)
 
     monkeypatch.setattr(monitor_module.Monitor, "_report_exits", late)
+    return delay
 
 
 def test_a_rank_killed_in_a_collective_is_named_not_the_survivors_error(late_monitor):
@@ -515,6 +516,28 @@ def test_a_rank_that_dies_in_a_call_is_named_with_its_exit_not_its_closed_queue(
             sup.collective_rpc(crash_rank("segv", 1), timeout=30)
         assert err.value.ranks == (1,)
         assert sup.wait(20) and sup.gave_up
+
+
+def _device_error_then(rank: int, others_s: float):
+    """``rank`` raises what the worker takes for a sticky device error (it answers, then exits 73); the others
+    answer after ``others_s``."""
+    def fn(w):
+        if w.rank == rank:
+            raise RuntimeError("CUDA error: injected device-side assert")
+        time.sleep(others_s)
+        return w.rank
+    return fn
+
+
+def test_a_rank_that_answers_an_error_and_then_leaves_is_answered_by_its_error(late_monitor):
+    """Row 48's order on CPU: rank 0 answers with its error and exits (73); the call is decided when rank 1 answers,
+    0.3 s later, with rank 0 long gone and its exit not yet reported (3 s late). Rank 0 is not its own peer: the
+    caller gets the error itself, not the exit that follows it."""
+    late_monitor["s"] = 3.0
+    with Supervisor(config(*ECHO, "parallel.tp=2", ONE_FOR_ONE)) as sup:
+        with pytest.raises(RemoteError, match="CUDA error: injected") as err:
+            sup.collective_rpc(_device_error_then(0, 0.3), timeout=30)
+        assert err.value.rank == 0
 
 
 class _ExitWhenUnpickled:

@@ -27,7 +27,7 @@ import time
 import pytest
 
 from supervisor.api import Supervisor
-from supervisor.errors import RemoteError, ShutdownInProgress, WorkerFailed
+from supervisor.errors import ShutdownInProgress, WorkerFailed
 from tests.integration.helpers import ECHO, config, fault_env
 from tests.integration.test_faults import Cli
 
@@ -143,8 +143,8 @@ def test_retryable_call_waits_for_its_group_dp1():
 @pytest.mark.parametrize("retry", [True, False], ids=["retry", "no-retry"])
 def test_peer_killed_under_a_collective_is_a_group_failure(retry):
     """tp=2 gloo: rank 1 is killed while rank 0 waits for it in an all-reduce. Rank 0 answers first, with gloo's
-    own error (a RemoteError), a moment before the monitor sees the death: a retryable call treats it as the group's
-    failure and is answered by the restarted group, equal to the reference; without retry the error is the answer."""
+    own error, a moment before the monitor sees the death: it is the group's failure, naming rank 1. A retryable
+    call is answered by the restarted group, equal to the reference; without retry that failure is the answer."""
     from worker.tp_mlp import make_input, reference_forward
 
     cfg = config("worker.cls=worker.faults:FaultyTPWorker", *slow_steps(1.0)[1:], "+runtime.env.RV_FAULT_RANK=1",
@@ -170,7 +170,7 @@ def test_peer_killed_under_a_collective_is_a_group_failure(retry):
             assert float((out["y"] - reference_forward(cfg.workload, x)).abs().max()) < 1e-4
             assert [e["attempt"] for e in sup.events.of_kind("retry")] == [2]
         else:
-            assert isinstance(out.get("error"), (RemoteError, WorkerFailed)), out
+            assert isinstance(out.get("error"), WorkerFailed) and out["error"].ranks == (1,), out
 
 
 def test_retry_gives_one_clear_error_when_attempts_run_out():

@@ -77,7 +77,7 @@ class WorkerGroup:
                 q.close()
             self._teardown(graceful=False)
             raise
-        self.channel = RpcChannel(bcast, replies, self.rank_offset, peer_leaving=self._a_rank_leaving)
+        self.channel = RpcChannel(bcast, replies, self.rank_offset, peer_leaving=self._peer_leaving)
         for w in self.workers:
             w.transition(WorkerState.READY)
         self.ready_at = time.monotonic()
@@ -208,8 +208,9 @@ class WorkerGroup:
         raise StartupError(f"ranks {late} did not become READY within the start-up timeout "
                            f"(runtime.startup_timeout_s); they were killed{where}", late[0] if late else None)
 
-    def _a_rank_leaving(self) -> bool:
-        return any(w.leaving() for w in self.workers)
+    def _peer_leaving(self, rank: int) -> bool:
+        """Is a rank other than ``rank`` exiting or gone? (the RPC channel asks when ``rank`` answered an error)"""
+        return any(w.leaving() for w in self.workers if w.rank != rank)
 
     def _g(self, rank: int) -> int:
         return rank + self.rank_offset
