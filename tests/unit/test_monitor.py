@@ -23,6 +23,10 @@ class FakeWorker:
         self.status_r, self._status_w = Pipe(duplex=False)
         self.last_beat = time.monotonic()
         self.hung = False
+        self.pidfd = None  # the monitor waits on the sentinel instead
+
+    def note_exit(self) -> bool:
+        return not self.is_alive()
 
     def exit(self) -> None:
         os.close(self._alive_w)

@@ -128,7 +128,6 @@ class Monitor(threading.Thread):
         exited = self._claim(exited)
         if not exited:
             return
-        exited = list(dict.fromkeys(exited))  # its pidfd and its status pipe may both have said so
         for w in exited:
             if not w.note_exit():
                 w.reap(1.0)  # confirm the exit status before acting on it
@@ -143,7 +142,8 @@ class Monitor(threading.Thread):
         """Unwatch and return those of ``exited`` still watched. The step waited on a snapshot: a worker unwatched
         meanwhile belongs to whoever unwatched it (a group being stopped or recycled, whose stop made it exit), and
         reporting its exit would be a failure that never happened. Check and unwatch are one step under the lock,
-        so each exit has one owner: the monitor or the stopper."""
+        so each exit has one owner: the monitor or the stopper (and a worker listed twice, by its pidfd and by its
+        status pipe, is claimed once)."""
         with self._lock:
             mine = [w for w in exited if self._watched.pop(w, None) is not None]
             self._status_eof.difference_update(mine)
