@@ -427,8 +427,8 @@ class RpcChannel:
         """A rank raised while a peer of its group is exiting: the error is the death's symptom (gloo's "Connection
         reset by peer" in the survivor of a SIGKILL), and the survivor's answer can come before the monitor has
         confirmed the death. The call fails with the death, worded by the monitor (which rank, how it ended), once
-        it is. The rank's own error is kept as the cause. (A rank that raised and then leaves itself, as after a
-        sticky device error, is not its own peer: its error is the answer.)"""
+        it is. The rank's own error is kept as the cause. (A rank that answered with an error and then leaves is not
+        its own peer: its error is the answer.)"""
         failure = self._await_failure()
         if failure is None:
             return symptom

@@ -518,26 +518,29 @@ def test_a_rank_that_dies_in_a_call_is_named_with_its_exit_not_its_closed_queue(
         assert sup.wait(20) and sup.gave_up
 
 
-def _device_error_then(rank: int, others_s: float):
-    """``rank`` raises what the worker takes for a sticky device error (it answers, then exits 73); the others
-    answer after ``others_s``."""
+def _own_error_then(rank: int, others_s: float):
+    """``rank`` raises at once; the others answer after ``others_s``."""
     def fn(w):
         if w.rank == rank:
-            raise RuntimeError("CUDA error: injected device-side assert")
+            raise ValueError(f"rank {w.rank}'s own error")
         time.sleep(others_s)
         return w.rank
     return fn
 
 
-def test_a_rank_that_answers_an_error_and_then_leaves_is_answered_by_its_error(late_monitor):
-    """Row 48's order on CPU: rank 0 answers with its error and exits (73); the call is decided when rank 1 answers,
-    0.3 s later, with rank 0 long gone and its exit not yet reported (3 s late). Rank 0 is not its own peer: the
-    caller gets the error itself, not the exit that follows it."""
+def test_a_rank_that_answers_its_own_error_and_then_leaves_is_answered_by_its_error(late_monitor):
+    """Rank 0 answers the first call with its own error and leaves in the second (exit 3), queued right behind it;
+    the first call is decided when rank 1 answers it, 1 s later, with rank 0 gone and its exit not yet reported
+    (3 s late). Rank 0 is not its own peer: the first call's answer is its error, the second's its exit."""
     late_monitor["s"] = 3.0
     with Supervisor(config(*ECHO, "parallel.tp=2", ONE_FOR_ONE)) as sup:
-        with pytest.raises(RemoteError, match="CUDA error: injected") as err:
-            sup.collective_rpc(_device_error_then(0, 0.3), timeout=30)
+        first = sup.collective_rpc(_own_error_then(0, 1.0), timeout=30, non_block=True)
+        second = sup.collective_rpc(crash_rank("exit", 0), timeout=30, non_block=True)
+        with pytest.raises(RemoteError, match="rank 0's own error") as err:
+            first.result()
         assert err.value.rank == 0
+        with pytest.raises(WorkerFailed, match=r"rank 0 .* exit code 3"):
+            second.result()
 
 
 class _ExitWhenUnpickled:
