@@ -257,3 +257,41 @@ def test_a_dataloader_over_a_dataset_defined_in_a_function_runs_in_a_rank():
         pytest.skip("plain Python's default here is not fork: a local Dataset cannot be handed to loader workers")
     with Supervisor(config(*ECHO)) as sup:
         assert sup.collective_rpc(load, timeout=60) == [sum(i * i for i in range(8))]
+
+
+def _exit_in_a_session_of_its_own() -> None:
+    os.setsid()  # as a worker does: its session id is its pid
+    os._exit(7)
+
+
+class _Handle:
+    """Stands for a worker's lingering handle: all the reaper may look at is its pid."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+
+def test_reaping_orphans_leaves_a_workers_exit_status_to_its_handle(monkeypatch):
+    """A worker whose end was read early lingers until multiprocessing has its exit status; its group is already
+    forgotten by the reaper. Another stop's reap of adopted orphans must not take that zombie (it is our child, in
+    a session of a worker): multiprocessing would never get its status, and its pipes would stay open (the leaked
+    descriptors of test_exit_reason_recorded_exactly[*-spawn], 4 runs in 8 under load on main)."""
+    import multiprocessing
+
+    import psutil
+
+    from supervisor.backends.local import escalation, process
+
+    child = multiprocessing.get_context("fork").Process(target=_exit_in_a_session_of_its_own)
+    child.start()
+    reaper = escalation.Reaper("test-marker")
+    reaper.register_worker(child.pid)
+    deadline = time.monotonic() + 10
+    while psutil.Process(child.pid).status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+        time.sleep(0.01)
+    reaper.forget_worker(child.pid)  # its group was stopped (finish_stop); its handle lingers
+    monkeypatch.setattr(process, "_LINGERING", {_Handle(child.pid)})
+    escalation.reap_orphans(reaper, 0.1)
+    child.join(10)
+    assert child.exitcode == 7
+    child.close()

@@ -22,7 +22,7 @@ from typing import Iterable, Sequence
 import psutil
 from multiprocessing.connection import wait as mp_wait
 
-from supervisor.backends.local.process import WorkerProcess
+from supervisor.backends.local.process import WorkerProcess, held_pids
 from supervisor.core.topology import TREE_ENV
 from transport import _proc
 
@@ -181,13 +181,19 @@ def reap_orphans(reaper: Reaper, timeout: float = 0.5) -> list[int]:
     worker) has no readable environment, so by its session (a worker's descendants stay in the session the worker
     opened with setsid, whose id is the worker's pid) or, for one that opened a session of its own, because we saw
     it below a worker while it lived (pid + create time).
-    A user's own children match none of these, nor do another supervisor's in the same process."""
+    A user's own children match none of these, nor do another supervisor's in the same process. Nor does a worker
+    (or keeper, or standby) whose handle is still held, even once its group is forgotten: a worker whose end was
+    read early lingers until multiprocessing has reaped it, and reaping it here would take its exit status away
+    (multiprocessing would never get it, and the handle's pipes would stay open)."""
     found, zombies = [], []
     try:
         children = psutil.Process().children()
     except psutil.Error:
         return []
+    held = held_pids()
     for p in children:
+        if p.pid in held:
+            continue
         try:
             kind = reaper.is_ours(p)
         except psutil.Error:

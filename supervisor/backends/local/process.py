@@ -34,6 +34,14 @@ _LINGERING: set["TreeProcess"] = set()
 _LINGERING_LOCK = threading.Lock()
 
 
+def held_pids() -> set[int]:
+    """The pids whose multiprocessing object is still held: open, or lingering until its exit status is in.
+    multiprocessing reaps these and keeps their status; nothing else may (``escalation.reap_orphans``)."""
+    with _LINGERING_LOCK:
+        lingering = [p.pid for p in _LINGERING]
+    return {*(p.pid for p in tuple(_OPEN)), *lingering}
+
+
 def parent_fds() -> tuple[int, ...]:
     """The parent-only pipe ends of every live worker: a child started with fork must close them, or it would
     keep another worker's death pipe open."""
