@@ -64,7 +64,7 @@ def test_the_cli_drivers_generation_survives_a_rank_killed_mid_request(cache_dir
     SIGKILLed at the third decode step, the request continues on group 1 with the same tokens; with retries off,
     the same kill fails the request."""
     from supervisor import serving
-    from supervisor.errors import RemoteError, WorkerFailed
+    from supervisor.errors import WorkerFailed
 
     cfg = config(*_overrides(cache_dir, "parallel.tp=2", "parallel.dp=2", "restart=one_for_one",
                              f"rpc.retry_execute_model={retry}"))
@@ -84,9 +84,10 @@ def test_the_cli_drivers_generation_survives_a_rank_killed_mid_request(cache_dir
         prompts = make_prompts(cfg.llm, preset("tiny"), str(path))
         clean, _, _ = generate(sup, prompts, NEW_TOKENS, group=1)
         monkeypatch.setattr(serving.Generator, "_step", step)
-        if retry == "never":  # the first error: the group's failure, or rank 0's collective breaking under it
-            with pytest.raises((WorkerFailed, RemoteError)):
+        if retry == "never":  # the group's failure, naming the killed rank (never rank 0's broken collective)
+            with pytest.raises(WorkerFailed, match=r"rank 1 \(") as err:
                 generate(sup, prompts, NEW_TOKENS, group=0)
+            assert 1 in err.value.ranks
             return
         rows, ttft, itl = generate(sup, prompts, NEW_TOKENS, group=0)
         assert decodes["n"] >= 3 and sup.retry_stats.total() == 1
