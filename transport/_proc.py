@@ -103,7 +103,7 @@ def leaving(pid: int, start: int = 0) -> bool:
     with that error) can never find the process still looking alive here."""
     if not alive(pid, start):
         return True
-    fields = _stat_fields(pid)
+    fields = stat_fields(pid)
     try:
         return bool(fields) and bool(int(fields[6]) & PF_EXITING)
     except (IndexError, ValueError):

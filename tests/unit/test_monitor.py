@@ -23,7 +23,7 @@ class FakeWorker:
         self.status_r, self._status_w = Pipe(duplex=False)
         self.last_beat = time.monotonic()
         self.hung = False
-        self.pidfd = None  # the monitor waits on the sentinel instead
+        self.exit_fd = self.sentinel  # what the monitor waits on for the exit
 
     def note_exit(self) -> bool:
         return not self.is_alive()
