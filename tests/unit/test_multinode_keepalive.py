@@ -62,36 +62,22 @@ def _stop(pulse: Pulse, store: FakeStore) -> None:
     assert not pulse.thread.is_alive()
 
 
-def test_a_beat_that_never_returns_is_a_silent_store(port):
-    port.listen()
+@pytest.mark.parametrize(("listening", "mode", "judged"), [
+    pytest.param(True, "block", StoreHealth.SILENT, id="a beat that never returns: silent"),
+    pytest.param(False, "raise", StoreHealth.CLOSED, id="failing beats, the port refuses: closed"),
+    pytest.param(True, "raise", StoreHealth.SILENT, id="failing beats, the port answers: silent, not closed"),
+])
+def test_how_a_lost_store_is_judged(port, listening, mode, judged):
+    if listening:
+        port.listen()  # else bound, not listening: connections are refused
     store = FakeStore(port.getsockname()[1])
     pulse = _pulse(store)
     try:
-        store.mode = "block"
-        assert _until(pulse.lost) is StoreHealth.SILENT
-    finally:
-        _stop(pulse, store)
-
-
-def test_failing_beats_on_a_port_that_refuses_are_a_closed_store(port):
-    store = FakeStore(port.getsockname()[1])  # bound, not listening: connections are refused
-    pulse = _pulse(store)
-    try:
-        store.mode = "raise"
-        assert _until(pulse.lost) is StoreHealth.CLOSED
-    finally:
-        _stop(pulse, store)
-
-
-def test_failing_beats_on_a_port_that_answers_are_silence_not_closure(port):
-    port.listen()
-    store = FakeStore(port.getsockname()[1])
-    pulse = _pulse(store)
-    try:
-        store.mode = "raise"
-        assert _until(pulse.lost) is StoreHealth.SILENT
-        store.mode = "answer"  # the store answers again: healthy at the next beat
-        assert _until(lambda: pulse.health() is StoreHealth.OK)
+        store.mode = mode
+        assert _until(pulse.lost) is judged
+        if mode == "raise" and listening:
+            store.mode = "answer"  # the store answers again: healthy at the next beat
+            assert _until(lambda: pulse.health() is StoreHealth.OK)
     finally:
         _stop(pulse, store)
 
