@@ -81,7 +81,8 @@ def child(args) -> int:
     from supervisor.api import Supervisor
 
     overrides = ["workload=llm", "worker.cls=worker.restart_probe:ProbedLLMWorker", "parallel.tp=1",
-                 "restart=one_for_one", "restart.intensity=100000", f"restart.period_s={PERIOD_S}", f"device={args.device}",
+                 "restart=one_for_one", "restart.intensity=100000", f"restart.period_s={PERIOD_S}",
+                 f"device={args.device}",
                  f"llm.preset={args.preset}", f"llm.dtype={args.dtype}", "llm.batch=1", "llm.max_new_tokens=8",
                  "llm.prompt_len=32",
                  "runtime.startup_timeout_s=600", *VARIANTS[args.variant]]

@@ -19,6 +19,10 @@ The tables describe what the code really does (tests/unit/test_states.py walks e
 
     worker      STARTING ─> READY ─> RUNNING ─> STOPPING ─> STOPPED | FAILED
                    └──────────┴─────────┴──────────────────> STOPPED | FAILED   (exited by itself, clean or not)
+
+    standby     WARMING ─> READY ─> PROMOTED                (a group's warm standby: its processes then belong to the
+                   │         │                                group, whose worker lifecycle they follow)
+                   └─────────┴─> FAILED | STOPPED           (died or too slow to warm up; the tree stopping)
 """
 from __future__ import annotations
 
@@ -118,4 +122,21 @@ WorkerState._edges = {
     WorkerState.FAILED: frozenset(),
 }
 
-ALL_LIFECYCLES: tuple[type[LifecycleState], ...] = (SupervisorState, GroupState, WorkerState)
+class StandbyState(LifecycleState):
+    WARMING = "warming"  # its processes import, map the weights, warm up
+    READY = "ready"  # every rank reported STANDBY: waiting to be promoted
+    PROMOTED = "promoted"  # taken by its group's start in place of a spawn
+    FAILED = "failed"  # a process died, or it did not warm up in time: stopped, replaced after a backoff
+    STOPPED = "stopped"  # the tree stopped
+
+
+_STANDBY_ENDED = frozenset({StandbyState.FAILED, StandbyState.STOPPED})
+StandbyState._edges = {
+    StandbyState.WARMING: frozenset({StandbyState.READY, StandbyState.PROMOTED}) | _STANDBY_ENDED,
+    StandbyState.READY: frozenset({StandbyState.PROMOTED}) | _STANDBY_ENDED,
+    StandbyState.PROMOTED: frozenset(),
+    StandbyState.FAILED: frozenset(),
+    StandbyState.STOPPED: frozenset(),
+}
+
+ALL_LIFECYCLES: tuple[type[LifecycleState], ...] = (SupervisorState, GroupState, WorkerState, StandbyState)

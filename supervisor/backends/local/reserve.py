@@ -29,6 +29,7 @@ from supervisor.backends.local import escalation
 from supervisor.backends.local.keeper import KeeperError, KeeperProcess
 from supervisor.backends.local.process import WorkerProcess, parent_fds
 from supervisor.core import recovery
+from supervisor.core.states import StandbyState
 from worker.protocol import PhaseReached, StartupFailed, StartupPhase
 from worker.weights import remove_ipc_leftovers
 
@@ -37,16 +38,28 @@ Emit = Callable[..., Any]
 
 @dataclass
 class Standby:
-    """One group's warm standby: a process per rank, warming up or waiting to be promoted."""
+    """One group's warm standby: a process per rank (supervisor/core/states.py has its lifecycle)."""
 
     group: int
     workers: list[WorkerProcess]
     started: float = field(default_factory=time.monotonic)
     ready: set[int] = field(default_factory=set)  # ranks that reported STANDBY
+    state: StandbyState = StandbyState.WARMING
+
+    def transition(self, new: StandbyState) -> None:
+        self.state = self.state.to(new, f"standby of group {self.group}")
+
+    def rank_ready(self, rank: int) -> bool:
+        """Rank ``rank`` reported STANDBY; True once every rank has (the standby is READY)."""
+        self.ready.add(rank)
+        if len(self.ready) == len(self.workers) and self.state is StandbyState.WARMING:
+            self.transition(StandbyState.READY)
+            return True
+        return False
 
     @property
     def is_ready(self) -> bool:
-        return len(self.ready) == len(self.workers)
+        return self.state is StandbyState.READY
 
     def alive(self) -> bool:
         return all(w.is_alive() for w in self.workers)
@@ -89,10 +102,11 @@ class Reserve:
             return None
         self._wake()
         if not sb.alive():
-            self._stop([sb])
+            self._stop([sb], StandbyState.FAILED)
             return None
         self.emit("standby_promoted", group=group, pids=[w.pid for w in sb.workers], ready=sb.is_ready,
                   waited_s=round(time.monotonic() - sb.started, 4))
+        sb.transition(StandbyState.PROMOTED)
         return sb.workers
 
     def group_ready(self, group: int, specs: list) -> None:
@@ -110,8 +124,8 @@ class Reserve:
             k = self.keeper
             return {"keeper": None if k is None else {"pid": k.pid, "alive": k.is_alive(),
                                                        "held_bytes": dict(k.held_bytes), "load_s": k.load_s},
-                    "standbys": {g: {"pids": [w.pid for w in sb.workers], "ready": sb.is_ready}
-                                 for g, sb in self.standbys.items()}}
+                    "standbys": {g: {"pids": [w.pid for w in sb.workers], "ready": sb.is_ready,
+                                     "state": sb.state.value} for g, sb in self.standbys.items()}}
 
     def close(self) -> None:
         """Stop every standby, then the keeper (the last process of the tree to go). Idempotent."""
@@ -172,7 +186,7 @@ class Reserve:
         if action is recovery.KeeperLoss.STOP_RANKS:
             with self._lock:
                 lost, self.standbys = list(self.standbys.values()), {}
-            self._stop(lost)
+            self._stop(lost, StandbyState.FAILED)
             self.on_weights_lost(k.pid)
 
     # -- the reserve thread -------------------------------------------------------------------------------------
@@ -238,8 +252,7 @@ class Reserve:
             except (EOFError, OSError):
                 return  # exiting: its sentinel says so
         if isinstance(msg, PhaseReached) and msg.phase == StartupPhase.STANDBY.value:
-            sb.ready.add(w.rank)
-            if sb.is_ready:
+            if sb.rank_ready(w.rank):
                 self._failures[sb.group] = 0
                 self.emit("standby_ready", group=sb.group, pids=[x.pid for x in sb.workers],
                           warm_up_s=round(time.monotonic() - sb.started, 4))
@@ -252,7 +265,7 @@ class Reserve:
             if self.standbys.get(sb.group) is not sb:
                 return
             del self.standbys[sb.group]
-        self._stop([sb])
+        self._stop([sb], StandbyState.FAILED)
         n = self._failures[sb.group] = self._failures.get(sb.group, 0) + 1
         delay = recovery.standby_backoff_s(self.backoff_s, n)
         self._next_try[sb.group] = time.monotonic() + delay
@@ -295,7 +308,7 @@ class Reserve:
                     self.reaper.register_worker(w.pid)
                     workers.append(w)
             except BaseException:
-                self._stop([Standby(group, workers)])
+                self._stop([Standby(group, workers)], StandbyState.FAILED)
                 raise
         except (KeeperError, OSError) as exc:
             n = self._failures[group] = self._failures.get(group, 0) + 1
@@ -307,7 +320,9 @@ class Reserve:
             self.standbys[group] = Standby(group, workers)
         self.emit("standby_started", group=group, pids=[w.pid for w in workers])
 
-    def _stop(self, standbys: list[Standby]) -> None:
+    def _stop(self, standbys: list[Standby], why: StandbyState = StandbyState.STOPPED) -> None:
+        for sb in standbys:
+            sb.state = sb.state.towards(why, f"standby of group {sb.group}")
         workers = [w for sb in standbys for w in sb.workers]
         if workers:
             escalation.stop(workers, 0.0, self.reap_s, self.reaper, graceful=False)
