@@ -9,7 +9,7 @@ Every event carries ``run`` (this run's id), ``time`` (unix seconds), ``iso`` (t
     exited         code, reason ("exit 72", "SIGKILL"), meaning (what that code or signal means, in words)
     hung           why (heartbeat or call deadline), stack_log (where its stacks were dumped)
     restarting     attempt, backoff_s, restarts, reason          gave_up   reason, restarts
-    stopped        ranks, reasons
+    stopped        ranks, reasons, pids, codes, by_stop (which ranks the stop itself signalled)
     recycled       group: restarted between calls, a worker over worker.max_rss_mb / max_calls
     rolling_restart  group: restarted between calls as asked (rolling_restart(), SIGUSR2, status --restart)
     forced_stop    pids (a second Ctrl-C: every worker SIGKILLed)
@@ -17,8 +17,8 @@ Every event carries ``run`` (this run's id), ``time`` (unix seconds), ``iso`` (t
 
 A multi-node job (rankvisor-run --nnodes, supervisor/launch/job.py) adds, per node: job_started (store, hosting,
 standby), round_started (round, nodes, world_size, rank_offset, restart_count, master), round_ended (end, detail,
-nodes, restarts: the job's count after it, verdict), node_lost (found lost while joining), store_failover (to,
-survivors), job_ended (verdict, why).
+nodes, restarts: the job's count after it, verdict), node_lost (found lost while joining, or absent from the round
+that formed), store_failover (to, survivors), job_ended (verdict, why).
 """
 from __future__ import annotations
 

@@ -30,6 +30,8 @@ class ExitInfo:
     oom: str = ""  # a SIGKILL was the kernel's OOM killer's: the kernel's record that says so (local backend)
     cause: str = ""  # what the worker said of its end before it left (a fatal device error: the CUDA error)
     script: bool = False  # the rank ran a torchrun-style script: a non-zero code is the script's own
+    by_stop: bool | None = None  # the supervisor's stop signalled it while it ran (a SIGTERM/SIGKILL end is then the
+    # stop's, else the rank's own); None where the backend does not tell
 
     @property
     def signal(self) -> signal.Signals | None:

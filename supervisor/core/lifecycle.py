@@ -363,7 +363,7 @@ class Lifecycle:
         infos = [w.exit_info() for w in group.workers]
         self.events.emit("stopped", group=group.index, ranks=[group.rank_offset + w.rank for w in group.workers],
                          reasons=[i.short for i in infos], pids=[w.pid for w in group.workers],
-                         codes=[i.exitcode for i in infos])
+                         codes=[i.exitcode for i in infos], by_stop=[i.by_stop for i in infos])
 
     def _drop_group(self, i: int) -> None:
         self._stop_group(i, graceful=True)

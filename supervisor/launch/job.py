@@ -47,7 +47,7 @@ class Job:
         self.round: Round | None = None
         self.rounds: list[tuple[Round, RoundResult]] = []
         self.watch: RoundWatch | None = None  # the current round's, kept until the next round forms
-        self.noted_lost: tuple[int, ...] = ()  # nodes found lost while joining, already told
+        self.noted_lost: set[str] = set()  # keys of the nodes told lost (node_lost), told once each
 
     # -- the loop ----------------------------------------------------------------------------------------------
     def run(self) -> int:
@@ -93,6 +93,7 @@ class Job:
         """The round formed: the last round's watch is done, this round's begins (it outlives the round, until the
         next one forms: a node lost while the others join again is noticed through it)."""
         self._close_watch()
+        self._note_absent(rnd)
         self.watch = RoundWatch(self.rdzv.job, rnd, self.spec.timings.lost_after_s, self.rdzv.num_nodes_waiting)
         self.events.emit("round_started", round=rnd.index, id=rnd.id, node=rnd.me.group_rank,
                          nodes=[n.label() for n in rnd.nodes], world_size=rnd.world_size, rank_offset=rnd.rank_offset,
@@ -131,11 +132,31 @@ class Job:
         step = decide(end, Standing(n - len(lost), n, True), self.spec.min_nodes, max_restarts=end.restarts)
         if step.verdict is Verdict.FAIL:
             return RendezvousFailed(step.why)
-        if lost != self.noted_lost:  # told once: the ranks' failure came first, the node's loss is why
-            self.noted_lost = lost
-            logger.warning(f"{end.detail}: the next round goes on without it")
-            self.events.emit("node_lost", round=rnd.index, nodes=list(lost), detail=end.detail)
+        # told once: the ranks' failure came first, the node's loss is why
+        self._note_lost(rnd, lost, f"{end.detail}: the next round goes on without it")
         return None
+
+    def _note_absent(self, rnd: Round) -> None:
+        """The last round's nodes that this round formed without: lost, even when no keep-alive told it yet (a
+        launcher killed a moment before the others formed the round, its lease not yet run out)."""
+        if not self.rounds:
+            return
+        last = self.rounds[-1][0]
+        here = {n.key for n in rnd.nodes}
+        absent = tuple(n.group_rank for n in last.nodes if n.key not in here)
+        if absent:
+            names = ", ".join(n.label() for n in last.nodes if n.group_rank in absent)
+            self._note_lost(last, absent, f"{names} of round {last.index} did not come to round {rnd.index}")
+
+    def _note_lost(self, rnd: Round, lost: tuple[int, ...], detail: str) -> None:
+        """One node_lost event for the nodes of ``rnd`` (group ranks ``lost``) not told before."""
+        keys = {n.key: n.group_rank for n in rnd.nodes if n.group_rank in lost}
+        new = sorted(g for k, g in keys.items() if k not in self.noted_lost)
+        if not new:
+            return
+        self.noted_lost.update(keys)
+        logger.warning(detail)
+        self.events.emit("node_lost", round=rnd.index, nodes=new, detail=detail)
 
     def _after(self, rnd: Round, end: RoundEnd) -> tuple[RoundEnd, Standing]:
         """Where the job stands after ``end``: the survivors, and whether a tie may go on (budget.py)."""

@@ -13,14 +13,20 @@ to decide), started with the round's place in the job's world, ended by whatever
         the store went silent or closed   -> STORE_LOST (nothing to claim: each node finds out by itself)
         a signal                          -> claim STOPPED
     stop the tree: every rank gone (graceful, SIGKILL at the grace), none left inside a collective
+    a rank failed somewhere           -> every node's own first failure, gathered: the round's end names the root
 
 The claim is the round's stop key, set once (compare_set): whoever sets it first decides for everyone, and writes
-the job's restart count after this end into it.
+the job's restart count after this end into it. Who claims first is a race, though, when a rank's death breaks its
+peers' collectives on other nodes: their exits may be seen (and claimed) before the death itself, on a node slow to
+notice. So once its ranks are down, each node writes the first failure of its own into the round's keys, and every
+node names the same root cause from them: the earliest signal death (a rank killed or crashed: a broken collective
+only ever raises), else the earliest failure.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import json
 import threading
 import time
 from dataclasses import dataclass
@@ -29,12 +35,15 @@ from typing import Any, Callable
 from loguru import logger
 
 from supervisor.launch.budget import End, RoundEnd, ending
-from supervisor.launch.keepalive import Pulse, RoundWatch, StoreHealth
+from supervisor.launch.keepalive import Pulse, RoundWatch, StoreHealth, refused
 from supervisor.launch.rendezvous import Interrupted, Rendezvous, Round, StoreLost, bounded
+from supervisor.launch.rootcause import failures
 from worker.spec import NodePlace
 
 JOIN = "join"  # worker.script.ScriptWorker.join
 PEER_FIRST_S = 0.2  # a local rank failure is claimed this late: the node whose rank failed first names the end
+CAUSE_WAIT_S = 1.0  # how long a node waits for the others' own failures once a rank failed (a dead node never tells)
+PROBE_S = 0.1  # how often a node that has not told is looked at (its launcher gone?) meanwhile
 
 
 @dataclass
@@ -80,6 +89,8 @@ class NodeRound:
             ui.release()
             self.signals.supervisor = None
         result.events = list(sup.events.recent)
+        if result.end.kind is End.RANK_FAILED:
+            result.end = self._root_cause(result.end, result.events)
         return result
 
     # -- the wait --------------------------------------------------------------------------------------------
@@ -148,6 +159,40 @@ class NodeRound:
         return self._claim(ending(End.STOPPED, f"{self.round.me.label()} was stopped by {name}",
                                   self.round.restart_count, (self.round.me.group_rank,)))
 
+    # -- the root cause -----------------------------------------------------------------------------------------
+    def _root_cause(self, end: RoundEnd, events: list[dict]) -> RoundEnd:
+        """The round's end, naming the root cause among every node's own first failure (the module's docstring).
+        The claimed end stands where the root is on the node that claimed (its words are the ranks' own), where no
+        node failed by itself, or without the store."""
+        rnd = self.round
+        keys = {n.group_rank: rnd.key(f"cause/{n.group_rank}") for n in rnd.nodes}
+        mine = json.dumps(own_failure(events, rnd))
+        if not self._store(lambda c: c.set(keys[rnd.me.group_rank], mine) or True):
+            return end
+        self._await_causes({g: k for g, k in keys.items() if g not in self.watch.seen.lost})
+        told = self._store(lambda c: [json.loads(c.get(k)) for k in keys.values() if c.check([k])]) or []
+        causes = [c for c in told if c]
+        if not causes:
+            return end
+        root = min(causes, key=lambda c: (not c["signal"], c["time"], c["node"]))
+        if end.nodes == (root["node"],):
+            return end
+        return RoundEnd(End.RANK_FAILED, root["detail"], (root["node"],), end.restarts)
+
+    def _await_causes(self, waited: dict[int, str]) -> None:
+        """Until every node of ``waited`` (group rank -> its key) has told, one found gone, or CAUSE_WAIT_S."""
+        deadline = time.monotonic() + CAUSE_WAIT_S
+        next_probe = time.monotonic() + PROBE_S
+        while waited and time.monotonic() < deadline:
+            told = self._store(lambda c: {g for g, k in waited.items() if c.check([k])}) or set()
+            for g in told:
+                del waited[g]
+            if waited and time.monotonic() >= next_probe:  # the silent ones, now and then (not at once: slow ≠ gone)
+                next_probe += PROBE_S
+                for g in [g for g in waited if _gone(self.round.nodes[g], self.tick_s)]:
+                    del waited[g]  # its launcher is gone (killed with its ranks): it will never tell
+            time.sleep(0.02)
+
     # -- the stop key ------------------------------------------------------------------------------------------
     def _claim(self, end: RoundEnd) -> RoundEnd:
         """Set the round's stop key unless a node did first; the end every node agrees on. Without a store (it went
@@ -172,6 +217,30 @@ class NodeRound:
             logger.debug(f"store call failed: {str(exc).splitlines()[0]}")
             self.client = None
             return None
+
+
+def own_failure(events: list[dict], rnd: Round) -> dict | None:
+    """This node's root-cause candidate from its tree's events: its earliest signal death, else its earliest
+    failure (launch/rootcause.py: an end of the rank's own, not the stop's); None if every rank ended cleanly."""
+    from supervisor.core.exits import ExitInfo
+
+    found = failures(events, "", rank_offset=rnd.rank_offset)
+    if not found:
+        return None
+    f = min(found, key=lambda f: (f.exitcode >= 0, f.time))
+    who, first = rnd.me, rnd.rank_offset
+    detail = (f"{who.label()} (global ranks {first}..{first + who.nproc - 1}): rank {f.rank} (pid {f.pid}) "
+              f"{ExitInfo(f.exitcode, script=True).reason}")
+    return {"node": who.group_rank, "signal": f.exitcode < 0, "time": f.time, "detail": detail}
+
+
+def _gone(node, timeout_s: float) -> bool:
+    """The node's launcher is gone: its standby store's port refuses connections (a machine that is up answers for
+    a dead process at once). Unknown (False) for a node without a standby store."""
+    if not node.standby:
+        return False
+    host, _, port = node.standby.rpartition(":")
+    return refused(host, int(port), timeout_s)
 
 
 def lost_detail(rnd: Round, lost: tuple[int, ...], lost_after_s: float) -> str:

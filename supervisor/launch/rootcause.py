@@ -44,8 +44,10 @@ class RankFailure:
 
 
 # How a stop ends a rank: a graceful exit, our SIGTERM or SIGKILL, or leaving by itself when the grace ran out. A
-# stopped rank with any other code had ended by itself just before the stop: a failure of its own.
+# stopped rank with any other code had ended by itself just before the stop: a failure of its own. So had one
+# killed by a signal the stop did not send (the stopped event's by_stop, where the backend tells).
 _STOP_CODES = (0, -signal.SIGTERM, -signal.SIGKILL, EXIT_STOP_OVERDUE)
+_STOP_SIGNALS = (-signal.SIGTERM, -signal.SIGKILL)
 
 
 @dataclass(frozen=True)
@@ -88,10 +90,18 @@ def _ends(events: list[dict]) -> list[_End]:
     for e in events:
         if e["kind"] != "stopped":
             continue
-        for rank, pid, code in zip(e["ranks"], e.get("pids", ()), e.get("codes", ())):
+        by_stop = e.get("by_stop") or [None] * len(e["ranks"])
+        for rank, pid, code, ours in zip(e["ranks"], e.get("pids", ()), e.get("codes", ()), by_stop):
             if pid not in ends and code is not None:
-                ends[pid] = _End(rank, pid, code, e["time"], code not in _STOP_CODES)
+                ends[pid] = _End(rank, pid, code, e["time"], _by_itself(code, ours))
     return list(ends.values())
+
+
+def _by_itself(code: int, by_stop: bool | None) -> bool:
+    """A stopped rank's code is a failure of its own? ``by_stop``: whether the stop signalled it (None: unknown)."""
+    if by_stop is None or code not in _STOP_SIGNALS:
+        return code not in _STOP_CODES
+    return not by_stop
 
 
 def _failure(end: _End, started: dict, folder: str, rank_offset: int) -> RankFailure | None:

@@ -80,6 +80,11 @@ class Nodes:
         raise AssertionError(f"{count} ranks of restart {restart} not up within {timeout} s: {sorted(got)}\n"
                              + self.stderr_tails())
 
+    def wait_stepped(self, ranks: int, timeout: float = 60) -> None:
+        """Every rank of ``ranks`` has a snapshot (one step or more): a kill after this has something to resume."""
+        paths = [os.path.join(self.out, f"snap.{r}") for r in range(ranks)]
+        _until(lambda: all(os.path.exists(p) for p in paths), timeout)
+
     def release(self) -> None:
         os.remove(os.path.join(self.out, "hold"))
 
@@ -204,6 +209,7 @@ def test_a_lost_node_is_noticed_its_ranks_are_gone_and_the_others_go_on_with_min
     nodes = Nodes(tmp_path, 2, "--nnodes=1:2", "--max-restarts=1", "--fast", env=steps_env(GLOO="1"), hold=True)
     try:
         ups = nodes.wait_ups(0, 4)
+        nodes.wait_stepped(4)  # else a kill under load can land before the first step: nothing to resume from
         survivor = nodes.hosting()  # the store's host is another test's
         victim = 1 - survivor
         dead = [u["pid"] for u in ups.values() if nodes.launcher_of(u["pid"]) == victim]

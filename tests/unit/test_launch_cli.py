@@ -1,4 +1,5 @@
-"""rankvisor-run's flag mapping and torchrun's failure summary (pure: no processes)."""
+"""rankvisor-run's flag mapping, torchrun's failure summary and a node's root-cause candidate (pure: no
+processes)."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,8 @@ import os
 import pytest
 
 from supervisor.launch import cli
+from supervisor.launch.noderound import own_failure
+from supervisor.launch.rendezvous import NodeInfo, Round
 from supervisor.launch.rootcause import RankFailure, failures, format_failures
 from worker.script import rank_dir
 from worker.spec import ScriptSettings
@@ -113,3 +116,28 @@ def test_an_error_file_older_than_the_rank_is_a_previous_runs(tmp_path):
     events = [{"kind": "started", "pid": 11, "attempt": 0, "time": 50.0},
               {"kind": "stopped", "time": 60.0, "ranks": [1], "pids": [11], "codes": [-9], "reasons": ["SIGKILL"]}]
     assert failures(events, str(tmp_path)) == []
+
+
+def test_a_signal_the_stop_did_not_send_is_the_ranks_own_failure():
+    """by_stop (where the backend tells): rank 1 was killed a moment before the stop (SIGKILL, not the stop's: a
+    failure of its own); rank 0 was running and the stop killed it; rank 2's exit 1 is its own either way."""
+    events = [*({"kind": "started", "pid": 10 + r, "attempt": 0, "time": 50.0} for r in range(3)),
+              {"kind": "stopped", "time": 60.0, "ranks": [0, 1, 2], "pids": [10, 11, 12], "codes": [-9, -9, 1],
+               "reasons": ["SIGKILL", "SIGKILL", "exit 1"], "by_stop": [True, False, True]}]
+    assert [(f.rank, f.exitcode) for f in failures(events, "")] == [(1, -9), (2, 1)]
+
+
+def test_a_nodes_root_cause_candidate_is_its_earliest_signal_death_in_global_ranks():
+    """What a node tells the others after a rank failed (launch/noderound.py): a peer's broken collective raised
+    first (exit 1 at 60.0), the killed rank is the cause (SIGKILL at 60.2)."""
+    me = NodeInfo(1, "k1", "localhost:7", "localhost", 2, "", False)
+    rnd = Round(0, "r", me, (NodeInfo(0, "k0", "localhost:6", "localhost", 2, "", True), me), "localhost", 1, 0)
+    events = [{"kind": "started", "pid": 20, "attempt": 0, "time": 50.0},
+              {"kind": "started", "pid": 21, "attempt": 0, "time": 50.0},
+              {"kind": "exited", "pid": 20, "rank": 0, "code": 1, "time": 60.0},
+              {"kind": "stopped", "time": 60.2, "ranks": [0, 1], "pids": [20, 21], "codes": [1, -9],
+               "reasons": ["exit 1", "SIGKILL"], "by_stop": [False, False]}]
+    got = own_failure(events, rnd)
+    assert (got["node"], got["signal"], got["time"]) == (1, True, 60.2)
+    assert got["detail"].startswith("node 1 (localhost:7) (global ranks 2..3): rank 3 (pid 21) SIGKILL")
+    assert own_failure(events[:2], rnd) is None

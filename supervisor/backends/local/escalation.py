@@ -110,7 +110,13 @@ def _signal_all(procs: Iterable[psutil.Process], sig: int) -> None:
 
 
 def _signal_workers(workers: Iterable[WorkerProcess], sig: int) -> None:
-    _signal_all(filter(None, (w.psutil_process() for w in workers if w.is_alive())), sig)
+    """``sig`` to the workers still running. Each is marked: its signal death is then the stop's, not a failure
+    of its own (ExitInfo.by_stop). One already exiting (killed a moment ago, its teardown under way) is left alone
+    and unmarked: how it ended is its own."""
+    live = [w for w in workers if w.is_alive() and not w.note_exit()]
+    for w in live:
+        w.stop_signal = sig
+    _signal_all(filter(None, (w.psutil_process() for w in live)), sig)
 
 
 def _wait(workers: Sequence[WorkerProcess], others: list[psutil.Process], deadline: float) -> list[psutil.Process]:

@@ -23,9 +23,10 @@ from typing import Callable
 
 from loguru import logger
 
-from supervisor.backends.local.process import WorkerProcess
+from supervisor.backends.local.process import WorkerProcess, has_lingering, settle_lingering
 
 STACK_DUMP_WAIT_S = 0.05  # give faulthandler a moment to write before the kill
+LINGER_POLL_S = 0.05  # how often a lingering process's status is looked for (the kernel's teardown: milliseconds)
 
 
 class Monitor(threading.Thread):
@@ -89,7 +90,7 @@ class Monitor(threading.Thread):
             waitables[w.exit_fd] = ("exit", w)
             if w not in eof and not w.status_r.closed:
                 waitables[w.status_r] = ("status", w)
-        ready = mp_wait([*waitables, self._wake_r], timeout=self._next_deadline(watched))
+        ready = mp_wait([*waitables, self._wake_r], timeout=self._timeout(watched))
         exited: list[WorkerProcess] = []
         for obj in ready:
             if obj == self._wake_r:
@@ -117,6 +118,16 @@ class Monitor(threading.Thread):
             with self._lock:
                 self._status_eof.add(w)
             return False
+
+    def _timeout(self, watched) -> float | None:
+        """Until the next heartbeat deadline; while a closed process still lingers (its exit read early, its status
+        not yet in), no longer than LINGER_POLL_S, and it is settled on each pass: its descriptors are let go a
+        moment after the kernel's teardown ends, not at the tree's next close (a soak would count them as leaked)."""
+        timeout = self._next_deadline(watched)
+        settle_lingering(0.0)
+        if has_lingering():
+            timeout = LINGER_POLL_S if timeout is None else min(timeout, LINGER_POLL_S)
+        return timeout
 
     def _next_deadline(self, watched) -> float | None:
         live = [w.last_beat for w in watched if not w.hung]

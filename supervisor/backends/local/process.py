@@ -186,7 +186,8 @@ class TreeProcess:
         if self.pidfd is not None:
             os.close(self.pidfd)
             self.pidfd = None
-        _LINGERING.add(self)
+        with _LINGERING_LOCK:
+            _LINGERING.add(self)
         settle_lingering(0.0)
 
     def _release(self, timeout: float) -> bool:
@@ -228,6 +229,7 @@ class WorkerProcess(TreeProcess):
         self.label = self.global_rank
         self.state = WorkerState.STARTING
         self.hung = False
+        self.stop_signal: int | None = None  # the last signal a stop sent it while it ran (escalation)
         self.output = output
         self._oom_witness: OomWitness | None = None
         self._oom_baseline: dict[str, int] = {}
@@ -252,7 +254,8 @@ class WorkerProcess(TreeProcess):
         why = getattr(self, "killed_why", "") if code is not None and code < 0 else ""
         return ExitInfo(code, hung=self.hung, hung_why=getattr(self, "hung_why", ""),
                         detail=f"{ExitInfo(code).reason.split(' (')[0]} ({why})" if why else "",
-                        oom=self._oom_record(), cause=self.device_lost, script=bool(self.spec.script.script))
+                        oom=self._oom_record(), cause=self.device_lost, script=bool(self.spec.script.script),
+                        by_stop=self.stop_signal is not None)
 
     def note_memory_cgroup(self, witness: OomWitness | None) -> None:
         """Remember the OOM-kill counters of the memory cgroup the worker is in now (at spawn or promotion, again
@@ -283,6 +286,12 @@ class WorkerProcess(TreeProcess):
         if self.output is not None:
             self.output.note(self.label, f"rank {self.label} pid {self.pid} promoted from standby, attempt "
                                          f"{spec.attempt}")
+
+
+def has_lingering() -> bool:
+    """Whether a closed process still waits for its exit status (its sentinel still open)."""
+    with _LINGERING_LOCK:
+        return bool(_LINGERING)
 
 
 def settle_lingering(timeout: float) -> None:
