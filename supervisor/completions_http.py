@@ -24,7 +24,7 @@ from typing import Any
 
 from supervisor.completions import Completer, Completion, PromptError
 from supervisor.llm_checks import runs_llm
-from supervisor.errors import RemoteError, ShutdownInProgress, WorkerFailed
+from supervisor.errors import RemoteError, ShutdownInProgress, WorkerFailed, first_line
 
 PATH = "/v1/completions"
 JSON = "application/json"
@@ -114,11 +114,11 @@ def answer(sup: Any, body: bytes) -> tuple[int, str, bytes]:
     except PromptError as exc:
         return _error(400, str(exc), "invalid_request_error", str(exc).split(":", 1)[0])
     except TimeoutError as exc:  # the caller's wait (CallTimeout) or a lease that never came
-        return _error(504, _first(exc), "timeout")
+        return _error(504, first_line(exc), "timeout")
     except (ShutdownInProgress, WorkerFailed) as exc:
-        return _error(503, _first(exc), "unavailable")
+        return _error(503, first_line(exc), "unavailable")
     except RemoteError as exc:
-        return _error(500, _first(exc), "server_error")
+        return _error(500, first_line(exc), "server_error")
     return 200, JSON, json.dumps(response(completer, done)).encode()
 
 
@@ -128,10 +128,6 @@ def decode(body: bytes | str) -> Any:
         return json.loads(body)
     except ValueError as exc:  # UnicodeDecodeError too
         raise RequestError(None, f"not JSON ({exc})") from None
-
-
-def _first(exc: BaseException) -> str:
-    return (str(exc).splitlines() or [type(exc).__name__])[0]
 
 
 def _error(status: int, message: str, kind: str, param: str | None = None) -> tuple[int, str, bytes]:

@@ -22,7 +22,7 @@ from typing import Iterator, TextIO
 
 from supervisor.completions import Completer, Completion, PromptError
 from supervisor.completions_http import Request, RequestError, decode, parse
-from supervisor.errors import SupervisorError
+from supervisor.errors import SupervisorError, first_line
 
 _WAIT_SLICE_S = 0.2  # how often a wait for input looks at the stop event
 _READ_BYTES = 1 << 16
@@ -70,7 +70,7 @@ def answer_lines(completer: Completer, stop: threading.Event, fd: int = 0, out: 
             done = completer.complete(req.prompts, req.max_tokens, req.ignore_eos, timeout, source="stdin")
         except (RequestError, PromptError, SupervisorError, TimeoutError) as exc:
             refused += 1
-            print(f"error: line {number}: {(str(exc).splitlines() or [type(exc).__name__])[0]}", file=sys.stderr,
+            print(f"error: line {number}: {first_line(exc)}", file=sys.stderr,
                   flush=True)
             continue
         answered += 1

@@ -2,6 +2,11 @@
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's message (its type's name when it has none): what one-line reports show."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 class SupervisorError(Exception):
     """Base class."""
 

@@ -15,7 +15,7 @@ from loguru import logger
 
 from supervisor.api import Supervisor
 from supervisor.completions_serve import check as check_stdin, serve as serve_completions
-from supervisor.errors import ShutdownInProgress
+from supervisor.errors import ShutdownInProgress, first_line
 from supervisor.llm_checks import runs_llm
 from supervisor.llm_workload import run_llm
 from supervisor.report import Report, p50_p99
@@ -174,7 +174,7 @@ def run(sup: Supervisor, stop: threading.Event) -> Report:
     except ShutdownInProgress:
         return Report(ok=True, lines=[("stopped", "by signal")])
     except Exception as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first = first_line(exc)
         if stop.is_set():  # the stop cut a call short: that is the stop, not a failure of the workload
             logger.debug(f"workload stopped by a signal mid-call: {first}")
             return Report(ok=True, lines=[("stopped", f"by signal (mid-call: {first})")])

@@ -47,6 +47,8 @@ class _TensorPickler(pickle.Pickler):
 
     def reducer_override(self, obj: Any) -> Any:
         torch = sys.modules.get("torch")
+        if torch is None:
+            return NotImplemented
         # Another thread may be importing torch this instant: in sys.modules without its Tensor yet (and then
         # nothing here is a tensor). torch.Tensor raised AttributeError there, and the message was not sent.
         tensor = getattr(torch, "Tensor", None)

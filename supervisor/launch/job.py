@@ -24,6 +24,7 @@ from typing import Any
 
 from loguru import logger
 
+from supervisor.errors import first_line
 from supervisor.launch.budget import End, Next, RoundEnd, Standing, Verdict, decide, ending
 from supervisor.launch.jobspec import JobSpec
 from supervisor.launch.keepalive import Pulse, RoundWatch, StoreHealth
@@ -203,7 +204,7 @@ class Job:
                 survivors = self._bounded(lambda: _gather(job, rnd, lost_after), "reaching a standby store",
                                           deadline=time.monotonic() + lost_after * (FAILOVER_WAIT_LOSTS + 1))
             except Exception as exc:  # noqa: BLE001 - that standby is gone too: try the next
-                logger.warning(f"standby store of {node.label()} at {node.standby}: {str(exc).splitlines()[0]}")
+                logger.warning(f"standby store of {node.label()} at {node.standby}: {first_line(exc)}")
                 continue
             self._close_watch()  # it reads the lost store
             self.pulse.repoint(job)
@@ -245,7 +246,7 @@ class Job:
                               deadline=deadline + 1)
             self._bounded(self.rdzv.close, "closing the rendezvous", deadline=time.monotonic() + 5)
         except Exception as exc:  # noqa: BLE001 - the end stands; a lost store only skips the wait
-            logger.debug(f"end of the job: {str(exc).splitlines()[0]}")
+            logger.debug(f"end of the job: {first_line(exc)}")
 
     def _leave_on_signal(self) -> int:
         logger.warning(f"stopped by a signal; exit {self.signals.code}")

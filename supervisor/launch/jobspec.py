@@ -18,6 +18,8 @@ import dataclasses
 import socket
 from dataclasses import dataclass
 
+from supervisor.errors import first_line
+
 BACKENDS = ("static", "c10d")
 C10D_DEFAULT_PORT = 29400  # torch's c10d default (rendezvous/c10d_rendezvous_backend.py)
 
@@ -118,7 +120,7 @@ def _endpoint(value: str, default_port: int) -> tuple[str, int]:
     try:
         return parse_rendezvous_endpoint(value, default_port)
     except ValueError as exc:
-        raise UsageError(f"--rdzv-endpoint={value}: {str(exc).splitlines()[0]}") from None
+        raise UsageError(f"--rdzv-endpoint={value}: {first_line(exc)}") from None
 
 
 # --rdzv-conf key -> (Timings field or our own key, parser)

@@ -24,6 +24,7 @@ from typing import Callable
 
 from loguru import logger
 
+from supervisor.errors import first_line
 from supervisor.launch.rendezvous import JobStore, Round
 
 TICKS_PER_LOST = 12  # keep-alives (and reads of them) within lost_after: a lost node is noticed within ~1/12 of it
@@ -101,7 +102,7 @@ class Pulse:
                 if generation is not self.generation:
                     return
                 self.trouble = self.trouble or sent
-                if self._refused(job, str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)):
+                if self._refused(job, first_line(exc)):
                     return
             else:
                 if generation is not self.generation:
@@ -170,7 +171,7 @@ class RoundWatch:
                     next_waiting = time.monotonic() + WAITING_EVERY_S
                     self.seen.waiting = self._waiting()
             except Exception as exc:  # noqa: BLE001 - a failing store is the pulse's to report
-                logger.debug(f"round watch: {str(exc).splitlines()[0]}")
+                logger.debug(f"round watch: {first_line(exc)}")
                 return
             self._stop.wait(self.tick_s)
 

@@ -34,6 +34,7 @@ from typing import Any, Callable
 
 from loguru import logger
 
+from supervisor.errors import first_line
 from supervisor.launch.budget import End, RoundEnd, ending
 from supervisor.launch.keepalive import Pulse, RoundWatch, StoreHealth, refused
 from supervisor.launch.rendezvous import Interrupted, Rendezvous, Round, StoreLost, bounded
@@ -146,7 +147,7 @@ class NodeRound:
         """A rank here failed. When a peer on another node died first, this rank's collective broke a moment after
         it: the peer's node names the round's end if its claim lands within PEER_FIRST_S (compare_set keeps it)."""
         time.sleep(PEER_FIRST_S)
-        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        why = first_line(exc)
         who = self.round.me
         first = self.round.rank_offset
         return self._claim(ending(End.RANK_FAILED, f"{who.label()} (global ranks {first}..{first + who.nproc - 1}): "
@@ -214,7 +215,7 @@ class NodeRound:
             self.client = None
             return None
         except Exception as exc:  # noqa: BLE001 - a store error: the pulse will say which kind
-            logger.debug(f"store call failed: {str(exc).splitlines()[0]}")
+            logger.debug(f"store call failed: {first_line(exc)}")
             self.client = None
             return None
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable
 
+from supervisor.errors import first_line
 from supervisor.launch.jobspec import JobSpec, this_host
 
 KEY_ROOT = "rankvisor"
@@ -113,7 +114,7 @@ def host_store(spec: JobSpec, host: str, port: int, is_host: bool | None, timeou
             return store, server
         except (RuntimeError, ValueError, TimeoutError) as exc:
             if not server or is_host is not None:
-                raise RendezvousFailed(f"the rendezvous store at {host}:{port}: {_first_line(exc)}") from None
+                raise RendezvousFailed(f"the rendezvous store at {host}:{port}: {first_line(exc)}") from None
     raise AssertionError("unreachable")
 
 
@@ -153,7 +154,7 @@ class Rendezvous:
         if isinstance(exc, RendezvousTimeoutError) or "timeout" in type(exc).__name__.lower():
             return (f"no round formed within join_timeout={t.join_s} s: fewer than {self.spec.min_nodes} node(s) "
                     f"came to {self.job.endpoint} (--nnodes={self.spec.min_nodes}:{self.spec.max_nodes})")
-        return f"the rendezvous at {self.job.endpoint} failed: {_first_line(exc)}"
+        return f"the rendezvous at {self.job.endpoint} failed: {first_line(exc)}"
 
     def _next_round(self) -> Round:
         store, rank, world, master = self._join()
@@ -334,5 +335,3 @@ class Overdue(Interrupted):
     """... because its own deadline passed."""
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

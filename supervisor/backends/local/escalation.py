@@ -112,8 +112,8 @@ def _signal_all(procs: Iterable[psutil.Process], sig: int) -> None:
 def _signal_workers(workers: Iterable[WorkerProcess], sig: int) -> None:
     """``sig`` to the workers still running. Each is marked: its signal death is then the stop's, not a failure
     of its own (ExitInfo.by_stop). One already exiting (killed a moment ago, its teardown under way) is left alone
-    and unmarked: how it ended is its own."""
-    live = [w for w in workers if w.is_alive() and not w.note_exit()]
+    and unmarked: how it ended is its own. (Only looked at: its code is the monitor's to read, once it is set.)"""
+    live = [w for w in workers if not w.leaving()]
     for w in live:
         w.stop_signal = sig
     _signal_all(filter(None, (w.psutil_process() for w in live)), sig)

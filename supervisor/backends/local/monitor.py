@@ -23,7 +23,7 @@ from typing import Callable
 
 from loguru import logger
 
-from supervisor.backends.local.process import WorkerProcess, has_lingering, settle_lingering
+from supervisor.backends.local.process import WorkerProcess, settle_lingering
 
 STACK_DUMP_WAIT_S = 0.05  # give faulthandler a moment to write before the kill
 LINGER_POLL_S = 0.05  # how often a lingering process's status is looked for (the kernel's teardown: milliseconds)
@@ -124,8 +124,7 @@ class Monitor(threading.Thread):
         not yet in), no longer than LINGER_POLL_S, and it is settled on each pass: its descriptors are let go a
         moment after the kernel's teardown ends, not at the tree's next close (a soak would count them as leaked)."""
         timeout = self._next_deadline(watched)
-        settle_lingering(0.0)
-        if has_lingering():
+        if settle_lingering(0.0):
             timeout = LINGER_POLL_S if timeout is None else min(timeout, LINGER_POLL_S)
         return timeout
 

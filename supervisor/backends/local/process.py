@@ -288,20 +288,15 @@ class WorkerProcess(TreeProcess):
                                          f"{spec.attempt}")
 
 
-def has_lingering() -> bool:
-    """Whether a closed process still waits for its exit status (its sentinel still open)."""
-    with _LINGERING_LOCK:
-        return bool(_LINGERING)
-
-
-def settle_lingering(timeout: float) -> None:
+def settle_lingering(timeout: float) -> bool:
     """Close the processes whose status was still on its way when they were closed, waiting up to ``timeout``
-    in all (0: only those whose status is in)."""
+    in all (0: only those whose status is in). True if some still linger."""
     deadline = time.monotonic() + timeout
     with _LINGERING_LOCK:
         for p in list(_LINGERING):
             if p._release(max(0.0, deadline - time.monotonic())):
                 _LINGERING.discard(p)
+        return bool(_LINGERING)
 
 
 def _pidfd_open(pid: int) -> int | None:
