@@ -47,7 +47,9 @@ def make_prompts(llm: Any, shape: LlamaShape, checkpoint: str, tokenizer: Any = 
         tok = tokenizer or load_tokenizer(checkpoint)
         if tok is None:  # the config check saw the tokenizer's files: transformers is what is missing
             raise RuntimeError("llm.prompt_text needs transformers to tokenize (pip install -e '.[llm]')")
-        return [tok(prompt_texts(llm)[i])["input_ids"] for i in range(llm.batch)]
+        texts = prompt_texts(llm)
+        ids = {text: tok(text)["input_ids"] for text in set(texts)}  # each text once
+        return [list(ids[text]) for text in texts]
     rng = random.Random(llm.seed)
     return [[rng.randrange(1, shape.vocab_size) for _ in range(llm.prompt_len)] for _ in range(llm.batch)]
 

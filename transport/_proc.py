@@ -66,12 +66,18 @@ def alive(pid: int, start: int = 0) -> bool:
         state, started = fields[0], int(fields[19])
     except (IndexError, ValueError):
         return _kill0(pid)
-    if state in (b"Z", b"X", b"x"):
+    if state in _ENDED:
         return False
     return not start or started == start
 
 
 PF_EXITING = 0x4  # include/linux/sched.h: set at the start of the kernel's do_exit
+_ENDED = (b"Z", b"X", b"x")  # zombie, dead (field 3 of /proc/PID/stat)
+
+
+def _exiting(fields: list[bytes]) -> bool:
+    """Ended, or marked exiting by the kernel (its flags, field 9). Raises IndexError/ValueError on odd fields."""
+    return fields[0] in _ENDED or bool(int(fields[6]) & PF_EXITING)
 
 
 def exit_status(pid: int, start: int = 0) -> int | None:
@@ -86,28 +92,24 @@ def exit_status(pid: int, start: int = 0) -> int | None:
     try:
         if fields is None or (start and int(fields[19]) != start):
             return None
-        exiting = fields[0] in (b"Z", b"X", b"x") or int(fields[6]) & PF_EXITING
-        return int(fields[49]) if exiting else None
+        return int(fields[49]) if _exiting(fields) else None
     except (IndexError, ValueError):  # a kernel before 3.5 has no exit_code field
         return None
-
-
-def wait_code(status: int) -> int:
-    """A wait status in multiprocessing's convention: the exit code, or minus the signal that killed it."""
-    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
 
 def leaving(pid: int, start: int = 0) -> bool:
     """True if ``pid`` is gone, a zombie, or already on its way out: the kernel marks a process exiting (its flags,
     field 9 of /proc/PID/stat) before it closes its descriptors, so a peer that sees its socket reset (and answers
     with that error) can never find the process still looking alive here."""
-    if not alive(pid, start):
-        return True
-    fields = stat_fields(pid)
+    if pid <= 0:
+        return False  # never recorded: nothing to say
+    fields = stat_fields(pid)  # read once: alive() and the flags from the same moment
+    if fields is None:
+        return os.path.isdir("/proc/self") or not _kill0(pid)
     try:
-        return bool(fields) and bool(int(fields[6]) & PF_EXITING)
+        return bool(start and int(fields[19]) != start) or _exiting(fields)
     except (IndexError, ValueError):
-        return False
+        return not _kill0(pid)
 
 
 def _kill0(pid: int) -> bool:

@@ -110,7 +110,7 @@ def _answer(req: KeepRequest, shards: dict[tuple, _Shard]) -> Kept | KeepFailed:
     try:
         for spec in req.specs:
             cls = load_class(spec.worker.cls)
-            wanted[_global_rank(spec)] = (cls, spec, cls.weights_key(spec))
+            wanted[spec.topology.global_rank] = (cls, spec, cls.weights_key(spec))
         missing = {key: (rank, cls, spec) for rank, (cls, spec, key) in wanted.items()
                    if key is not None and key not in shards}
         loaded = bool(missing)
@@ -163,11 +163,6 @@ def _held(shards: dict[tuple, _Shard]) -> dict[str, int]:
     for shard in shards.values():
         out[shard.handle.device] = out.get(shard.handle.device, 0) + shard.handle.nbytes
     return out
-
-
-def _global_rank(spec: Any) -> int:
-    topo = spec.topology
-    return topo.dp_rank * topo.world_size + topo.rank
 
 
 def _with_expandable(conf: str) -> str:

@@ -82,7 +82,7 @@ def torchrun_env(topo: Topology, local_rank: int, local_world_size: int, master_
         "MASTER_ADDR": master_addr,
         "MASTER_PORT": str(master_port),
         "RANKVISOR_DP_RANK": str(topo.dp_rank),
-        "RANKVISOR_GLOBAL_RANK": str(topo.dp_rank * topo.world_size + topo.rank),
+        "RANKVISOR_GLOBAL_RANK": str(topo.global_rank),
     }
 
 

@@ -27,7 +27,7 @@ from loguru import logger
 from supervisor.errors import first_line
 from supervisor.launch.budget import End, Next, RoundEnd, Standing, Verdict, decide, ending
 from supervisor.launch.jobspec import JobSpec
-from supervisor.launch.keepalive import Pulse, RoundWatch, StoreHealth
+from supervisor.launch.keepalive import TICKS_PER_LOST, Pulse, RoundWatch, StoreHealth
 from supervisor.launch.noderound import NodeRound, RoundResult, lost_detail as _lost_detail, place
 from supervisor.launch.rendezvous import (JobStore, Overdue, Rendezvous, RendezvousFailed, Round,
                                           Stopped, StoreLost, bounded, open_rendezvous, take_over)
@@ -82,7 +82,7 @@ class Job:
                 return self._leave_on_signal()
             (logger.info if result.end.kind is End.DONE else logger.warning)(
                 f"round {rnd.index} ended: {result.end.detail}")
-            end, standing = self._after(rnd, result.end)
+            end, standing = result.end, self._standing(rnd, result.end)
             step = decide(end, standing, self.spec.min_nodes, self.spec.max_restarts)
             self.events.emit("round_ended", round=rnd.index, end=end.kind.value, detail=end.detail,
                              nodes=list(end.nodes), restarts=end.restarts, verdict=step.verdict.value)
@@ -100,7 +100,7 @@ class Job:
                          nodes=[n.label() for n in rnd.nodes], world_size=rnd.world_size, rank_offset=rnd.rank_offset,
                          restart_count=rnd.restart_count, master=f"{rnd.master_addr}:{rnd.master_port}")
         logger.info(f"round {rnd.index}: {rnd.me.label()} is group rank {rnd.me.group_rank} of {len(rnd.nodes)}, "
-                    f"global ranks {rnd.rank_offset}..{rnd.rank_offset + rnd.me.nproc - 1} of {rnd.world_size}, "
+                    f"global ranks {rnd.global_ranks} of {rnd.world_size}, "
                     f"restart count {rnd.restart_count}")
 
     def _join(self) -> Round:
@@ -159,16 +159,16 @@ class Job:
         logger.warning(detail)
         self.events.emit("node_lost", round=rnd.index, nodes=new, detail=detail)
 
-    def _after(self, rnd: Round, end: RoundEnd) -> tuple[RoundEnd, Standing]:
+    def _standing(self, rnd: Round, end: RoundEnd) -> Standing:
         """Where the job stands after ``end``: the survivors, and whether a tie may go on (budget.py)."""
         n = len(rnd.nodes)
         if end.kind is End.STORE_LOST:
-            return end, self._fail_over(rnd, self.pulse.health())
+            return self._fail_over(rnd, self.pulse.health())
         if end.kind is End.NODE_LOST and rnd.me.group_rank in end.nodes:
             logger.warning(f"the other nodes lost {rnd.me.label()} (its keep-alive stopped): joining again")
-            return end, Standing(n, n, True)
+            return Standing(n, n, True)
         lost = len(end.nodes) if end.kind in (End.NODE_LOST, End.STOPPED) else 0
-        return end, Standing(n - lost, n, True)  # the store answers here: it is on this side
+        return Standing(n - lost, n, True)  # the store answers here: it is on this side
 
     def _count(self, end: RoundEnd) -> None:
         """The job's restart count after ``end``: every node writes the same value (a no-op after the first). A store
@@ -198,8 +198,8 @@ class Job:
         for node in rnd.nodes:
             if node.hosts_store or not node.standby:
                 continue
-            host, _, port = node.standby.rpartition(":")
-            job = JobStore(self.spec, host, int(port))
+            host, port = node.standby_at()
+            job = JobStore(self.spec, host, port)
             try:
                 survivors = self._bounded(lambda: _gather(job, rnd, lost_after), "reaching a standby store",
                                           deadline=time.monotonic() + lost_after * (FAILOVER_WAIT_LOSTS + 1))
@@ -238,10 +238,10 @@ class Job:
         rnd = self.round
         key = rnd.key("left")
         try:
-            self._bounded(lambda: self.rdzv.job.client().add(key, 1), "acknowledging the end")
+            client = self._bounded(self.rdzv.job.client, "acknowledging the end")
+            self._bounded(lambda: client.add(key, 1), "acknowledging the end")
             if self.rdzv.hosting:
                 deadline = time.monotonic() + self.spec.timings.lost_after_s * EXIT_BARRIER_LOSTS
-                client = self.rdzv.job.client()
                 self._bounded(lambda: _wait_count(client, key, survivors, deadline), "the exit barrier",
                               deadline=deadline + 1)
             self._bounded(self.rdzv.close, "closing the rendezvous", deadline=time.monotonic() + 5)
@@ -317,7 +317,7 @@ class Job:
             if self.pulse is not None and self.pulse.lost() is not None:
                 return StoreLost(f"{what}: the store is lost")
             return self._lost_peers() if peers else None
-        return bounded(fn, give_up, self.spec.timings.lost_after_s / 12)
+        return bounded(fn, give_up, self.spec.timings.lost_after_s / TICKS_PER_LOST)
 
 
 def _gather(job: JobStore, rnd: Round, lost_after: float) -> int:

@@ -52,7 +52,6 @@ class RoundResult:
     end: RoundEnd
     local_failure: bool = False  # this node's ranks failed: its events hold the root cause
     events: list = dataclasses.field(default_factory=list)  # the round tree's events (for the root cause)
-    ready_s: float | None = None  # round joined -> every local rank READY
 
 
 def place(cfg, rnd: Round, max_restarts: int):
@@ -99,21 +98,19 @@ class NodeRound:
         started = _start(sup)
         joined: concurrent.futures.Future | None = None
         marked = False
-        ready_s = None
         while True:
             end = self._outside(watch)
             if end is not None:
-                return RoundResult(end, ready_s=ready_s)
+                return RoundResult(end)
             if started.done() and joined is None:
                 if started.exception() is not None:
-                    return RoundResult(self._local_failure(started.exception()), True, ready_s=ready_s)
-                ready_s = time.monotonic() - t0
-                ui.ready(ready_s)
+                    return RoundResult(self._local_failure(started.exception()), True)
+                ui.ready(time.monotonic() - t0)
                 joined = sup.collective_rpc(JOIN, non_block=True)
                 joined.add_done_callback(lambda _f: watch.seen.changed.set())
             if joined is not None and joined.done():
                 if joined.exception() is not None:
-                    return RoundResult(self._local_failure(joined.exception()), True, ready_s=ready_s)
+                    return RoundResult(self._local_failure(joined.exception()), True)
                 if not marked and self._store(lambda c: c.add(self.round.key("done"), 1)) is not None:
                     marked = True  # counted once; a store lost meanwhile is the pulse's to report
                     logger.info(f"every rank of {self.round.me.label()} exited 0; waiting for the other nodes")
@@ -147,11 +144,8 @@ class NodeRound:
         """A rank here failed. When a peer on another node died first, this rank's collective broke a moment after
         it: the peer's node names the round's end if its claim lands within PEER_FIRST_S (compare_set keeps it)."""
         time.sleep(PEER_FIRST_S)
-        why = first_line(exc)
-        who = self.round.me
-        first = self.round.rank_offset
-        return self._claim(ending(End.RANK_FAILED, f"{who.label()} (global ranks {first}..{first + who.nproc - 1}): "
-                                                   f"{why}", self.round.restart_count, (who.group_rank,)))
+        return self._claim(ending(End.RANK_FAILED, f"{_here(self.round)}: {first_line(exc)}",
+                                  self.round.restart_count, (self.round.me.group_rank,)))
 
     def _stopped(self) -> RoundEnd:
         import signal
@@ -229,10 +223,13 @@ def own_failure(events: list[dict], rnd: Round) -> dict | None:
     if not found:
         return None
     f = min(found, key=lambda f: (f.exitcode >= 0, f.time))
-    who, first = rnd.me, rnd.rank_offset
-    detail = (f"{who.label()} (global ranks {first}..{first + who.nproc - 1}): rank {f.rank} (pid {f.pid}) "
-              f"{ExitInfo(f.exitcode, script=True).reason}")
-    return {"node": who.group_rank, "signal": f.exitcode < 0, "time": f.time, "detail": detail}
+    detail = f"{_here(rnd)}: rank {f.rank} (pid {f.pid}) {ExitInfo(f.exitcode, script=True).reason}"
+    return {"node": rnd.me.group_rank, "signal": f.exitcode < 0, "time": f.time, "detail": detail}
+
+
+def _here(rnd: Round) -> str:
+    """This node and its ranks, as a round's end names them: "node 1 (host:pid) (global ranks 2..3)"."""
+    return f"{rnd.me.label()} (global ranks {rnd.global_ranks})"
 
 
 def _gone(node, timeout_s: float) -> bool:
@@ -240,8 +237,7 @@ def _gone(node, timeout_s: float) -> bool:
     a dead process at once). Unknown (False) for a node without a standby store."""
     if not node.standby:
         return False
-    host, _, port = node.standby.rpartition(":")
-    return refused(host, int(port), timeout_s)
+    return refused(*node.standby_at(), timeout_s)
 
 
 def lost_detail(rnd: Round, lost: tuple[int, ...], lost_after_s: float) -> str:

@@ -55,6 +55,11 @@ class NodeInfo:
     def label(self) -> str:
         return f"node {self.group_rank} ({self.name})"
 
+    def standby_at(self) -> tuple[str, int]:
+        """Where its standby store listens (host, port); only for a node that has one."""
+        host, _, port = self.standby.rpartition(":")
+        return host, int(port)
+
 
 @dataclass(frozen=True)
 class Round:
@@ -73,6 +78,11 @@ class Round:
     @property
     def rank_offset(self) -> int:
         return sum(n.nproc for n in self.nodes[:self.me.group_rank])
+
+    @property
+    def global_ranks(self) -> str:
+        """This node's global ranks, as messages name them: "2..3"."""
+        return f"{self.rank_offset}..{self.rank_offset + self.me.nproc - 1}"
 
     def peers(self) -> tuple[NodeInfo, ...]:
         return tuple(n for n in self.nodes if n.group_rank != self.me.group_rank)

@@ -73,15 +73,16 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "rankvisor"
 
     def do_GET(self) -> None:  # noqa: N802 (the standard library's name)
-        self._answer(send_body=True)
+        self._answer(lambda: self.server.routes.get(self.path))
 
     def do_HEAD(self) -> None:  # noqa: N802 -- every GET path answers HEAD: its status and headers, no body
-        self._answer(send_body=False)
+        self._answer(lambda: self.server.routes.get(self.path), send_body=False)
 
-    def _answer(self, send_body: bool) -> None:
+    def _answer(self, route, send_body: bool = True) -> None:
+        """``route()``'s answer; a failing route answers 500, it does not kill the server."""
         try:
-            status, ctype, body = self.server.routes.get(self.path)
-        except Exception as exc:  # a failing view answers 500, it does not kill the server
+            status, ctype, body = route()
+        except Exception as exc:
             status, ctype, body = 500, "text/plain; charset=utf-8", f"{type(exc).__name__}: {exc}\n".encode()
         self._reply(status, ctype, body, send_body)
 
@@ -96,11 +97,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return self._reply(413, "text/plain; charset=utf-8",
                                f"Content-Length must be 0..{MAX_BODY_BYTES}\n".encode())
-        try:
-            status, ctype, body = self.server.routes.post(self.path, self.rfile.read(length))
-        except Exception as exc:  # a failing route answers 500, it does not kill the server
-            status, ctype, body = 500, "text/plain; charset=utf-8", f"{type(exc).__name__}: {exc}\n".encode()
-        self._reply(status, ctype, body)
+        self._answer(lambda: self.server.routes.post(self.path, self.rfile.read(length)))
 
     def _reply(self, status: int, ctype: str, body: bytes, send_body: bool = True) -> None:
         self.send_response(status)

@@ -141,7 +141,7 @@ def test_exit_status_is_read_from_the_kernel_before_the_reap(how, want):
         deadline = time.monotonic() + 10
         while (status := _proc.exit_status(pid)) is None and time.monotonic() < deadline:
             time.sleep(0.005)
-        assert status is not None and _proc.wait_code(status) == want
+        assert status is not None and os.waitstatus_to_exitcode(status) == want
         assert _proc.exit_status(pid, start=1) is None  # another process's start time: not this one
     finally:
         os.waitpid(pid, 0)

@@ -123,7 +123,7 @@ class TreeProcess:
         status = _proc.exit_status(self.pid, self.start_ticks)
         if status is None:
             return False
-        self._early_exitcode = _proc.wait_code(status)
+        self._early_exitcode = os.waitstatus_to_exitcode(status)  # multiprocessing's convention: -signal
         return True
 
     def reap(self, timeout: float) -> None:
@@ -240,7 +240,7 @@ class WorkerProcess(TreeProcess):
 
     @property
     def global_rank(self) -> int:
-        return self.spec.topology.dp_rank * self.spec.topology.world_size + self.rank
+        return self.spec.topology.global_rank
 
     def transition(self, new: WorkerState) -> None:
         self.state = self.state.to(new, f"rank {self.rank}")

@@ -91,7 +91,7 @@ class Reserve:
         if not self.keeper_on:
             return list(specs)
         handles = self._running_keeper(_keeper_env(specs[0])).keep(specs, deadline, abort)
-        return [dataclasses.replace(s, weights=handles.get(_global_rank(s))) for s in specs]
+        return [dataclasses.replace(s, weights=handles.get(s.topology.global_rank)) for s in specs]
 
     def take_standby(self, group: int) -> list[WorkerProcess] | None:
         """The group's standby processes, in rank order, to promote in place of spawning; None if there is none
@@ -343,8 +343,3 @@ def _keeper_env(spec: Any) -> tuple:
     from supervisor.core.topology import RANK_ENV_KEYS
 
     return tuple((k, v) for k, v in spec.env if k not in RANK_ENV_KEYS)
-
-
-def _global_rank(spec: Any) -> int:
-    topo = spec.topology
-    return topo.dp_rank * topo.world_size + topo.rank
