@@ -203,8 +203,12 @@ class GpuHealth:
         for rank, reading in sorted(self.of_ranks(places).items()):
             ranks_of.setdefault(reading.index, []).append(rank)
             by_index[reading.index] = reading
-        return [f"{by_index[i].name} of ranks {ranks}: {'; '.join(by_index[i].problems())}"
-                for i, ranks in sorted(ranks_of.items()) if by_index[i].problems()]
+        lines = []
+        for i, ranks in sorted(ranks_of.items()):
+            problems = by_index[i].problems()
+            if problems:
+                lines.append(f"{by_index[i].name} of ranks {ranks}: {'; '.join(problems)}")
+        return lines
 
 
 def rank_place(rank: int, pid: int, spec: Any, device: str) -> RankPlace:

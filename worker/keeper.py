@@ -69,9 +69,7 @@ def entry(death_conn: Any, status_conn: Any, cmd_conn: Any, env: tuple, output_c
     if output_conns:
         output.attach(*output_conns)
     session.leave_group()  # own session; what the caller's group was sent while we started is not ours
-    for key, value in env:
-        os.environ[key] = value
-    proc_environ.publish()  # the tree marker, for anything this process forks; before any thread starts
+    proc_environ.apply(env)  # the tree marker, for anything this process forks; before any thread starts
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
     session.release()
     watch = lifeline.DeathWatch(death_conn, 0.0, lambda: _leave(0 if watch.deliberate else EXIT_ORPHANED),

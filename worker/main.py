@@ -172,9 +172,7 @@ def _plain_sigterm() -> None:
 def _apply_environment(spec: WorkerSpec) -> None:
     """The spec's variables (the tree marker among them) into os.environ, and into what /proc shows of our
     environment, so that every process we fork carries the marker too, not only those that exec."""
-    for key, value in spec.env:
-        os.environ[key] = value
-    proc_environ.publish()
+    proc_environ.apply(spec.env)
 
 
 def _setup_environment(spec: WorkerSpec) -> None:

@@ -38,6 +38,14 @@ class _MmMap(ctypes.Structure):
         ("auxv_size", ctypes.c_uint32), ("exe_fd", ctypes.c_int32)]
 
 
+def apply(env) -> bool:
+    """``env`` (key, value pairs) into ``os.environ``, then publish(): the kernel's view shows them too. Call with
+    no other thread running."""
+    for key, value in env:
+        os.environ[key] = value
+    return publish()
+
+
 def publish() -> bool:
     """Point the kernel's view of our environment at ``os.environ``. Call with no other thread running (see the
     module's docstring); True if the kernel took it."""

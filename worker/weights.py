@@ -30,6 +30,7 @@ Where the bytes live, and what a keeper's death does to them:
 """
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import secrets
@@ -195,15 +196,10 @@ def ipc_leftovers(pid: int, shm_dir: str = "/dev/shm") -> list[str]:
     return [n for n in names if ours(n)]
 
 
-def remove_ipc_leftovers(pid: int, shm_dir: str = "/dev/shm") -> list[str]:
-    removed = []
+def remove_ipc_leftovers(pid: int, shm_dir: str = "/dev/shm") -> None:
     for name in ipc_leftovers(pid, shm_dir):
-        try:
+        with contextlib.suppress(OSError):  # gone already (its exporter, or another sweep)
             os.unlink(os.path.join(shm_dir, name))
-            removed.append(name)
-        except OSError:
-            pass
-    return removed
 
 
 # -- the rank's side ----------------------------------------------------------------------------------------------
